@@ -1,0 +1,14 @@
+"""captum-consistency: train image classifiers whose Grad-CAM interpretations are consistent.
+
+Implements "Explainable Models with Consistent Interpretations" (Pillai & Pirsiavash, AAAI 2021)
+as an add-on to Captum: a differentiable element-wise Grad-CAM, the 2x2 image composer, the
+Grad-CAM consistency (GC) loss, global max pooling for ResNets, the paper's interpretation
+metrics, and transfer evaluation with other attribution methods.
+"""
+
+from captum_consistency.composition import cell_mask, compose_grid, split_grid
+from captum_consistency.saliency import normalize_saliency
+
+__version__ = "0.1.0"
+
+__all__ = ["compose_grid", "split_grid", "cell_mask", "normalize_saliency", "__version__"]
