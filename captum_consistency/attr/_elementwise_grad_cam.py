@@ -1,0 +1,170 @@
+"""Element-wise Grad-CAM (Pillai & Pirsiavash, AAAI 2021, Eq. 3), a Captum layer attribution."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union, cast
+
+import torch
+import torch.nn.functional as F
+from captum._utils.common import (
+    _format_additional_forward_args,
+    _format_output,
+    _format_tensor_into_tuples,
+)
+from captum._utils.gradient import compute_layer_gradients_and_eval
+from captum._utils.typing import TargetType
+from captum.attr._utils.attribution import GradientAttribution, LayerAttribution
+from captum.log import log_usage
+from torch import Tensor
+from torch.nn import Module
+
+__all__ = ["LayerElementwiseGradCam", "elementwise_grad_cam", "grad_cam", "check_layer_in_model"]
+
+
+def elementwise_grad_cam(activations: Tensor, gradients: Tensor, relu: bool = True) -> Tensor:
+    r"""Element-wise Grad-CAM from a layer's activations and gradients: ``sum_k dy/dA_k * A_k``.
+
+    Args:
+        activations (Tensor): ``(N, K, *spatial)`` layer output ``A``.
+        gradients (Tensor): ``(N, K, *spatial)`` gradient ``dy_t / dA``.
+        relu (bool): apply ``max(0, .)`` as in Eq. 3.
+
+    Returns:
+        Tensor ``(N, 1, *spatial)``.
+
+    Examples::
+
+        >>> cam = elementwise_grad_cam(acts, grads)  # (N, 1, h, w)
+    """
+    cam = torch.sum(gradients * activations, dim=1, keepdim=True)
+    return F.relu(cam) if relu else cam
+
+
+def grad_cam(activations: Tensor, gradients: Tensor, relu: bool = True) -> Tensor:
+    r"""Standard Grad-CAM (Eqs. 1-2): channel weights are the spatial mean of the gradients.
+
+    ``max(0, sum_k alpha_k A_k)`` with ``alpha_k = mean_ij dy/dA_ij^k``; equal to Captum's
+    ``LayerGradCam`` given the same activations and gradients.
+
+    Args:
+        activations (Tensor): ``(N, K, *spatial)``.
+        gradients (Tensor): ``(N, K, *spatial)``.
+        relu (bool): apply the final ReLU.
+
+    Returns:
+        Tensor ``(N, 1, *spatial)``.
+
+    Examples::
+
+        >>> cam = grad_cam(acts, grads)  # (N, 1, h, w)
+    """
+    weights = gradients.mean(dim=tuple(range(2, gradients.dim())), keepdim=True)
+    return elementwise_grad_cam(activations, weights, relu=relu)
+
+
+def check_layer_in_model(model: Any, layer: Module, argname: str = "layer") -> None:
+    """Raises ``ValueError`` when ``model`` is a ``Module`` that does not contain ``layer``."""
+    if not isinstance(layer, Module):
+        raise TypeError(f"{argname} must be a torch.nn.Module, got {type(layer).__name__}")
+    if isinstance(model, Module) and not any(m is layer for m in model.modules()):
+        raise ValueError(
+            f"{argname} ({type(layer).__name__}) is not a submodule of the model "
+            f"({type(model).__name__}); pass a module of the model itself, e.g. model.layer4"
+        )
+
+
+class LayerElementwiseGradCam(LayerAttribution, GradientAttribution):
+    r"""Element-wise Grad-CAM of a layer, differentiable for training with it.
+
+    Element-wise Grad-CAM (Pillai & Pirsiavash, "Explainable Models with Consistent
+    Interpretations", AAAI 2021, Eq. 3) keeps the spatial location of the gradient instead of
+    averaging it over space as Grad-CAM does:
+
+    .. math::
+
+        \mathrm{gcam}^t_{ij} = \max\Big(0, \sum_k \frac{\partial y^t}{\partial A^k_{ij}}
+        A^k_{ij}\Big)
+
+    This is **HiResCAM** (Draelos & Carin, 2020). At the last convolutional layer of a network
+    whose head is global average pooling followed by a linear layer (torchvision ResNets at
+    ``layer4``), ``dy^t / dA^k_ij = w_tk / (hw)`` does not depend on ``(i, j)``, so it equals
+    Grad-CAM there (Captum's :class:`~captum.attr.LayerGradCam`); with global *max* pooling or
+    at inner layers the two differ.
+
+    The output is ``(N, 1, *spatial)`` at the layer's resolution; upsample it with
+    :meth:`captum.attr.LayerAttribution.interpolate`. As in Captum's ``LayerGradCam``,
+    the ReLU is applied only with ``relu_attributions=True``. Passing
+    ``grad_kwargs={"create_graph": True}`` keeps the graph of the gradient so that the map is
+    differentiable with respect to the inputs and every parameter, second-order terms included
+    (the GC loss needs this double backpropagation).
+
+    Args:
+        forward_func (Callable): the model or any function returning ``(N, num_classes)``.
+        layer (torch.nn.Module): layer whose output (or input) is ``A``, e.g. ``model.layer4``.
+        device_ids (list[int], optional): device ids for a ``DataParallel`` model.
+
+    Examples::
+
+        >>> model = torchvision.models.resnet18().eval()
+        >>> cam = LayerElementwiseGradCam(model, model.layer4)
+        >>> attr = cam.attribute(images, target=labels, relu_attributions=True)  # (N, 1, 7, 7)
+        >>> up = LayerAttribution.interpolate(attr, images.shape[-2:], "bilinear")
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable[..., Tensor],
+        layer: Module,
+        device_ids: Union[None, List[int]] = None,
+    ) -> None:
+        check_layer_in_model(forward_func, layer)
+        LayerAttribution.__init__(self, forward_func, layer, device_ids)
+        GradientAttribution.__init__(self, forward_func)
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor, ...]],
+        target: TargetType = None,
+        additional_forward_args: Optional[object] = None,
+        attribute_to_layer_input: bool = False,
+        relu_attributions: bool = False,
+        grad_kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Union[Tensor, Tuple[Tensor, ...]]:
+        r"""Computes the element-wise Grad-CAM of ``target`` at the layer.
+
+        Args:
+            inputs (Tensor or tuple[Tensor, ...]): model inputs, batch first.
+            target (int, tuple, Tensor or list, optional): output indices to explain, in
+                Captum's convention (one per sample or one for all).
+            additional_forward_args (Any, optional): extra arguments for ``forward_func``.
+            attribute_to_layer_input (bool): use the layer's input instead of its output.
+            relu_attributions (bool): apply the ReLU of Eq. 3.
+            grad_kwargs (dict, optional): passed to ``torch.autograd.grad``; use
+                ``{"create_graph": True}`` to differentiate through the map.
+
+        Returns:
+            Tensor ``(N, 1, *spatial)`` (or a tuple, one per layer input/output tensor).
+
+        Examples::
+
+            >>> attr = LayerElementwiseGradCam(model, model.layer4).attribute(
+            ...     x, target=3, relu_attributions=True)
+        """
+        inputs = _format_tensor_into_tuples(inputs)
+        additional_forward_args = _format_additional_forward_args(additional_forward_args)
+        layer_gradients, layer_evals = compute_layer_gradients_and_eval(
+            self.forward_func,
+            cast(Module, self.layer),
+            inputs,
+            target,
+            additional_forward_args,
+            device_ids=self.device_ids,
+            attribute_to_layer_input=attribute_to_layer_input,
+            grad_kwargs=grad_kwargs,
+        )
+        cams = tuple(
+            elementwise_grad_cam(layer_eval, layer_grad, relu=relu_attributions)
+            for layer_grad, layer_eval in zip(layer_gradients, layer_evals)
+        )
+        return _format_output(len(cams) > 1, cams)
