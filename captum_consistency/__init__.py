@@ -7,8 +7,20 @@ metrics, and transfer evaluation with other attribution methods.
 """
 
 from captum_consistency.composition import cell_mask, compose_grid, split_grid
+from captum_consistency.losses import ConsistencyLossOutput, GradCamConsistencyLoss, LayerRecorder
+from captum_consistency.models import to_global_max_pool
 from captum_consistency.saliency import normalize_saliency
 
 __version__ = "0.1.0"
 
-__all__ = ["compose_grid", "split_grid", "cell_mask", "normalize_saliency", "__version__"]
+__all__ = [
+    "compose_grid",
+    "split_grid",
+    "cell_mask",
+    "normalize_saliency",
+    "GradCamConsistencyLoss",
+    "ConsistencyLossOutput",
+    "LayerRecorder",
+    "to_global_max_pool",
+    "__version__",
+]

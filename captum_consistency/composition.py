@@ -172,7 +172,9 @@ def cell_mask(cells: Tensor, size: Tuple[int, int]) -> Tensor:
                 [0, 0, 0, 0],
                 [0, 0, 0, 0]], dtype=torch.int32)
     """
-    _check_cells(cells, cells.shape[0] if isinstance(cells, Tensor) and cells.dim() == 1 else -1)
+    if not isinstance(cells, Tensor) or cells.dim() != 1:
+        raise ValueError(f"cells must be a (N,) tensor, got {getattr(cells, 'shape', type(cells))}")
+    _check_cells(cells, cells.shape[0])
     h, w = size
     rows = torch.arange(h, device=cells.device) >= h // 2  # (H,) True in the bottom half
     cols = torch.arange(w, device=cells.device) >= w // 2
