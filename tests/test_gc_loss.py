@@ -1,0 +1,209 @@
+"""GradCamConsistencyLoss (Eq. 5) and to_global_max_pool."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from captum.attr import LayerGradCam
+from torch import nn
+
+from captum_consistency import (
+    GradCamConsistencyLoss,
+    compose_grid,
+    normalize_saliency,
+    to_global_max_pool,
+)
+from captum_consistency.attr import LayerElementwiseGradCam
+
+
+def resnet(num_classes=6, gmp=False, seed=0):
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    return to_global_max_pool(model) if gmp else model
+
+
+def batch(n=4, size=64, num_classes=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=g)
+    z = torch.randn(n, 3, 3, size, size, generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return x, y, z
+
+
+def manual_consistency(model, layer, x, y, z, cells, elementwise=True):
+    composite = compose_grid(x, z, cells=cells)
+    cls = LayerElementwiseGradCam if elementwise else LayerGradCam
+    cam = cls(model, layer)
+    mx = cam.attribute(x, target=y, relu_attributions=True)
+    mc = cam.attribute(composite, target=y, relu_attributions=True)
+    if mc.shape[-1] != 2 * mx.shape[-1]:
+        mx = F.interpolate(mx, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        mc = F.interpolate(mc, size=composite.shape[-2:], mode="bilinear", align_corners=False)
+    target = compose_grid(normalize_saliency(mx), cells=cells)
+    return (normalize_saliency(mc) - target).abs().mean()
+
+
+@pytest.mark.parametrize("gmp", [False, True])
+def test_consistency_equals_the_hand_computed_eq5(gmp):
+    model = resnet(gmp=gmp).eval()
+    x, y, z = batch()
+    cells = torch.tensor([0, 3, 1, 2])
+    out = GradCamConsistencyLoss(model, model.layer4, lam=25.0)(x, y, z, cells=cells)
+    expected = manual_consistency(model, model.layer4, x, y, z, cells)
+    torch.testing.assert_close(out.consistency, expected, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out.classification, F.cross_entropy(model(x), y))
+    torch.testing.assert_close(out.loss, out.classification + 25.0 * out.consistency)
+    assert torch.equal(out.cells, cells)
+    assert out.saliency.shape == (4, 1, 2, 2) and out.composite_saliency.shape == (4, 1, 4, 4)
+
+
+def test_standard_grad_cam_option_equals_captum_layer_grad_cam():
+    model = resnet(gmp=True).eval()  # GMP so that Grad-CAM and element-wise Grad-CAM differ
+    x, y, z = batch(seed=1)
+    cells = torch.tensor([2, 2, 0, 1])
+    out = GradCamConsistencyLoss(model, model.layer4, elementwise=False)(x, y, z, cells=cells)
+    expected = manual_consistency(model, model.layer4, x, y, z, cells, elementwise=False)
+    torch.testing.assert_close(out.consistency, expected, rtol=1e-4, atol=1e-7)
+    elementwise = GradCamConsistencyLoss(model, model.layer4)(x, y, z, cells=cells)
+    assert not torch.allclose(elementwise.consistency, out.consistency)
+
+
+def test_lambda_zero_is_the_classification_loss():
+    model = resnet()
+    x, y, z = batch()
+    out = GradCamConsistencyLoss(model, model.layer4, lam=0.0)(x, y, z)
+    assert torch.equal(out.loss, out.classification)
+    assert out.consistency.item() > 0  # still reported, for monitoring
+    assert not out.consistency.requires_grad
+
+
+def test_consistency_term_alone_reaches_backbone_and_head():
+    model = resnet(gmp=True)
+    x, y, z = batch()
+    out = GradCamConsistencyLoss(model, model.layer4)(x, y, z)
+    params = dict(model.named_parameters())
+    names = ["conv1.weight", "layer1.0.conv1.weight", "layer4.1.bn2.weight", "fc.weight"]
+    grads = torch.autograd.grad(out.consistency, [params[n] for n in names], allow_unused=True)
+    for name, g in zip(names, grads):
+        assert g is not None and g.abs().sum() > 0, name
+    # fc.weight enters the map only through dy/dA: a second-order term. Detaching the gradient
+    # (no double backprop) removes it.
+    acts = {}
+    h = model.layer4.register_forward_hook(lambda m, i, o: acts.setdefault("a", o))
+    logits = model(x)
+    h.remove()
+    grad = torch.autograd.grad(logits.gather(1, y[:, None]).sum(), acts["a"])[0]  # no create_graph
+    fake = normalize_saliency(F.relu((grad * acts["a"]).sum(1, keepdim=True))).sum()
+    (g_fc,) = torch.autograd.grad(fake, [params["fc.weight"]], allow_unused=True)
+    assert g_fc is None
+
+
+def test_target_is_not_detached_by_default():
+    # 4x4 maps, so that inside cell k the composite's map lies above the target at some
+    # locations and below at others. (Where it lies below everywhere, the L1 gradient is
+    # constant over the cell and vanishes through the sum-to-one normalisation of the target.)
+    model = resnet().eval()
+    x, y, z = batch(size=128)
+    cells = torch.tensor([0, 1, 2, 3])
+    x1 = x.clone().requires_grad_()
+    attached = GradCamConsistencyLoss(model, model.layer4)(x1, y, z, cells=cells)
+    (g_attached,) = torch.autograd.grad(attached.consistency, [x1])
+    x2 = x.clone().requires_grad_()
+    detached = GradCamConsistencyLoss(model, model.layer4, detach_target=True)(x2, y, z, cells=cells)
+    (g_detached,) = torch.autograd.grad(detached.consistency, [x2])
+    torch.testing.assert_close(attached.consistency, detached.consistency)
+    assert not torch.allclose(g_attached, g_detached)
+
+
+def test_alexnet_maps_are_compared_at_pixel_resolution():
+    torch.manual_seed(0)
+    model = torchvision.models.alexnet(num_classes=5).eval()
+    for m in model.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    x = torch.randn(2, 3, 224, 224)
+    z = torch.randn(2, 3, 3, 224, 224)
+    y = torch.tensor([1, 3])
+    cells = torch.tensor([3, 0])
+    out = GradCamConsistencyLoss(model, model.features)(x, y, z, cells=cells)
+    assert out.saliency.shape == (2, 1, 224, 224)  # 6x6 and 13x13 do not tile: pixel size
+    expected = manual_consistency(model, model.features, x, y, z, cells)
+    torch.testing.assert_close(out.consistency, expected, rtol=1e-4, atol=1e-9)
+
+
+def test_all_zero_maps_give_a_finite_loss_and_gradients():
+    model = resnet()
+    with torch.no_grad():  # kill every activation of layer4: all maps are zero
+        model.layer4[1].bn2.weight.zero_()
+        model.layer4[1].bn2.bias.fill_(-10.0)
+        model.layer4[1].downsample = None
+        model.layer4[1].conv1.weight.zero_()
+    model.layer4[1].register_forward_hook(lambda m, i, o: o * 0)
+    x, y, z = batch()
+    out = GradCamConsistencyLoss(model, model.layer4)(x, y, z)
+    assert math.isfinite(out.loss.item()) and out.consistency.item() == 0.0
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+
+
+def test_multilabel_with_bce_and_gradcam_targets():
+    model = resnet(num_classes=5)
+    x, _, z = batch(n=3)
+    multi_hot = torch.tensor([[1, 0, 1, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.float)
+    bce = nn.BCEWithLogitsLoss()
+    loss_fn = GradCamConsistencyLoss(model, model.layer4, lam=1.0, criterion=lambda o, t: 80 * bce(o, t))
+    out = loss_fn(x, multi_hot, z, gradcam_targets=torch.tensor([2, 1, 4]))
+    torch.testing.assert_close(out.classification, 80 * bce(out.logits, multi_hot))
+    with pytest.raises(ValueError, match="gradcam_targets .* required"):
+        loss_fn(x, multi_hot, z)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(images=torch.randn(4, 3, 64)), ValueError, "images must be"),
+        (dict(targets=torch.tensor([0, 1])), ValueError, "targets must be"),
+        (dict(distractors=torch.randn(4, 2, 3, 64, 64)), ValueError, "exactly 3"),
+        (dict(distractors=torch.randn(4, 3, 3, 32, 32)), ValueError, "distractors must have shape"),
+        (dict(cells=torch.tensor([0, 1, 2, 4])), ValueError, "cells must lie"),
+        (dict(gradcam_targets=torch.tensor([0, 1, 2, 6])), ValueError, r"gradcam_targets must lie in 0\.\.5"),
+        (dict(gradcam_targets=torch.tensor([0.0, 1, 2, 3])), ValueError, "gradcam_targets must be an integer"),
+    ],
+)
+def test_bad_inputs_name_the_argument(change, error, match):
+    model = resnet()
+    x, y, z = batch()
+    args = dict(images=x, targets=y, distractors=z)
+    args.update(change)
+    with pytest.raises(error, match=match):
+        GradCamConsistencyLoss(model, model.layer4)(**args)
+
+
+def test_bad_construction():
+    model = resnet()
+    with pytest.raises(ValueError, match="not a submodule"):
+        GradCamConsistencyLoss(model, nn.Conv2d(1, 1, 1))
+    with pytest.raises(ValueError, match="lam"):
+        GradCamConsistencyLoss(model, model.layer4, lam=-1.0)
+    with pytest.raises(ValueError, match="lam"):
+        GradCamConsistencyLoss(model, model.layer4, lam=float("nan"))
+    loss_fn = GradCamConsistencyLoss(model, model.layer4)
+    assert list(loss_fn.parameters()) == []  # the model is not re-registered
+
+
+def test_to_global_max_pool_keeps_weights_and_rejects_alexnet():
+    torch.manual_seed(0)
+    source = torchvision.models.resnet18(num_classes=4)
+    model = to_global_max_pool(torchvision.models.resnet18(num_classes=4))
+    assert isinstance(model.avgpool, nn.AdaptiveMaxPool2d)
+    model.load_state_dict(source.state_dict())  # torchvision weights still load
+    x = torch.randn(1, 3, 64, 64)
+    feats = nn.Sequential(*list(source.children())[:-2])(x)
+    torch.testing.assert_close(model(x), source.fc(feats.amax(dim=(2, 3))))
+    with pytest.raises(ValueError, match="no global average pooling"):
+        to_global_max_pool(torchvision.models.alexnet())
+    with pytest.raises(TypeError):
+        to_global_max_pool("resnet18")
