@@ -1,0 +1,37 @@
+"""Data sets consumed by the recipes."""
+
+from captum_consistency.data.imagenet import (
+    CorruptImageError,
+    ImageBatch,
+    ImageNetWithBoxes,
+    ImageSample,
+    boxes_to_mask,
+    collate_image_samples,
+    load_rgb,
+    parse_voc_xml,
+)
+from captum_consistency.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SizeGroupedBatchSampler,
+    eval_transform,
+    resized_size,
+    train_transform,
+)
+
+__all__ = [
+    "ImageNetWithBoxes",
+    "ImageSample",
+    "ImageBatch",
+    "collate_image_samples",
+    "boxes_to_mask",
+    "parse_voc_xml",
+    "load_rgb",
+    "CorruptImageError",
+    "train_transform",
+    "eval_transform",
+    "resized_size",
+    "SizeGroupedBatchSampler",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]
