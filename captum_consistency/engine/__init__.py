@@ -1,0 +1,76 @@
+"""Training and evaluation engine of the recipes: loops, checkpoints, torchrun helpers.
+
+The recipes in ``recipes/`` (``train.py``, ``evaluate.py``, ``robustness.py``) are thin
+command-line front ends over these functions, in the style of torchvision's classification
+references; they can be reused from Python.
+"""
+
+from captum_consistency.engine.checkpoint import (
+    CHECKPOINT_FORMAT,
+    check_checkpoint_compatible,
+    load_checkpoint,
+    load_model_weights,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from captum_consistency.engine.distributed import (
+    DistributedInfo,
+    all_reduce_sum,
+    barrier,
+    cleanup_distributed,
+    gather_rng_states,
+    get_rank,
+    get_rng_state,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+    rank_seed,
+    seed_everything,
+    set_rng_state,
+)
+from captum_consistency.engine.samplers import ShardSampler
+from captum_consistency.engine.training import (
+    ScaledBCEWithLogitsLoss,
+    Schedule,
+    autocast,
+    build_optimizer,
+    build_scheduler,
+    default_schedule,
+    evaluate_classification,
+    multilabel_f1,
+    sample_positive_class,
+    train_one_epoch,
+)
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "save_checkpoint",
+    "load_checkpoint",
+    "check_checkpoint_compatible",
+    "load_model_weights",
+    "remove_stale_temporaries",
+    "DistributedInfo",
+    "init_distributed",
+    "cleanup_distributed",
+    "is_main_process",
+    "get_rank",
+    "get_world_size",
+    "barrier",
+    "all_reduce_sum",
+    "seed_everything",
+    "rank_seed",
+    "get_rng_state",
+    "set_rng_state",
+    "gather_rng_states",
+    "ShardSampler",
+    "Schedule",
+    "default_schedule",
+    "ScaledBCEWithLogitsLoss",
+    "build_optimizer",
+    "build_scheduler",
+    "sample_positive_class",
+    "multilabel_f1",
+    "autocast",
+    "train_one_epoch",
+    "evaluate_classification",
+]

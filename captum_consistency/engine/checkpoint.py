@@ -1,0 +1,168 @@
+"""Atomic training checkpoints that resume exactly where a run stopped.
+
+A checkpoint is a ``dict`` written with :func:`torch.save` to a temporary file in the target's
+folder, flushed to disk and renamed over the target with :func:`os.replace`. The rename is
+atomic on POSIX file systems, so a process killed at any moment leaves either the previous
+complete checkpoint or the new complete one, never a truncated file: a run never loses more
+than the epoch in progress.
+
+Contents (``format`` 1)::
+
+    format, arch, num_classes, gmp, classes, multilabel,   # what the model is
+    model,                                                 # state dict of the unwrapped model
+    optimizer, scheduler, epoch,                           # epoch = number of completed epochs
+    args, rng, metrics                                     # rng: one state per torchrun rank
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from captum_consistency.builders import unwrap_model
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "save_checkpoint",
+    "load_checkpoint",
+    "check_checkpoint_compatible",
+    "load_model_weights",
+    "remove_stale_temporaries",
+]
+
+CHECKPOINT_FORMAT = 1
+_TMP_PREFIX = ".tmp-"
+
+
+def save_checkpoint(state: Dict[str, Any], path: str) -> str:
+    """Writes ``state`` to ``path`` atomically (temporary file, fsync, ``os.replace``).
+
+    Args:
+        state (dict): what to save; ``format`` is added when missing.
+        path (str): destination file; its folder is created if needed.
+
+    Returns:
+        str: ``path``.
+
+    Examples::
+
+        >>> save_checkpoint({"model": model.state_dict(), "epoch": 3}, "runs/x/checkpoint.pth")
+    """
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    state = {"format": CHECKPOINT_FORMAT, **state}
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + os.path.basename(path) + ".", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def remove_stale_temporaries(path: str) -> int:
+    """Deletes temporary files that a killed :func:`save_checkpoint` left next to ``path``.
+
+    Returns:
+        int: how many were removed.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    pattern = os.path.join(folder, _TMP_PREFIX + glob.escape(os.path.basename(path)) + ".*")
+    stale = glob.glob(pattern)
+    for f in stale:
+        try:
+            os.remove(f)
+        except OSError:
+            pass
+    return len(stale)
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Loads a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+
+    Args:
+        path (str): the file.
+        map_location: passed to :func:`torch.load`.
+
+    Returns:
+        dict
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a readable captum-consistency checkpoint.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or unsafe pickle
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
+        raise ValueError(
+            f"{path} is not a captum-consistency checkpoint (expected a dict with 'model' and "
+            "'arch', as written by recipes/train.py)"
+        )
+    if ckpt.get("format", 0) > CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} has checkpoint format {ckpt['format']}, newer than this version "
+            f"understands ({CHECKPOINT_FORMAT}); upgrade captum-consistency"
+        )
+    return ckpt
+
+
+def check_checkpoint_compatible(
+    ckpt: Dict[str, Any],
+    path: str,
+    arch: Optional[str] = None,
+    num_classes: Optional[int] = None,
+    gmp: Optional[bool] = None,
+    classes: Optional[Sequence[str]] = None,
+) -> None:
+    """Raises a clear ``ValueError`` when a checkpoint does not match the requested model.
+
+    Each argument that is not ``None`` is compared with what the checkpoint records.
+
+    Args:
+        ckpt (dict): from :func:`load_checkpoint`.
+        path (str): the checkpoint's file name, for the message.
+        arch, num_classes, gmp, classes: the model and data of the current run.
+    """
+    problems = []
+    if arch is not None and ckpt.get("arch") != arch:
+        problems.append(f"architecture {ckpt.get('arch')!r}, but this run uses {arch!r}")
+    if gmp is not None and bool(ckpt.get("gmp", False)) != bool(gmp):
+        problems.append(f"gmp={bool(ckpt.get('gmp', False))}, but this run uses gmp={bool(gmp)}")
+    if num_classes is not None and ckpt.get("num_classes") != num_classes:
+        problems.append(f"{ckpt.get('num_classes')} classes, but the data has {num_classes}")
+    elif classes is not None and ckpt.get("classes") is not None and list(ckpt["classes"]) != list(classes):
+        problems.append("the same number of classes but different class names or order")
+    if problems:
+        raise ValueError(f"checkpoint {path} does not match this run: it has " + "; ".join(problems))
+
+
+def load_model_weights(model: nn.Module, state_dict: Dict[str, Any], path: str) -> None:
+    """``load_state_dict(strict=True)`` on the unwrapped model, with the file named on failure."""
+    try:
+        unwrap_model(model).load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path} does not fit the model: {e}") from e

@@ -1,0 +1,228 @@
+"""torchrun helpers: process group from the environment, ranks, seeding and RNG states.
+
+``torchrun --nproc_per_node G recipes/train.py ...`` sets ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; :func:`init_distributed` reads them. Run
+with plain ``python`` the same code is a single process with ``world_size == 1``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistributedInfo",
+    "init_distributed",
+    "cleanup_distributed",
+    "is_main_process",
+    "get_rank",
+    "get_world_size",
+    "barrier",
+    "all_reduce_sum",
+    "seed_everything",
+    "rank_seed",
+    "get_rng_state",
+    "set_rng_state",
+    "gather_rng_states",
+]
+
+
+@dataclass
+class DistributedInfo:
+    """Where this process runs.
+
+    Attributes:
+        rank: global rank (0 when not distributed).
+        world_size: number of processes (1 when not distributed).
+        local_rank: rank on this node; the CUDA device index.
+        device: the device this process computes on.
+        distributed: True when a process group was initialised.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the process that logs and writes checkpoints."""
+        return self.rank == 0
+
+
+def init_distributed(device: str = "cuda", backend: Optional[str] = None) -> DistributedInfo:
+    """Initialises the default process group when launched by ``torchrun``.
+
+    With ``WORLD_SIZE > 1`` in the environment, calls ``init_process_group`` (NCCL on CUDA,
+    gloo on CPU, ``init_method="env://"``) and, on CUDA, selects the GPU ``LOCAL_RANK``.
+    Otherwise nothing is initialised and a single-process description is returned.
+
+    Args:
+        device (str): ``"cuda"`` or ``"cpu"``.
+        backend (str, optional): overrides the process-group backend.
+
+    Returns:
+        DistributedInfo
+
+    Raises:
+        ValueError: unknown ``device``.
+        RuntimeError: ``device="cuda"`` without a visible GPU.
+
+    Examples::
+
+        >>> info = init_distributed("cpu")
+        >>> info.world_size
+        1
+    """
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was given but no CUDA device is available; use --device cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    distributed = world_size > 1
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if distributed and not dist.is_initialized():
+        backend = backend or ("nccl" if device == "cuda" else "gloo")
+        kwargs = {"device_id": dev} if device == "cuda" else {}
+        dist.init_process_group(backend=backend, init_method="env://", **kwargs)
+    return DistributedInfo(rank, world_size, local_rank, dev, distributed)
+
+
+def cleanup_distributed() -> None:
+    """Destroys the default process group if one exists."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """Global rank, 0 outside a process group."""
+    return dist.get_rank() if _initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes, 1 outside a process group."""
+    return dist.get_world_size() if _initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and outside a process group)."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """``dist.barrier()`` inside a process group, a no-op outside."""
+    if _initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sums ``tensor`` over all ranks, in place, and returns it (identity outside a group)."""
+    if _initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def rank_seed(seed: int, rank: int = 0, *salt: int) -> int:
+    """A 63-bit seed derived from ``(seed, rank, *salt)``; distinct ranks get distinct seeds.
+
+    Examples::
+
+        >>> rank_seed(0, 0) != rank_seed(0, 1)
+        True
+    """
+    s = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(rank), *[int(x) for x in salt]])
+    hi, lo = (int(x) for x in s.generate_state(2, dtype=np.uint32))
+    return ((hi << 32) | lo) >> 1
+
+
+def seed_everything(seed: int, rank: int = 0) -> int:
+    """Seeds Python, NumPy and torch (all devices) with a per-rank seed.
+
+    Each rank draws different augmentations, cells and distractors: a shared seed would
+    repeat the same random choices on every GPU.
+
+    Args:
+        seed (int): the run's seed (``--seed``).
+        rank (int): this process's rank.
+
+    Returns:
+        int: the seed actually used on this rank.
+    """
+    s = rank_seed(seed, rank)
+    random.seed(s)
+    np.random.seed(s & 0xFFFFFFFF)
+    torch.manual_seed(s)
+    return s
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states, in a ``weights_only``-loadable form."""
+    np_state = np.random.get_state()
+    state: Dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restores states saved by :func:`get_rng_state`."""
+    random.setstate(_to_tuple(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["kind"],
+            np_state["keys"].numpy().astype(np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+
+
+def _to_tuple(obj):
+    # random.setstate needs nested tuples; some serialisers turn them into lists.
+    if isinstance(obj, (list, tuple)):
+        return tuple(_to_tuple(x) for x in obj)
+    return obj
+
+
+def gather_rng_states() -> List[Dict[str, Any]]:
+    """Every rank's :func:`get_rng_state`, indexed by rank (collective under torchrun)."""
+    state = get_rng_state()
+    if not _initialized():
+        return [state]
+    states: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states

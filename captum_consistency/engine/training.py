@@ -1,0 +1,406 @@
+"""Training and classification-evaluation loops (single process or DistributedDataParallel).
+
+One GC training step (Pillai & Pirsiavash, AAAI 2021, Eq. 5) is: draw one regularised class
+per image (the label, or for multi-label data one of the positive labels), three distractors
+whose labels exclude it (:func:`captum_consistency.data.gather_distractors` takes them from the
+batch itself, on the device), a random cell per image, and call
+:class:`captum_consistency.GradCamConsistencyLoss`, which builds the ``2S x 2S`` composites,
+runs the model on the images and on the composites and returns the classification and
+consistency terms. With ``loss_fn=None`` (``--gc-lambda 0``) the step is a plain
+classification step: no composite is built or forwarded.
+
+Everything per step stays on the device: running sums are tensors, read on the host only every
+``log_every`` steps and at the end of the epoch (one all-reduce under torchrun).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from captum_consistency.composition import random_cells
+from captum_consistency.engine.distributed import all_reduce_sum, is_main_process
+
+__all__ = [
+    "Schedule",
+    "default_schedule",
+    "ScaledBCEWithLogitsLoss",
+    "build_optimizer",
+    "build_scheduler",
+    "sample_positive_class",
+    "multilabel_f1",
+    "autocast",
+    "train_one_epoch",
+    "evaluate_classification",
+]
+
+
+@dataclass
+class Schedule:
+    """Optimisation hyper-parameters of a recipe.
+
+    Attributes:
+        lr: initial learning rate of SGD.
+        momentum: SGD momentum.
+        weight_decay: L2 weight decay.
+        epochs: number of epochs.
+        milestones: epochs at which the learning rate is multiplied by ``gamma``.
+        gamma: decay factor.
+        gc_lambda: weight of the consistency term.
+        cls_weight: factor on the classification loss (80 for COCO's BCE).
+        batch_size: global batch size of the paper (divided among torchrun ranks by the user).
+    """
+
+    lr: float
+    momentum: float
+    weight_decay: float
+    epochs: int
+    milestones: List[int] = field(default_factory=list)
+    gamma: float = 0.1
+    gc_lambda: float = 25.0
+    cls_weight: float = 1.0
+    batch_size: int = 256
+
+
+def default_schedule(data: str, arch: str) -> Schedule:
+    """The paper's schedules (Sec. 4.4) and the authors' COCO recipe.
+
+    * ImageNet (and ``synthetic``, which is single-label): SGD, momentum 0.9, weight decay
+      1e-4, lr 0.1 (0.01 for AlexNet) divided by 10 every 30 epochs, 90 epochs, batch 256,
+      lambda 25, cross-entropy.
+    * COCO (the authors' ``train_gcam_multiclass_grid_consistency.py`` and README): the
+      classification loss is ``80 * BCEWithLogits`` (i.e. the sum over the 80 categories),
+      lambda 1, SGD lr 0.01, momentum 0.9, weight decay 5e-4, 36 epochs, lr divided by 10 at
+      epochs 24 and 30, batch 256, initialised from an ImageNet (GC) model (``--init-from``).
+
+    Args:
+        data (str): ``"imagenet"``, ``"coco"`` or ``"synthetic"``.
+        arch (str): ``"resnet18"``, ``"resnet50"`` or ``"alexnet"``.
+
+    Returns:
+        Schedule
+
+    Examples::
+
+        >>> default_schedule("imagenet", "alexnet").lr
+        0.01
+    """
+    if data == "coco":
+        return Schedule(
+            lr=0.01, momentum=0.9, weight_decay=5e-4, epochs=36, milestones=[24, 30],
+            gamma=0.1, gc_lambda=1.0, cls_weight=80.0, batch_size=256,
+        )
+    if data in ("imagenet", "synthetic"):
+        return Schedule(
+            lr=0.01 if arch == "alexnet" else 0.1, momentum=0.9, weight_decay=1e-4, epochs=90,
+            milestones=[30, 60], gamma=0.1, gc_lambda=25.0, cls_weight=1.0, batch_size=256,
+        )
+    raise ValueError(f"data must be 'imagenet', 'coco' or 'synthetic', got {data!r}")
+
+
+class ScaledBCEWithLogitsLoss(nn.Module):
+    r"""``weight * BCEWithLogits(logits, targets)``, the authors' multi-label loss (weight 80).
+
+    With ``weight = num_classes`` this is the BCE summed over categories and averaged over
+    images.
+
+    Args:
+        weight (float): the factor (80 for MS-COCO).
+
+    Examples::
+
+        >>> criterion = ScaledBCEWithLogitsLoss(80.0)
+        >>> loss = criterion(logits, multi_hot)       # multi_hot: (N, 80) in {0, 1}
+    """
+
+    def __init__(self, weight: float = 80.0) -> None:
+        super().__init__()
+        self.weight = float(weight)
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return self.weight * F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+
+
+def build_optimizer(model: nn.Module, schedule: Schedule) -> torch.optim.SGD:
+    """SGD with the schedule's lr, momentum and weight decay on all parameters."""
+    return torch.optim.SGD(
+        model.parameters(), lr=schedule.lr, momentum=schedule.momentum,
+        weight_decay=schedule.weight_decay,
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule):
+    """``MultiStepLR`` over epochs (ImageNet's "/10 every 30 epochs" is milestones 30, 60)."""
+    return torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=list(schedule.milestones), gamma=schedule.gamma
+    )
+
+
+def sample_positive_class(targets: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """One positive class per row of a multi-hot matrix, uniformly among the positives.
+
+    This is the class whose Grad-CAM is regularised for a multi-label image (the authors pick
+    one ground-truth category at random). A row without any positive (an image without
+    annotations) draws uniformly among all classes. The draw happens on the generator's device.
+
+    Args:
+        targets (Tensor): ``(N, C)`` multi-hot.
+        generator (torch.Generator, optional): source of randomness.
+
+    Returns:
+        LongTensor ``(N,)`` on ``targets.device``.
+    """
+    if targets.dim() != 2:
+        raise ValueError(f"targets must be (N, num_classes) multi-hot, got {tuple(targets.shape)}")
+    gen_device = generator.device if generator is not None else targets.device
+    weights = (targets > 0).to(device=gen_device, dtype=torch.float32)
+    empty = weights.sum(dim=1, keepdim=True) == 0
+    weights = torch.where(empty, torch.ones_like(weights), weights)
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1).to(targets.device)
+
+
+def multilabel_f1(tp: Tensor, fp: Tensor, fn: Tensor) -> Tuple[Tensor, float]:
+    """Per-class and overall F1 (in [0, 1]) from per-class counts, as the authors compute them.
+
+    Per class: precision ``tp / (tp + fp)`` and recall ``tp / (tp + fn)``, F1 their harmonic
+    mean, 0 for a class without true positives; the per-class F1 of the paper's Table 2 is the
+    mean of these. The overall F1 uses the counts summed over classes.
+
+    Returns:
+        ``(f1 per class (C,), f1_overall)``.
+    """
+    tp, fp, fn = tp.double(), fp.double(), fn.double()
+    denom_p = (tp + fp).clamp_min(1)
+    denom_r = (tp + fn).clamp_min(1)
+    precision, recall = tp / denom_p, tp / denom_r
+    f1 = torch.where(tp > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), 0.0)
+    tps, fps, fns = tp.sum(), fp.sum(), fn.sum()
+    f1_overall = float(2 * tps / (2 * tps + fps + fns)) if tps > 0 else 0.0
+    return f1, f1_overall
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on ``device`` when ``enabled``, else a null context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _to_device(images: Tensor, targets: Tensor, device: torch.device, channels_last: bool):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    images = images.to(device, non_blocking=True, memory_format=fmt)
+    targets = targets.to(device, non_blocking=True)
+    return images, targets
+
+
+class _Meter:
+    """Device-side running sums; read with one host sync (and one all-reduce) at the end."""
+
+    def __init__(self, device: torch.device, num_classes: Optional[int], multilabel: bool):
+        self.device = device
+        self.multilabel = multilabel
+        # loss, classification, consistency (sums weighted by batch size), correct, count
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
+        self.counts = (
+            torch.zeros(3, num_classes, dtype=torch.float64, device=device)
+            if multilabel and num_classes
+            else None
+        )
+
+    def update(self, logits: Tensor, targets: Tensor, losses: Sequence[Optional[Tensor]]):
+        n = logits.shape[0]
+        logits = logits.detach()
+        for i, value in enumerate(losses):
+            if value is not None:
+                self.sums[i] += value.detach().double() * n
+        self.sums[4] += n
+        if self.multilabel:
+            pred = logits > 0
+            truth = targets > 0.5
+            if self.counts is None:
+                self.counts = torch.zeros(3, logits.shape[1], dtype=torch.float64, device=self.device)
+            self.counts[0] += (pred & truth).sum(0)
+            self.counts[1] += (pred & ~truth).sum(0)
+            self.counts[2] += (~pred & truth).sum(0)
+            self.sums[3] += (pred == truth).all(dim=1).sum()  # exact-match count
+        else:
+            self.sums[3] += (logits.argmax(dim=1) == targets).sum()
+
+    def result(self, reduce: bool = True) -> Dict[str, Any]:
+        sums = self.sums.clone()
+        counts = self.counts.clone() if self.counts is not None else None
+        if reduce:
+            all_reduce_sum(sums)
+            if counts is not None:
+                all_reduce_sum(counts)
+        n = max(float(sums[4]), 1.0)
+        out: Dict[str, Any] = {
+            "loss": float(sums[0]) / n,
+            "classification": float(sums[1]) / n,
+            "consistency": float(sums[2]) / n,
+            "samples": int(sums[4]),
+        }
+        if self.multilabel and counts is not None:
+            f1, f1_overall = multilabel_f1(counts[0], counts[1], counts[2])
+            out["f1_per_class"] = float(f1.mean())
+            out["f1_overall"] = f1_overall
+            out["exact_match"] = float(sums[3]) / n
+        else:
+            out["top1"] = float(sums[3]) / n
+        return out
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Any,
+    device: torch.device,
+    epoch: int,
+    criterion: Callable[[Tensor, Tensor], Tensor],
+    loss_fn: Optional[Callable[..., Any]] = None,
+    make_distractors: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None,
+    multilabel: bool = False,
+    amp: bool = False,
+    channels_last: bool = False,
+    generator: Optional[torch.Generator] = None,
+    writer: Any = None,
+    global_step: int = 0,
+    log_every: int = 20,
+    progress: bool = True,
+    num_classes: Optional[int] = None,
+) -> Dict[str, Any]:
+    """Trains ``model`` for one pass over ``loader``.
+
+    Args:
+        model (torch.nn.Module): the model (possibly DDP-wrapped), in train mode afterwards.
+        optimizer (torch.optim.Optimizer): stepped once per batch.
+        loader (Iterable): yields ``(images (N, C, S, S), targets)`` (extra items ignored);
+            targets are class indices ``(N,)`` or multi-hot ``(N, num_classes)``.
+        device (torch.device): where to compute.
+        epoch (int): 0-based epoch, for the progress bar.
+        criterion (Callable): classification loss, used when ``loss_fn`` is None.
+        loss_fn (Callable, optional): a :class:`~captum_consistency.GradCamConsistencyLoss`
+            over the same model; ``None`` trains the baseline (no composite forward at all).
+        make_distractors (Callable, optional): ``(images, targets, gradcam_targets) ->
+            (N, 3, C, S, S)`` distractors whose labels exclude ``gradcam_targets``; required
+            with ``loss_fn``.
+        multilabel (bool): multi-hot targets; the regularised class is drawn among the
+            positives (:func:`sample_positive_class`) and F1 is reported instead of top-1.
+        amp (bool): bf16 autocast.
+        channels_last (bool): move images to channels-last memory format (CUDA).
+        generator (torch.Generator, optional): CPU generator for cells and classes.
+        writer (SummaryWriter, optional): TensorBoard writer (rank 0 only).
+        global_step (int): number of optimiser steps before this epoch.
+        log_every (int): TensorBoard / progress-bar interval in steps.
+        progress (bool): show a tqdm bar (only on rank 0).
+        num_classes (int, optional): number of classes; needed for multi-label F1 under
+            torchrun (every rank must all-reduce tensors of the same size).
+
+    Returns:
+        dict: epoch averages over all ranks: ``loss``, ``classification``, ``consistency``,
+        ``top1`` (or ``f1_per_class``, ``f1_overall``, ``exact_match``), ``samples``,
+        ``steps`` and ``global_step``.
+    """
+    if loss_fn is not None and make_distractors is None:
+        raise ValueError("make_distractors is required when loss_fn (the GC loss) is given")
+    from tqdm.auto import tqdm
+
+    model.train()
+    meter = _Meter(device, num_classes, multilabel)
+    main = is_main_process()
+    try:
+        total = len(loader)
+    except TypeError:
+        total = None
+    bar = tqdm(loader, total=total, desc=f"epoch {epoch}", disable=not (progress and main),
+               dynamic_ncols=True, leave=False)
+    steps = 0
+    for batch in bar:
+        images, targets = batch[0], batch[1]
+        images, targets = _to_device(images, targets, device, channels_last)
+        n = images.shape[0]
+        with autocast(device, amp):
+            if loss_fn is None:
+                logits = model(images)
+                classification = criterion(logits, targets)
+                loss, consistency = classification, None
+            else:
+                gc_targets = sample_positive_class(targets, generator) if multilabel else targets
+                distractors = make_distractors(images, targets, gc_targets)
+                cells = random_cells(n, generator=generator, device=device)
+                out = loss_fn(images, targets, distractors, cells=cells, gradcam_targets=gc_targets)
+                logits, loss = out.logits, out.loss
+                classification, consistency = out.classification, out.consistency
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        meter.update(logits, targets, (loss, classification, consistency))
+        steps += 1
+        global_step += 1
+        if main and (steps % log_every == 0 or steps == total):
+            values = {
+                "loss/total": float(loss),
+                "loss/classification": float(classification),
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            if consistency is not None:
+                values["loss/consistency"] = float(consistency)
+            if not multilabel:
+                values["train/top1_batch"] = float((logits.argmax(1) == targets).float().mean())
+            if not all(math.isfinite(v) for v in values.values()):
+                raise FloatingPointError(
+                    f"non-finite training loss at epoch {epoch}, step {steps}: {values}; lower "
+                    "--lr or check the data"
+                )
+            if writer is not None:
+                for key, value in values.items():
+                    writer.add_scalar(key, value, global_step)
+            bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in values.items()})
+    bar.close()
+    result = meter.result()
+    if loss_fn is None:
+        result.pop("consistency")
+    result["steps"] = steps
+    result["global_step"] = global_step
+    return result
+
+
+@torch.no_grad()
+def evaluate_classification(
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    multilabel: bool = False,
+    amp: bool = False,
+    channels_last: bool = False,
+    num_classes: Optional[int] = None,
+) -> Dict[str, Any]:
+    """Top-1 accuracy, or per-class and overall F1 for multi-hot targets, over all ranks.
+
+    Use a sampler that gives each sample to exactly one rank
+    (:class:`~captum_consistency.engine.ShardSampler`): the sums are all-reduced. Pass
+    ``num_classes`` for multi-label data under torchrun.
+
+    Returns:
+        dict: ``top1`` (or ``f1_per_class``, ``f1_overall``, ``exact_match``) in [0, 1], and
+        ``samples``.
+    """
+    was_training = model.training
+    model.eval()
+    meter = _Meter(device, num_classes, multilabel)
+    for batch in loader:
+        images, targets = _to_device(batch[0], batch[1], device, channels_last)
+        with autocast(device, amp):
+            logits = model(images)
+        meter.update(logits.float(), targets, ())
+    model.train(was_training)
+    result = meter.result()
+    for key in ("loss", "classification", "consistency"):
+        result.pop(key)
+    return result
