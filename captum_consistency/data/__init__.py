@@ -1,5 +1,6 @@
 """Data sets consumed by the recipes."""
 
+from captum_consistency.data.coco import CocoBatch, CocoMultiLabel, CocoSample, collate_coco_samples
 from captum_consistency.data.imagenet import (
     CorruptImageError,
     ImageBatch,
@@ -28,6 +29,10 @@ __all__ = [
     "parse_voc_xml",
     "load_rgb",
     "CorruptImageError",
+    "CocoMultiLabel",
+    "CocoSample",
+    "CocoBatch",
+    "collate_coco_samples",
     "train_transform",
     "eval_transform",
     "resized_size",

@@ -171,7 +171,9 @@ def collate_image_samples(batch: Sequence[Optional[ImageSample]]) -> ImageBatch:
     """Collates :class:`ImageSample` into an :class:`ImageBatch`, boxes kept as lists.
 
     ``None`` entries (images skipped with ``on_corrupt="skip"``) are dropped and counted in
-    ``ImageBatch.skipped``; when every entry is ``None`` the batch is empty (``N = 0``).
+    ``ImageBatch.skipped``; when every entry is ``None`` the batch is empty
+    (``indices.numel() == 0``; ``images`` then has shape ``(0,)``): skip it, count its
+    ``skipped``.
 
     Raises:
         ValueError: images of different shapes (whole-image evaluation: use
