@@ -1,0 +1,517 @@
+r"""The paper's interpretation metrics (Pillai & Pirsiavash, AAAI 2021, Sec. 4.3), batched.
+
+All four metrics score a batch of saliency maps ``(N, H, W)`` (or ``(N, 1, H, W)``) at once, on
+the maps' device, with no Python loop over samples or pixels:
+
+* :func:`pointing_game` (PG, Zhang et al. 2016): is the map's maximum within ``tolerance``
+  pixels of the object?
+* :func:`stochastic_pointing_game` (SPG): the pointing game for ``num_samples`` locations drawn
+  from the map normalised to a distribution.
+* :func:`content_heatmap` (CH): the fraction of the map's mass inside the object.
+* :func:`negative_quadrants_heatmap` (NQH): the fraction of a 2x2 composite's map outside the
+  positive cell.
+
+Degenerate samples, an all-zero map or an empty mask, score ``NaN``; aggregate with
+:class:`~captum_consistency.metrics.InterpretationMetrics`, which skips and counts them.
+
+How the tolerance test is exact and fast: a point ``(u, v)`` hits the mask when some mask pixel
+``(x, y)`` has ``(x - u)^2 + (y - v)^2 < t^2``. The disk of radius ``t`` is a stack of horizontal
+segments, one per row offset ``dy`` with ``dy^2 < t^2``, of half-width
+``w(dy) = max{w : dy^2 + w^2 < t^2}``. With the masks' running counts along each row, "does row
+``v + dy`` hold a mask pixel in columns ``[u - w(dy), u + w(dy)]``" is one subtraction, so a
+point costs ``2 * (2 ceil(t) - 1)`` look-ups whatever the image size, and all points of all
+samples are tested with two ``gather`` calls. The result is bit-for-bit the brute-force test of
+TorchRay's :class:`PointingGame`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Iterator, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from captum_consistency.composition import _check_cells
+
+__all__ = [
+    "pointing_game",
+    "stochastic_pointing_game",
+    "content_heatmap",
+    "negative_quadrants_heatmap",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks and shared building blocks (also used by the accumulator).
+# --------------------------------------------------------------------------------------------
+
+
+class _Saliency(NamedTuple):
+    maps: Tensor  # (N, H, W), floating
+    totals: Tensor  # (N,) per-sample mass
+
+
+def _as_maps(saliency: Tensor, argname: str = "saliency") -> Tensor:
+    """``(N, H, W)`` or ``(N, 1, H, W)`` -> floating ``(N, H, W)`` view; checks the shape only."""
+    if not isinstance(saliency, Tensor):
+        raise TypeError(f"{argname} must be a Tensor, got {type(saliency).__name__}")
+    if saliency.dim() == 4 and saliency.shape[1] == 1:
+        saliency = saliency.squeeze(1)
+    if saliency.dim() != 3:
+        raise ValueError(
+            f"{argname} must have shape (N, H, W) or (N, 1, H, W), got {tuple(saliency.shape)}"
+        )
+    if saliency.dtype == torch.bool or saliency.dtype.is_complex:
+        raise ValueError(f"{argname} must be a real-valued tensor, got dtype {saliency.dtype}")
+    if not saliency.dtype.is_floating_point or saliency.dtype in (torch.float16, torch.bfloat16):
+        saliency = saliency.float()  # exact sums for integers, accurate sums for half types
+    return saliency
+
+
+def _prepare_saliency(saliency: Tensor, argname: str = "saliency") -> _Saliency:
+    """Shape, sign and finiteness checks; returns the maps and their per-sample mass."""
+    maps = _as_maps(saliency, argname)
+    totals = maps.flatten(1).sum(dim=1)
+    if maps.numel():
+        # One host sync for both checks; ``min >= 0`` is False for NaN as well.
+        minimum = maps.amin()
+        if not bool((minimum >= 0) & torch.isfinite(totals).all()):
+            if torch.isnan(maps).any():
+                raise ValueError(f"{argname} must not contain NaN")
+            if float(minimum) < 0:
+                raise ValueError(
+                    f"{argname} must be non-negative (apply a ReLU or take the positive part "
+                    f"first), got a minimum of {float(minimum):.4g}"
+                )
+            raise ValueError(f"{argname} must be finite, got a map whose sum is not finite")
+    return _Saliency(maps, totals)
+
+
+def _check_masks(masks: Tensor, shape: torch.Size, device: torch.device, argname: str = "masks") -> Tensor:
+    """Boolean ``(N, H, W)`` (or ``(N, 1, H, W)``) of the saliency's shape, on its device."""
+    if not isinstance(masks, Tensor):
+        raise TypeError(f"{argname} must be a bool Tensor, got {type(masks).__name__}")
+    if masks.dtype != torch.bool:
+        raise ValueError(
+            f"{argname} must be a boolean tensor (e.g. `{argname} > 0`), got dtype {masks.dtype}"
+        )
+    if masks.dim() == 4 and masks.shape[1] == 1:
+        masks = masks.squeeze(1)
+    if masks.shape != shape:
+        raise ValueError(
+            f"{argname} must have the saliency's shape {tuple(shape)} (N, H, W), "
+            f"got {tuple(masks.shape)}"
+        )
+    return masks.to(device)
+
+
+def _check_tolerance(tolerance: float) -> float:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real):
+        raise TypeError(f"tolerance must be a real number of pixels, got {type(tolerance).__name__}")
+    if not (math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"tolerance must be a positive finite number of pixels, got {tolerance}")
+    return float(tolerance)
+
+
+def _check_positive_int(value: int, argname: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{argname} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+@functools.lru_cache(maxsize=64)
+def _disk_rows(tolerance: float, height: int, width: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Row offsets ``dy`` and half-widths ``w(dy)`` of the open disk ``dx^2 + dy^2 < t^2``.
+
+    Only offsets that can reach inside an ``height x width`` image are kept, and half-widths are
+    capped at ``width - 1`` (a wider segment covers the whole row anyway).
+    """
+    t2 = tolerance * tolerance
+    reach = min(math.ceil(tolerance) - 1, height - 1)  # largest |dy| with dy^2 < t^2, in image
+    while reach >= 0 and reach * reach >= t2:
+        reach -= 1
+    offsets, half_widths = [], []
+    for dy in range(-reach, reach + 1):
+        rest = t2 - dy * dy
+        w = max(math.ceil(math.sqrt(rest)) - 1, 0)
+        while (w + 1) * (w + 1) < rest:  # guard against rounding of the square root
+            w += 1
+        while w > 0 and w * w >= rest:
+            w -= 1
+        offsets.append(dy)
+        half_widths.append(min(w, width - 1))
+    return tuple(offsets), tuple(half_widths)
+
+
+class _MaskIndex:
+    """The masks preprocessed for exact, batched tolerance tests at arbitrary points.
+
+    Holds the running count of mask pixels along each row of the masks, zero-padded so that
+    every segment of the disk stays inside the buffer (no clamping, no bounds test): row
+    ``v + dy`` holds a mask pixel in columns ``u - w .. u + w`` exactly when the counts at the
+    segment's last column and at the column before it differ. A tolerance beyond the image
+    diagonal reaches every pixel, so any non-empty mask is hit and no counts are needed.
+
+    Args:
+        masks: bool ``(N, H, W)``.
+        tolerance: the margin ``t`` (positive).
+    """
+
+    def __init__(self, masks: Tensor, tolerance: float) -> None:
+        n, height, width = masks.shape
+        self.shape = (n, height, width)
+        self.everywhere = tolerance * tolerance > (height - 1) ** 2 + (width - 1) ** 2
+        if self.everywhere or n == 0:
+            self.nonempty = masks.flatten(1).any(dim=1)
+            return
+        dys, half_widths = _disk_rows(tolerance, height, width)
+        top, left, right = max(dys), max(half_widths) + 1, max(half_widths)
+        self._top, self._left = top, left
+        padded_width = left + width + right
+        padded = masks.new_zeros(n, top + height + top, padded_width)
+        padded[:, top : top + height, left : left + width] = masks
+        dtype = torch.int16 if padded_width < 2**15 else torch.int32  # less memory traffic
+        counts = torch.cumsum(padded, dim=-1, dtype=dtype)
+        self.nonempty = counts[:, :, -1].sum(dim=1, dtype=torch.int64) > 0
+        self.counts = counts.flatten(1)
+        self._width_padded = padded_width
+        dy = torch.tensor(dys, dtype=torch.long, device=masks.device)
+        hw = torch.tensor(half_widths, dtype=torch.long, device=masks.device)
+        self._last = dy * padded_width + hw  # offset of the segment's last column
+        self._before = dy * padded_width - hw - 1  # offset of the column before the segment
+
+    def hits(self, points: Tensor) -> Tensor:
+        """Whether each point is at distance ``< tolerance`` of a mask pixel.
+
+        Args:
+            points: ``(N, P)`` flat pixel indices ``y * W + x``.
+
+        Returns:
+            Bool ``(N, P)``.
+        """
+        n, p = points.shape
+        if self.everywhere or n == 0:
+            return self.nonempty.view(n, 1).expand(n, p)
+        width = self.shape[2]
+        y = torch.div(points, width, rounding_mode="floor")
+        origin = (y + self._top) * self._width_padded + (points - y * width + self._left)
+        origin = origin.unsqueeze(-1)
+        upto_last = self.counts.gather(1, (origin + self._last).view(n, -1))
+        upto_before = self.counts.gather(1, (origin + self._before).view(n, -1))
+        return (upto_last != upto_before).view(n, p, -1).any(dim=-1)
+
+
+def _argmax_points(maps: Tensor) -> Tensor:
+    """Flat index of each map's maximum, ``(N, 1)``; the first one in row-major order on ties."""
+    return maps.flatten(1).max(dim=1).indices.unsqueeze(1)
+
+
+def _check_generator(generator: Optional[torch.Generator], device: torch.device) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(
+            f"generator must live on the saliency's device ({device}), "
+            f"got a generator on {generator.device}"
+        )
+
+
+def _sample_points(
+    maps: Tensor, totals: Tensor, num_samples: int, generator: Optional[torch.Generator]
+) -> Tensor:
+    """``(N, num_samples)`` flat indices drawn with replacement with probability ``m / sum(m)``.
+
+    All-zero maps (degenerate samples, scored NaN by the callers) draw uniformly instead.
+    """
+    weights = maps.flatten(1)
+    empty = totals <= 0
+    if bool(empty.any()):
+        weights = torch.where(empty.unsqueeze(1), torch.ones_like(weights), weights)
+    return torch.multinomial(weights, num_samples, replacement=True, generator=generator)
+
+
+def _degenerate(totals: Tensor, nonempty: Optional[Tensor] = None) -> Tensor:
+    """Samples with an all-zero map (or, given ``nonempty``, an empty mask), ``(N,)`` bool."""
+    zero = totals <= 0
+    return zero if nonempty is None else zero | ~nonempty
+
+
+def _nan_where(values: Tensor, degenerate: Tensor) -> Tensor:
+    return values.masked_fill(degenerate, float("nan"))
+
+
+#: On CPU, samples are scored in chunks whose temporaries hold about this many elements, so
+#: that they stay in the allocator's cache instead of being page-faulted in for every batch.
+#: On accelerators the whole batch is one chunk.
+CPU_CHUNK_ELEMENTS = 1 << 21
+
+
+def _chunks(n: int, elements_per_sample: int, device: torch.device) -> Iterator[slice]:
+    """Slices of the batch; a handful of chunks, never one per sample on a realistic batch."""
+    if device.type != "cpu":
+        size = max(n, 1)
+    else:
+        size = max(1, CPU_CHUNK_ELEMENTS // max(elements_per_sample, 1))
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _content(maps: Tensor, totals: Tensor, masks: Tensor, degenerate: Tensor) -> Tensor:
+    inside = torch.where(masks, maps, 0).flatten(1).sum(dim=1)
+    return _nan_where((inside / totals).clamp_(0, 1), degenerate)
+
+
+class _ImageScores(NamedTuple):
+    pg: Tensor  # (N,) 0/1, NaN when degenerate
+    spg: Tensor  # (N, num_runs), NaN when degenerate
+    ch: Tensor  # (N,), NaN when degenerate
+    degenerate: Tensor  # (N,) bool
+
+
+def _score_images(
+    maps: Tensor,
+    totals: Tensor,
+    masks: Tensor,
+    tolerance: float,
+    num_samples: int,
+    num_runs: int,
+    generator: Optional[torch.Generator],
+    pg: bool = True,
+    ch: bool = True,
+) -> _ImageScores:
+    """PG, SPG (``num_runs`` independent runs) and CH sharing one pass of preprocessing.
+
+    Inputs are already checked. ``num_runs = 0`` skips SPG; ``pg``/``ch`` False skip those.
+    """
+    n, height, width = maps.shape
+    draws = num_samples * num_runs
+    out_pg = maps.new_full((n,), float("nan"))
+    out_spg = maps.new_full((n, num_runs), float("nan"))
+    out_ch = maps.new_full((n,), float("nan"))
+    degenerate = torch.ones(n, dtype=torch.bool, device=maps.device)
+    per_sample = max(height * width, draws * (2 * math.ceil(tolerance) - 1))
+    for chunk in _chunks(n, per_sample, maps.device):
+        m, t, k = maps[chunk], totals[chunk], masks[chunk]
+        index = _MaskIndex(k, tolerance)
+        bad = _degenerate(t, index.nonempty)
+        degenerate[chunk] = bad
+        if pg:
+            hit = index.hits(_argmax_points(m)).squeeze(1)
+            out_pg[chunk] = _nan_where(hit.to(maps.dtype), bad)
+        if draws:
+            hits = index.hits(_sample_points(m, t, draws, generator)).view(-1, num_runs, num_samples)
+            spg = hits.sum(dim=-1).to(maps.dtype) / num_samples
+            out_spg[chunk] = _nan_where(spg, bad.unsqueeze(1))
+        if ch:
+            out_ch[chunk] = _content(m, t, k, bad)
+    return _ImageScores(out_pg, out_spg, out_ch, degenerate)
+
+
+# --------------------------------------------------------------------------------------------
+# Public metrics.
+# --------------------------------------------------------------------------------------------
+
+
+def pointing_game(saliency: Tensor, masks: Tensor, tolerance: float = 15) -> Tensor:
+    r"""Pointing Game (Zhang et al. 2016) with a tolerance margin, one result per sample.
+
+    A sample is a *hit* when the saliency map's maximum lies within ``tolerance`` pixels of the
+    object, that is when some mask pixel is at Euclidean distance strictly less than
+    ``tolerance`` from the maximum:
+
+    $$
+    \mathrm{hit}(m, M) = \mathbb{1}\Big[\exists (x, y) \in M :\;
+        (x - u^\star)^2 + (y - v^\star)^2 < t^2\Big],
+    \qquad (u^\star, v^\star) = \arg\max_{(u, v)} m(u, v).
+    $$
+
+    This is the test of TorchRay's ``PointingGame.evaluate`` and of the paper's evaluation
+    (Sec. 4.3: "we dilate the object mask ... by a margin of 15 pixels"), computed exactly for
+    the whole batch. On ties, the first maximum in row-major order is used (as
+    ``torch.argmax``). Accuracy is ``#hits / (#hits + #misses)``; the paper averages it per
+    class, see :class:`~captum_consistency.metrics.InterpretationMetrics`.
+
+    Args:
+        saliency (Tensor): ``(N, H, W)`` or ``(N, 1, H, W)`` non-negative maps, already at the
+            masks' resolution (see :func:`~captum_consistency.metrics.resize_saliency`).
+        masks (Tensor): boolean ``(N, H, W)`` object masks (see
+            :func:`~captum_consistency.metrics.boxes_to_mask` for boxes).
+        tolerance (float): the margin ``t`` in pixels; the paper uses 15 at 224x224.
+
+    Returns:
+        Tensor ``(N,)`` of the saliency's floating dtype: 1.0 for a hit, 0.0 for a miss, NaN
+        for a degenerate sample (all-zero map or empty mask), whose maximum is meaningless.
+
+    Raises:
+        ValueError: negative or NaN ``saliency``, a non-boolean ``masks`` or mismatched shapes.
+
+    Examples:
+        >>> saliency = torch.zeros(2, 64, 64)
+        >>> saliency[0, 10, 10] = saliency[1, 50, 50] = 1.0
+        >>> masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+        >>> masks[:, 20:30, 20:30] = True
+        >>> pointing_game(saliency, masks)  # (10, 10) is 10*sqrt(2) < 15 px from (20, 20)
+        tensor([1., 0.])
+    """
+    tolerance = _check_tolerance(tolerance)
+    maps, totals = _prepare_saliency(saliency)
+    masks = _check_masks(masks, maps.shape, maps.device)
+    return _score_images(maps, totals, masks, tolerance, 0, 0, None, ch=False).pg
+
+
+def stochastic_pointing_game(
+    saliency: Tensor,
+    masks: Tensor,
+    tolerance: float = 15,
+    num_samples: int = 100,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    r"""Stochastic Pointing Game (SPG, Pillai & Pirsiavash 2021, Sec. 4.3), one value per sample.
+
+    The map normalised to sum one is a distribution over pixels; ``S = num_samples`` locations
+    are drawn from it with replacement and each is tested like the :func:`pointing_game`:
+
+    $$
+    \mathrm{SPG}(m, M) = \frac{1}{S} \sum_{s=1}^{S} \mathbb{1}\Big[\exists (x, y) \in M :
+        (x - u_s)^2 + (y - v_s)^2 < t^2\Big],
+    \qquad (u_s, v_s) \sim \frac{m}{\sum m}.
+    $$
+
+    Its expectation is the map's mass within ``tolerance`` of the object. The paper reports the
+    mean and standard deviation over 5 runs (different draws), which
+    :class:`~captum_consistency.metrics.InterpretationMetrics` does. Invariant to scaling the
+    map by a positive constant; with a one-hot map it equals the pointing game.
+
+    Args:
+        saliency (Tensor): ``(N, H, W)`` or ``(N, 1, H, W)`` non-negative maps.
+        masks (Tensor): boolean ``(N, H, W)`` object masks.
+        tolerance (float): margin ``t`` in pixels (15 in the paper).
+        num_samples (int): locations drawn per map (100 in the paper).
+        generator (torch.Generator, optional): source of the draws, on the saliency's device.
+
+    Returns:
+        Tensor ``(N,)`` of fractions in ``[0, 1]`` (multiples of ``1 / num_samples``); NaN for
+        a degenerate sample (all-zero map or empty mask).
+
+    Raises:
+        ValueError: negative or NaN ``saliency``, a non-boolean ``masks``, mismatched shapes,
+            or a ``generator`` on another device.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> saliency = torch.rand(8, 224, 224)
+        >>> masks = torch.zeros(8, 224, 224, dtype=torch.bool)
+        >>> masks[:, 50:150, 50:150] = True
+        >>> spg = stochastic_pointing_game(saliency, masks, generator=g)  # about 0.32 each
+    """
+    tolerance = _check_tolerance(tolerance)
+    num_samples = _check_positive_int(num_samples, "num_samples")
+    maps, totals = _prepare_saliency(saliency)
+    masks = _check_masks(masks, maps.shape, maps.device)
+    _check_generator(generator, maps.device)
+    scores = _score_images(maps, totals, masks, tolerance, num_samples, 1, generator, pg=False, ch=False)
+    return scores.spg.squeeze(1)
+
+
+def content_heatmap(saliency: Tensor, masks: Tensor) -> Tensor:
+    r"""Content Heatmap (CH, Pillai & Pirsiavash 2021, Sec. 4.3): the map's mass inside the mask.
+
+    $$
+    \mathrm{CH}(m, M) = \frac{\sum_{(x, y) \in M} m(x, y)}{\sum_{(x, y)} m(x, y)} \in [0, 1].
+    $$
+
+    Higher is better. It is the limit of the stochastic pointing game with no margin and
+    infinitely many draws, and equals Quantus' ``RelevanceMassAccuracy`` on non-negative maps.
+
+    Args:
+        saliency (Tensor): ``(N, H, W)`` or ``(N, 1, H, W)`` non-negative maps.
+        masks (Tensor): boolean ``(N, H, W)`` object masks.
+
+    Returns:
+        Tensor ``(N,)`` of fractions in ``[0, 1]``; NaN for a degenerate sample (all-zero map
+        or empty mask).
+
+    Raises:
+        ValueError: negative or NaN ``saliency``, a non-boolean ``masks`` or mismatched shapes.
+
+    Examples:
+        >>> saliency = torch.tensor([[[1.0, 3.0], [0.0, 4.0]]])
+        >>> masks = torch.tensor([[[True, False], [False, True]]])
+        >>> content_heatmap(saliency, masks)
+        tensor([0.6250])
+    """
+    maps, totals = _prepare_saliency(saliency)
+    masks = _check_masks(masks, maps.shape, maps.device)
+    out = maps.new_empty(maps.shape[0])
+    for chunk in _chunks(maps.shape[0], maps[0].numel() if len(maps) else 1, maps.device):
+        m, t, k = maps[chunk], totals[chunk], masks[chunk]
+        out[chunk] = _content(m, t, k, _degenerate(t, k.flatten(1).any(dim=1)))
+    return out
+
+
+def negative_quadrants_heatmap(saliency: Tensor, cells: Tensor) -> Tensor:
+    r"""Negative Quadrants Heatmap (NQH, Pillai & Pirsiavash 2021, Sec. 4.3).
+
+    The fraction of a 2x2 composite's saliency that falls in the three distractor cells, i.e.
+    outside the positive cell ``k``:
+
+    $$
+    \mathrm{NQH}(m, k) = 1 - \frac{\sum_{(x, y) \in Q_k} m(x, y)}{\sum_{(x, y)} m(x, y)}
+        \in [0, 1],
+    $$
+
+    where ``Q_k`` is cell ``k`` of the grid with the convention of
+    :func:`~captum_consistency.composition.compose_grid` (row ``k // 2``, column ``k % 2``,
+    split at ``H // 2`` and ``W // 2``; see :func:`~captum_consistency.composition.cell_mask`).
+    Lower is better. It equals ``1 - CH`` with the cell's mask, and one minus Quantus'
+    ``Focus`` for a mosaic whose only positive quadrant is cell ``k``.
+
+    Args:
+        saliency (Tensor): ``(N, H, W)`` or ``(N, 1, H, W)`` non-negative maps of composites.
+        cells (Tensor): ``(N,)`` integer positive cells in ``{0, 1, 2, 3}``, as returned by
+            ``compose_grid(..., return_cells=True)``.
+
+    Returns:
+        Tensor ``(N,)`` of fractions in ``[0, 1]``; NaN for an all-zero map.
+
+    Raises:
+        ValueError: negative or NaN ``saliency``, or ``cells`` of the wrong shape or outside
+            ``0..3``.
+
+    Examples:
+        >>> images, cells = compose_grid(x, distractors, return_cells=True)
+        >>> saliency = cam.attribute(images, target=labels)  # (N, 1, h, w)
+        >>> nqh = negative_quadrants_heatmap(saliency, cells)
+    """
+    maps, totals = _prepare_saliency(saliency)
+    cells = _check_nqh_cells(cells, maps.shape[0], maps.device)
+    return _negative_quadrants(maps, totals, cells)
+
+
+def _check_nqh_cells(cells: Tensor, n: int, device: torch.device) -> Tensor:
+    if not isinstance(cells, Tensor):
+        try:
+            cells = torch.as_tensor(cells)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"cells must be an integer tensor of shape ({n},), got {type(cells).__name__}")
+    _check_cells(cells, n)
+    return cells.to(device)
+
+
+def _negative_quadrants(maps: Tensor, totals: Tensor, cells: Tensor) -> Tensor:
+    n, height, width = maps.shape
+    if n == 0:
+        return maps.new_empty(0)
+    # Mass of the four cells from two split sums (one pass over the maps). The split is the
+    # one of ``cell_mask``: rows >= H // 2 are the bottom cells, columns >= W // 2 the right.
+    h2, w2 = height // 2, width // 2
+    rows = torch.stack([maps[:, :h2].sum(dim=1), maps[:, h2:].sum(dim=1)], dim=1)  # (N, 2, W)
+    per_cell = torch.stack([rows[..., :w2].sum(dim=-1), rows[..., w2:].sum(dim=-1)], dim=-1)
+    inside = per_cell.flatten(1).gather(1, cells.view(-1, 1)).squeeze(1)  # cell k = 2 row + col
+    nqh = ((totals - inside) / totals).clamp_(0, 1)
+    return _nan_where(nqh, totals <= 0)
