@@ -1,6 +1,15 @@
 """Data sets consumed by the recipes."""
 
 from captum_consistency.data.coco import CocoBatch, CocoMultiLabel, CocoSample, collate_coco_samples
+from captum_consistency.data.distractors import (
+    DatasetDistractorSampler,
+    DatasetWithDistractors,
+    DistractorFallback,
+    collate_with_distractors,
+    gather_distractors,
+    in_batch_distractors,
+    sample_present_classes,
+)
 from captum_consistency.data.imagenet import (
     CorruptImageError,
     ImageBatch,
@@ -33,6 +42,13 @@ __all__ = [
     "CocoSample",
     "CocoBatch",
     "collate_coco_samples",
+    "in_batch_distractors",
+    "gather_distractors",
+    "sample_present_classes",
+    "DatasetDistractorSampler",
+    "DistractorFallback",
+    "DatasetWithDistractors",
+    "collate_with_distractors",
     "train_transform",
     "eval_transform",
     "resized_size",

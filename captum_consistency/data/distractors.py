@@ -1,0 +1,550 @@
+r"""Distractor images for the 2x2 composite of the GC loss.
+
+The GC loss (Pillai & Pirsiavash, AAAI 2021, Sec. 3) places an image ``x`` of class ``y`` in a
+random cell of a 2x2 grid and fills the other three cells with *distractors*: images drawn at
+random from the training set among those whose labels exclude ``y`` (multi-label: images that do
+not contain ``y``). The authors' loader decodes the three distractors of every sample in the
+data loader, four images per sample, which starves a GPU.
+
+This module gives two exact ways to draw them, and a way to combine them:
+
+- :func:`in_batch_distractors` / :func:`gather_distractors` take them from the batch itself:
+  the other samples of the batch that qualify, three distinct ones drawn uniformly, fully
+  batched and without decoding a single extra image.
+- :class:`DatasetDistractorSampler` draws dataset indices from per-class index arrays built
+  once: uniform over the qualifying images, three distinct ones, no rejection loop, seeded and
+  different on every ``torchrun`` rank, loader worker and epoch. :class:`DistractorFallback`
+  turns its indices into images, for the rows of a batch with fewer than three qualifying
+  samples; :class:`DatasetWithDistractors` is the authors' scheme (``--distractors dataset``),
+  distractors decoded in the loader workers.
+
+**Why in-batch distractors follow the paper's distribution.** The paper draws, for each sample
+``x`` of class ``y``, three distinct distractors uniformly from the training images whose labels
+exclude ``y``. A batch is a uniform random sample of the training set (a shuffled epoch, or a
+:class:`~torch.utils.data.DistributedSampler` shard of one): given ``x``, its batch mates are a
+uniform random subset of the other training images, so every qualifying image is equally likely
+to be among them; :func:`in_batch_distractors` then picks three distinct qualifying mates
+uniformly (random keys, top 3). By this symmetry, the triple given to ``x`` is a uniform draw of
+three distinct images among all qualifying training images, the paper's distribution; rows whose
+batch holds fewer than three qualifying mates are drawn from the data set with the same
+distribution (:class:`DatasetDistractorSampler`), so the condition "enough mates" does not bias
+it either. What differs is only the *joint* distribution across samples (a batch member can be
+the distractor of several samples); since the loss is a mean over samples, its expectation, and
+so the expected gradient, is exactly the paper's (linearity of expectation).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, get_worker_info
+
+from captum_consistency.composition import NUM_DISTRACTORS
+
+__all__ = [
+    "in_batch_distractors",
+    "gather_distractors",
+    "sample_present_classes",
+    "DatasetDistractorSampler",
+    "DistractorFallback",
+    "DatasetWithDistractors",
+    "collate_with_distractors",
+]
+
+_MAX_INDEX = 2**62  # raw draws are reduced modulo the bound: bias below 2**-40 for 1M images
+
+
+def _as_targets(targets: Any, name: str = "targets") -> Tensor:
+    if not isinstance(targets, Tensor):
+        try:
+            targets = torch.as_tensor(targets)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name} must be a tensor of class ids or multi-hot rows, got {type(targets).__name__}") from e
+    if targets.dim() not in (1, 2):
+        raise ValueError(
+            f"{name} must be (N,) class ids or (N, K) multi-hot, got shape {tuple(targets.shape)}"
+        )
+    if targets.dim() == 1 and (targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.dtype.is_complex):
+        raise TypeError(f"1-D {name} must hold integer class ids, got dtype {targets.dtype}")
+    return targets
+
+
+def _as_gradcam_targets(
+    gradcam_targets: Optional[Any], targets: Tensor, num_classes: Optional[int]
+) -> Tensor:
+    n = targets.shape[0]
+    if gradcam_targets is None:
+        if targets.dim() == 2:
+            raise ValueError(
+                "gradcam_targets is required with multi-hot (N, K) targets: the class regularised "
+                "for each sample (e.g. sample_present_classes(targets))"
+            )
+        return targets
+    g = gradcam_targets if isinstance(gradcam_targets, Tensor) else torch.as_tensor(gradcam_targets)
+    if g.dtype.is_floating_point or g.dtype == torch.bool or g.dtype.is_complex:
+        raise TypeError(f"gradcam_targets must hold integer class ids, got dtype {g.dtype}")
+    if g.shape != (n,):
+        raise ValueError(f"gradcam_targets must have shape ({n},), got {tuple(g.shape)}")
+    if n and num_classes is not None and int(g.max()) >= num_classes:
+        raise ValueError(f"gradcam_targets must lie in -1..{num_classes - 1}, got max {int(g.max())}")
+    if n and int(g.min()) < -1:
+        raise ValueError(f"gradcam_targets must be class ids >= 0 (or -1: no class), got {int(g.min())}")
+    return g.to(targets.device)
+
+
+def _rand(shape: Tuple[int, ...], generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def in_batch_distractors(
+    targets: Tensor,
+    gradcam_targets: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Tensor, Tensor]:
+    r"""Three distinct in-batch distractors per sample, drawn uniformly among the qualifying ones.
+
+    Sample ``j`` qualifies as a distractor of sample ``i`` when ``j != i`` and ``j`` does not
+    contain class ``c_i = gradcam_targets[i]``: ``targets[j] != c_i`` (class ids) or
+    ``targets[j, c_i] == 0`` (multi-hot). Every qualifying ``j`` gets an independent uniform key,
+    the others ``-1``, and the three largest keys are taken (one ``topk`` over an ``(N, N)``
+    matrix, no loop over ``N``): a uniformly random ordered triple of distinct qualifying samples.
+    See the module docstring for why this is the paper's distribution.
+
+    Args:
+        targets (Tensor): ``(N,)`` integer class ids, or ``(N, K)`` multi-hot (bool or numeric,
+            nonzero = present).
+        gradcam_targets (Tensor, optional): ``(N,)`` class regularised for each sample; defaults
+            to ``targets`` for class ids and is required for multi-hot targets. ``-1`` means no
+            class to exclude (every other sample qualifies).
+        generator (torch.Generator, optional): source of the random keys (drawn on its device,
+            then moved to ``targets.device``).
+
+    Returns:
+        ``(index, valid)``: ``index`` ``(N, 3)`` int64 batch positions of the distractors,
+        ``valid`` ``(N,)`` bool, False for rows with fewer than 3 qualifying samples, whose
+        ``index`` entries are ``-1``.
+
+    Examples::
+
+        >>> y = torch.tensor([0, 0, 1, 2, 3, 1])
+        >>> index, valid = in_batch_distractors(y)
+        >>> bool((y[index.clamp(min=0)] != y[:, None])[valid].all())
+        True
+    """
+    targets = _as_targets(targets)
+    n = targets.shape[0]
+    device = targets.device
+    k = targets.shape[1] if targets.dim() == 2 else None
+    g = _as_gradcam_targets(gradcam_targets, targets, k)
+    if targets.dim() == 1:
+        contains = targets.unsqueeze(0) == g.unsqueeze(1)  # [i, j]: sample j has class g[i]
+    else:
+        present = targets != 0
+        contains = present[:, g.clamp(min=0)].t() & (g >= 0).unsqueeze(1)
+    qualify = ~contains
+    qualify.fill_diagonal_(False)
+    keys = _rand((n, n), generator, device).masked_fill_(~qualify, -1.0)
+    take = min(NUM_DISTRACTORS, n)
+    index = torch.full((n, NUM_DISTRACTORS), -1, dtype=torch.long, device=device)
+    if take:
+        index[:, :take] = keys.topk(take, dim=1).indices
+    valid = qualify.sum(dim=1) >= NUM_DISTRACTORS
+    index = index.masked_fill(~valid.unsqueeze(1), -1)
+    return index, valid
+
+
+def sample_present_classes(targets: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """One class drawn uniformly among the present ones of each multi-hot row (-1 if none).
+
+    The class to regularise for a multi-label sample (the GC loss explains one class per
+    composite). Batched: random keys on the present entries, ``argmax``.
+
+    Args:
+        targets (Tensor): ``(N, K)`` multi-hot.
+        generator (torch.Generator, optional): source of randomness.
+
+    Returns:
+        ``(N,)`` int64 class indices, ``-1`` for rows without any class.
+    """
+    targets = _as_targets(targets)
+    if targets.dim() != 2:
+        raise ValueError(f"targets must be (N, K) multi-hot, got shape {tuple(targets.shape)}")
+    present = targets != 0
+    keys = _rand(tuple(present.shape), generator, targets.device).masked_fill_(~present, -1.0)
+    choice = keys.argmax(dim=1)
+    return torch.where(present.any(dim=1), choice, torch.full_like(choice, -1))
+
+
+def _current_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    return int(os.environ.get("RANK", 0))
+
+
+class DatasetDistractorSampler:
+    r"""Draws distractor indices from the whole data set: uniform, distinct, seeded per stream.
+
+    For a class ``c`` with positives ``P_c`` (the images labelled ``c``, or containing ``c``),
+    the distractors of a sample regularised on ``c`` are three distinct images drawn uniformly
+    from the complement of ``P_c``: the paper's distribution. The complement is never
+    materialised: the sorted positives of every class are stored once, in one flat array
+    (``M`` entries for class ids, one per label for multi-hot), and the ``r``-th complement
+    image is ``r + #{j : P_c[j] - j <= r}``, found with one ``searchsorted`` for a whole batch.
+    Three distinct ranks are drawn without replacement by the "skip the chosen ones" rule, so
+    there is no rejection loop and no bias, for single- and multi-label data alike.
+
+    Random streams: :meth:`sample` without a generator uses a stream seeded from
+    ``(seed, rank, worker, epoch)`` (:class:`numpy.random.SeedSequence`): ``rank`` is the
+    ``torch.distributed`` rank (or ``$RANK``) unless given, ``worker`` the DataLoader worker id
+    (read in the worker), ``epoch`` the value of :meth:`set_epoch`. Equal tuples give equal
+    draws; different ranks, workers or epochs give independent ones.
+
+    Args:
+        targets (Tensor or sequence): ``(M,)`` class ids (e.g. ``dataset.targets`` of
+            :class:`~captum_consistency.data.ImageNetWithBoxes`) or ``(M, K)`` multi-hot (e.g.
+            :attr:`CocoMultiLabel.targets`).
+        seed (int): base seed.
+        rank (int, optional): process rank; detected at the first draw when ``None``.
+        num_classes (int, optional): ``K`` for class ids (default ``max + 1``).
+
+    Examples::
+
+        >>> sampler = DatasetDistractorSampler(train_set.targets, seed=0)
+        >>> sampler.set_epoch(epoch)
+        >>> idx = sampler.sample(torch.tensor([3, 7]))  # (2, 3) dataset indices
+    """
+
+    def __init__(
+        self,
+        targets: Union[Tensor, Sequence[int]],
+        seed: int = 0,
+        rank: Optional[int] = None,
+        num_classes: Optional[int] = None,
+    ) -> None:
+        t = _as_targets(targets).cpu()
+        m = t.shape[0]
+        if m == 0:
+            raise ValueError("targets is empty: no image to draw distractors from")
+        if t.dim() == 1:
+            t = t.long()
+            if int(t.min()) < 0:
+                raise ValueError(f"class ids in targets must be >= 0, got {int(t.min())}")
+            k = int(t.max()) + 1 if num_classes is None else int(num_classes)
+            if int(t.max()) >= k:
+                raise ValueError(f"targets holds class {int(t.max())} but num_classes is {k}")
+            classes = t
+            order = torch.argsort(classes, stable=True)  # images grouped by class, increasing
+            positives = order
+            pos_class = classes[order]
+        else:
+            k = t.shape[1]
+            nz = (t != 0).t().nonzero()  # (L, 2) [class, image], sorted by class then image
+            pos_class, positives = nz[:, 0], nz[:, 1]
+        counts = torch.bincount(pos_class, minlength=k)
+        seg_start = torch.zeros(k + 1, dtype=torch.long)
+        seg_start[1:] = torch.cumsum(counts, 0)
+        rank_in_class = torch.arange(len(positives)) - seg_start[pos_class]
+        # q = (number of complement images before each positive), shifted per class so that the
+        # flat array is sorted and one searchsorted serves every class.
+        self._q = (positives - rank_in_class + pos_class * (m + 1)).contiguous()
+        self._seg_start = seg_start
+        self.counts = counts
+        self.num_images = m
+        self.num_classes = k
+        self.seed = int(seed)
+        self._rank = rank
+        self.epoch = 0
+        self._gen: Optional[torch.Generator] = None
+        self._gen_key: Optional[Tuple[int, int, int]] = None
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_gen"], state["_gen_key"] = None, None  # each worker builds its own stream
+        return state
+
+    @property
+    def rank(self) -> int:
+        return _current_rank() if self._rank is None else int(self._rank)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the stream of ``epoch`` (call it every epoch, like DistributedSampler's)."""
+        self.epoch = int(epoch)
+
+    def stream_seed(self, worker: Optional[int] = None, epoch: Optional[int] = None, rank: Optional[int] = None) -> int:
+        """The 63-bit seed of the stream ``(seed, rank, worker, epoch)``.
+
+        ``worker`` is the DataLoader worker id, ``None`` (the default) for the current process:
+        the worker id inside a worker, the main process otherwise.
+        """
+        if worker is None:
+            info = get_worker_info()
+            worker = -1 if info is None else info.id
+        epoch = self.epoch if epoch is None else epoch
+        rank = self.rank if rank is None else rank
+        words = [self.seed, int(rank), int(worker) + 1, int(epoch)]
+        if min(words) < 0:
+            raise ValueError(f"seed, rank, worker + 1 and epoch must be >= 0, got {words}")
+        state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+        return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
+
+    def generator(self) -> torch.Generator:
+        """The stream of the current ``(seed, rank, worker, epoch)``, created on first use."""
+        info = get_worker_info()
+        key = (self.rank, -1 if info is None else info.id, self.epoch)
+        if self._gen is None or self._gen_key != key:
+            self._gen = torch.Generator().manual_seed(self.stream_seed(key[1], key[2], key[0]))
+            self._gen_key = key
+        return self._gen
+
+    def sample(self, gradcam_targets: Union[Tensor, Sequence[int]], generator: Optional[torch.Generator] = None) -> Tensor:
+        """Three distinct dataset indices per entry, none of which contains the entry's class.
+
+        Args:
+            gradcam_targets (Tensor): ``(n,)`` classes to exclude; ``-1`` excludes nothing.
+            generator (torch.Generator, optional): a CPU generator; the sampler's own stream
+                (:meth:`generator`) when ``None``.
+
+        Returns:
+            ``(n, 3)`` int64 CPU tensor of dataset indices.
+
+        Raises:
+            ValueError: a class whose complement holds fewer than 3 images.
+        """
+        g = gradcam_targets if isinstance(gradcam_targets, Tensor) else torch.as_tensor(gradcam_targets)
+        if g.dtype.is_floating_point or g.dtype == torch.bool or g.dim() != 1:
+            raise TypeError(f"gradcam_targets must be a 1-D integer tensor, got {g.dtype} {tuple(g.shape)}")
+        g = g.cpu().long()
+        n = g.shape[0]
+        if n == 0:
+            return torch.zeros(0, NUM_DISTRACTORS, dtype=torch.long)
+        if int(g.min()) < -1 or int(g.max()) >= self.num_classes:
+            raise ValueError(
+                f"gradcam_targets must lie in -1..{self.num_classes - 1}, got [{int(g.min())}, {int(g.max())}]"
+            )
+        if generator is None:
+            generator = self.generator()
+        has_class = g >= 0
+        gc = g.clamp(min=0)
+        comp = torch.where(has_class, self.num_images - self.counts[gc], torch.full_like(g, self.num_images))
+        if int(comp.min()) < NUM_DISTRACTORS:
+            bad = sorted(set(g[comp < NUM_DISTRACTORS].tolist()))
+            raise ValueError(
+                f"class(es) {bad[:10]} are contained in all but fewer than {NUM_DISTRACTORS} of the "
+                f"{self.num_images} images: not enough distractors"
+            )
+        raw = torch.randint(0, _MAX_INDEX, (n, NUM_DISTRACTORS), generator=generator, device="cpu")
+        r = raw % (comp.unsqueeze(1) - torch.arange(NUM_DISTRACTORS))  # bounds comp, comp-1, comp-2
+        # Three distinct ranks in [0, comp): each later draw skips the earlier ones in order.
+        r0 = r[:, 0]
+        r1 = r[:, 1] + (r[:, 1] >= r0).long()
+        lo, hi = torch.minimum(r0, r1), torch.maximum(r0, r1)
+        r2 = r[:, 2]
+        r2 = r2 + (r2 >= lo).long()
+        r2 = r2 + (r2 >= hi).long()
+        ranks = torch.stack([r0, r1, r2], dim=1)  # (n, 3) ranks within the complement
+        # Rank -> dataset index: add the number of positives before it (one searchsorted).
+        shifted = ranks + (gc * (self.num_images + 1)).unsqueeze(1)
+        before = torch.searchsorted(self._q, shifted, right=True) - self._seg_start[gc].unsqueeze(1)
+        before = before * has_class.unsqueeze(1).long()
+        return ranks + before
+
+
+def _image_of(sample: Any) -> Tensor:
+    image = getattr(sample, "image", None)
+    if image is None and isinstance(sample, (tuple, list)) and sample:
+        image = sample[0]
+    if image is None and isinstance(sample, Tensor):
+        image = sample
+    if not isinstance(image, Tensor):
+        raise TypeError(
+            "the dataset must return tensors (give it a transform that ends in a tensor), or "
+            f"samples with an .image tensor, got {type(sample).__name__}"
+        )
+    return image
+
+
+class DistractorFallback:
+    """Loads data-set distractors for the samples of a batch that lack in-batch ones.
+
+    A callable for :func:`gather_distractors`: ``fallback(gradcam_targets) -> (m, 3, C, H, W)``.
+    Indices come from a :class:`DatasetDistractorSampler`, images from ``dataset[i]`` (which must
+    apply the training transform so that shapes match the batch). Undecodable images
+    (``None`` samples) are redrawn, up to ``max_tries`` times.
+
+    Args:
+        dataset (Dataset): the training set (items: tensors, ``(image, target)`` tuples, or
+            samples with an ``.image``).
+        sampler (DatasetDistractorSampler): built on ``dataset.targets``.
+        max_tries (int): redraws allowed for an undecodable image.
+
+    Attributes:
+        num_loaded (int): distractor images loaded so far (to report how often the fallback is
+            used).
+    """
+
+    def __init__(self, dataset: Dataset, sampler: DatasetDistractorSampler, max_tries: int = 10) -> None:
+        if not isinstance(sampler, DatasetDistractorSampler):
+            raise TypeError(f"sampler must be a DatasetDistractorSampler, got {type(sampler).__name__}")
+        self.dataset = dataset
+        self.sampler = sampler
+        self.max_tries = int(max_tries)
+        self.num_loaded = 0
+
+    def load(self, index: int, gradcam_target: int) -> Tensor:
+        for _ in range(self.max_tries):
+            sample = self.dataset[index]
+            if sample is not None:
+                self.num_loaded += 1
+                return _image_of(sample)
+            index = int(self.sampler.sample(torch.tensor([gradcam_target]))[0, 0])
+        raise RuntimeError(f"no decodable distractor found in {self.max_tries} draws (class {gradcam_target})")
+
+    def __call__(self, gradcam_targets: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        g = torch.as_tensor(gradcam_targets).cpu().long()
+        index = self.sampler.sample(g, generator)
+        images = [
+            self.load(int(i), int(c))
+            for row, c in zip(index.tolist(), g.tolist())
+            for i in row
+        ]
+        if not images:
+            raise ValueError("gradcam_targets is empty")
+        return torch.stack(images).view(len(g), NUM_DISTRACTORS, *images[0].shape)
+
+
+def gather_distractors(
+    images: Tensor,
+    targets: Tensor,
+    gradcam_targets: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    fallback: Optional[Callable[[Tensor], Tensor]] = None,
+    return_index: bool = False,
+):
+    r"""The ``(N, 3, C, H, W)`` distractors of a batch, taken from the batch itself.
+
+    Uses :func:`in_batch_distractors`: one gather, no image decoded. The rows with fewer than
+    three qualifying batch mates get theirs from ``fallback`` (a
+    :class:`DistractorFallback`, or any callable ``gradcam_targets (m,) -> (m, 3, C, H, W)``).
+    Both paths draw from the paper's distribution: a uniform triple of distinct training images
+    that do not contain the regularised class (see the module docstring for the argument).
+
+    Args:
+        images (Tensor): ``(N, C, H, W)`` the batch (any device).
+        targets (Tensor): ``(N,)`` class ids or ``(N, K)`` multi-hot, on any device.
+        gradcam_targets (Tensor, optional): ``(N,)`` regularised classes (default ``targets``
+            for class ids; required for multi-hot).
+        generator (torch.Generator, optional): source of randomness.
+        fallback (callable, optional): source of distractors for the rows without enough
+            qualifying batch mates.
+        return_index (bool): also return the ``(index, valid)`` of :func:`in_batch_distractors`.
+
+    Returns:
+        Tensor ``(N, 3, C, H, W)`` on ``images.device`` (and ``index, valid`` when
+        ``return_index``), ready for :func:`~captum_consistency.compose_grid`.
+
+    Raises:
+        ValueError: some rows lack in-batch distractors and no ``fallback`` was given; the
+            message says how many.
+
+    Examples::
+
+        >>> fallback = DistractorFallback(train_set, DatasetDistractorSampler(train_set.targets))
+        >>> z = gather_distractors(x, y, fallback=fallback)
+        >>> composite, cells = compose_grid(x, z, return_cells=True)
+    """
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a (N, C, H, W) tensor, got {getattr(images, 'shape', type(images))}")
+    targets = _as_targets(targets).to(images.device)
+    if targets.shape[0] != images.shape[0]:
+        raise ValueError(f"targets has {targets.shape[0]} rows but images has {images.shape[0]}")
+    index, valid = in_batch_distractors(targets, gradcam_targets, generator)
+    out = images[index.clamp(min=0)]  # (N, 3, C, H, W)
+    missing = (~valid).nonzero().squeeze(1)
+    if missing.numel():
+        n_missing = int(missing.numel())
+        if fallback is None:
+            raise ValueError(
+                f"{n_missing} of {images.shape[0]} samples have fewer than {NUM_DISTRACTORS} "
+                "batch mates without their class; pass fallback=DistractorFallback(dataset, "
+                "DatasetDistractorSampler(dataset.targets)) or use a larger batch"
+            )
+        g = targets if gradcam_targets is None else torch.as_tensor(gradcam_targets, device=images.device)
+        extra = fallback(g[missing])
+        expected = (n_missing, NUM_DISTRACTORS) + tuple(images.shape[1:])
+        if not isinstance(extra, Tensor) or tuple(extra.shape) != expected:
+            raise ValueError(f"fallback must return a tensor of shape {expected}, got {getattr(extra, 'shape', type(extra))}")
+        out[missing] = extra.to(device=out.device, dtype=out.dtype)
+    return (out, index, valid) if return_index else out
+
+
+class DatasetWithDistractors(Dataset):
+    """The authors' scheme (``--distractors dataset``): each item brings its three distractors.
+
+    ``item = (sample, distractors (3, C, H, W), gradcam_target)``: the regularised class is the
+    sample's label, or for multi-hot targets a present class drawn uniformly (``-1`` when there
+    is none); the distractors come from ``sampler`` in the loader worker, on the worker's own
+    stream (see :class:`DatasetDistractorSampler`). Four images are decoded per item: use
+    :func:`gather_distractors` unless the batch is too small for in-batch distractors.
+    Batch with :func:`collate_with_distractors`.
+
+    Args:
+        dataset (Dataset): the training set; items expose ``.image`` and ``.target`` (the
+            library's samples) or are ``(image, target)`` tuples.
+        sampler (DatasetDistractorSampler): built on ``dataset.targets``.
+        max_tries (int): redraws allowed for an undecodable distractor.
+    """
+
+    def __init__(self, dataset: Dataset, sampler: DatasetDistractorSampler, max_tries: int = 10) -> None:
+        self.dataset = dataset
+        self.sampler = sampler
+        self._loader = DistractorFallback(dataset, sampler, max_tries)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        sample = self.dataset[index]
+        if sample is None:
+            return None
+        target = getattr(sample, "target", None)
+        if target is None and isinstance(sample, (tuple, list)) and len(sample) > 1:
+            target = sample[1]
+        t = torch.as_tensor(target)
+        if t.dim() == 0:
+            g = int(t)
+        else:
+            g = int(sample_present_classes(t.unsqueeze(0), self.sampler.generator())[0])
+        distractors = self._loader(torch.tensor([g]), self.sampler.generator())[0]
+        return sample, distractors, g
+
+
+def collate_with_distractors(
+    batch: Sequence[Optional[Tuple[Any, Tensor, int]]],
+    collate_fn: Optional[Callable[[List[Any]], Any]] = None,
+) -> Tuple[Any, Tensor, Tensor]:
+    """Collates :class:`DatasetWithDistractors` items: ``(batch, (N, 3, C, H, W), (N,))``.
+
+    ``collate_fn`` collates the inner samples (the dataset's ``collate_fn``, e.g.
+    :func:`~captum_consistency.data.collate_image_samples`, by default
+    :func:`torch.utils.data.default_collate`); ``None`` items are dropped (and counted by the
+    library's collate functions when they are passed through: ``skipped``).
+    Use ``functools.partial(collate_with_distractors, collate_fn=train_set.collate_fn)``.
+    """
+    kept = [b for b in batch if b is not None]
+    if collate_fn is None:
+        from torch.utils.data import default_collate
+
+        collate_fn = default_collate
+        inner = collate_fn([b[0] for b in kept])
+    else:
+        inner = collate_fn([b[0] for b in kept] + [None] * (len(batch) - len(kept)))
+    if not kept:
+        return inner, torch.empty(0), torch.empty(0, dtype=torch.long)
+    distractors = torch.stack([b[1] for b in kept])
+    gradcam_targets = torch.tensor([int(b[2]) for b in kept], dtype=torch.long)
+    return inner, distractors, gradcam_targets
