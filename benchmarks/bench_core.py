@@ -1,0 +1,109 @@
+"""Cost of the GC loss and of element-wise Grad-CAM against their peers, in one run.
+
+1. One GC training step (224 image + 448 composite: forwards, loss, double backward, SGD step)
+   against one plain cross-entropy step on the 224 images plus one on the 448 composites.
+   Target: ratio at most 1.05 (at ``layer4`` the double backward only reaches the head).
+2. ``LayerElementwiseGradCam`` against Captum's ``LayerGradCam`` (target: at most 1.1x its
+   time) and pytorch-grad-cam's ``HiResCAM`` (target: at least 3x faster), batch 32.
+
+Run: ``python benchmarks/bench_core.py [--quick] [--device cuda]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import machine, print_table, row, time_call  # noqa: E402
+
+from captum_consistency import GradCamConsistencyLoss  # noqa: E402
+from captum_consistency.attr import LayerElementwiseGradCam  # noqa: E402
+
+
+def bench_gc_step(device: torch.device, batch: int, size: int, repeats: int) -> Dict:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=100).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, size, size, device=device)
+    z = torch.randn(batch, 3, 3, size, size, device=device)
+    y = torch.randint(0, 100, (batch,), device=device)
+    cells = torch.randint(0, 4, (batch,), device=device)
+    from captum_consistency import compose_grid
+
+    composite = compose_grid(x, z, cells=cells)
+    loss_fn = GradCamConsistencyLoss(model, model.layer4, lam=25.0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+
+    def gc_step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(x, y, z, cells=cells).loss.backward()
+        opt.step()
+
+    def ce_steps():
+        for inp in (x, composite):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(inp), y).backward()
+            opt.step()
+
+    # Interleave the two so that drifting machine load affects both alike.
+    t_gc, t_ce = [], []
+    for _ in range(repeats):
+        t_gc.append(time_call(gc_step, repeats=1, warmup=1 if not t_gc else 0, sync=sync))
+        t_ce.append(time_call(ce_steps, repeats=1, warmup=1 if not t_ce else 0, sync=sync))
+    ours, peer = sorted(t_gc)[len(t_gc) // 2], sorted(t_ce)[len(t_ce) // 2]
+    return row(
+        f"GC step ResNet-18 b{batch} {size}+{2 * size}px",
+        ours,
+        "CE step 224 + CE step 448",
+        peer,
+        "<= 1.05",
+        ours / peer <= 1.05,
+    )
+
+
+def bench_attribution(device: torch.device, batch: int, size: int, repeats: int) -> List[Dict]:
+    from captum.attr import LayerGradCam
+    from pytorch_grad_cam import HiResCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=100).to(device).eval()
+    x = torch.randn(batch, 3, size, size, device=device)
+    target = torch.randint(0, 100, (batch,), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    ours_cam = LayerElementwiseGradCam(model, model.layer4)
+    captum_cam = LayerGradCam(model, model.layer4)
+    ours = time_call(lambda: ours_cam.attribute(x, target=target, relu_attributions=True), repeats, sync=sync)
+    captum = time_call(lambda: captum_cam.attribute(x, target=target, relu_attributions=True), repeats, sync=sync)
+    targets = [ClassifierOutputTarget(int(t)) for t in target]
+    hires = HiResCAM(model=model, target_layers=[model.layer4])
+    pgc = time_call(lambda: hires(input_tensor=x, targets=targets), repeats, sync=sync)
+    return [
+        row(f"LayerElementwiseGradCam b{batch} {size}px", ours, "captum LayerGradCam", captum, "<= 1.1", ours / captum <= 1.1),
+        row(f"LayerElementwiseGradCam b{batch} {size}px", ours, "pytorch-grad-cam HiResCAM", pgc, "<= 0.333", ours / pgc <= 1 / 3),
+    ]
+
+
+def main(argv=None) -> List[Dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller images, fewer repeats")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    size = 112 if args.quick else 224
+    repeats = 3 if args.quick else 7
+    rows = [bench_gc_step(device, batch=8, size=size, repeats=repeats)]
+    rows += bench_attribution(device, batch=32, size=size, repeats=repeats)
+    return rows
+
+
+if __name__ == "__main__":
+    print(f"# bench_core on {machine()}")
+    print_table(main())
