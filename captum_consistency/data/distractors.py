@@ -89,10 +89,12 @@ def _as_gradcam_targets(
         raise TypeError(f"gradcam_targets must hold integer class ids, got dtype {g.dtype}")
     if g.shape != (n,):
         raise ValueError(f"gradcam_targets must have shape ({n},), got {tuple(g.shape)}")
-    if n and num_classes is not None and int(g.max()) >= num_classes:
-        raise ValueError(f"gradcam_targets must lie in -1..{num_classes - 1}, got max {int(g.max())}")
-    if n and int(g.min()) < -1:
-        raise ValueError(f"gradcam_targets must be class ids >= 0 (or -1: no class), got {int(g.min())}")
+    if n:
+        lo, hi = torch.stack([g.min(), g.max()]).tolist()  # one host sync for both checks
+        if num_classes is not None and hi >= num_classes:
+            raise ValueError(f"gradcam_targets must lie in -1..{num_classes - 1}, got max {hi}")
+        if lo < -1:
+            raise ValueError(f"gradcam_targets must be class ids >= 0 (or -1: no class), got {lo}")
     return g.to(targets.device)
 
 
@@ -424,7 +426,7 @@ def gather_distractors(
     generator: Optional[torch.Generator] = None,
     fallback: Optional[Callable[[Tensor], Tensor]] = None,
     return_index: bool = False,
-):
+) -> Union[Tensor, Tuple[Tensor, Tensor, Tensor]]:
     r"""The ``(N, 3, C, H, W)`` distractors of a batch, taken from the batch itself.
 
     Uses :func:`in_batch_distractors`: one gather, no image decoded. The rows with fewer than
@@ -444,8 +446,9 @@ def gather_distractors(
         return_index (bool): also return the ``(index, valid)`` of :func:`in_batch_distractors`.
 
     Returns:
-        Tensor ``(N, 3, C, H, W)`` on ``images.device`` (and ``index, valid`` when
-        ``return_index``), ready for :func:`~captum_consistency.compose_grid`.
+        The ``(N, 3, C, H, W)`` distractors on ``images.device``, ready for
+        :func:`~captum_consistency.compose_grid`; with ``return_index``, the tuple
+        ``(distractors, index, valid)``.
 
     Raises:
         ValueError: some rows lack in-batch distractors and no ``fallback`` was given; the

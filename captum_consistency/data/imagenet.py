@@ -302,8 +302,10 @@ class ImageNetWithBoxes(ImageFolder):
         loader (callable, optional): ``path -> PIL image``; :func:`load_rgb` by default.
 
     Attributes:
-        classes (list of str), class_to_idx (dict), samples (list of (path, target)),
-        targets (list of int): as in :class:`~torchvision.datasets.ImageFolder`, after skips.
+        classes (list of str): class folder names, sorted (or as given); index order.
+        class_to_idx (dict): class name -> index.
+        samples (list of (str, int)): ``(path, target)`` pairs, after skips.
+        targets (list of int): the class index of every sample (cheap, for samplers).
         skipped (list of (str, str)): images dropped at construction, with the reason.
         empty_classes (list of str): classes without any image.
 
