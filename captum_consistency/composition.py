@@ -7,7 +7,7 @@ sits at row ``k // 2`` and column ``k % 2`` of the grid (0 top-left, 1 top-right
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -58,7 +58,7 @@ def compose_grid(
     cells: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     return_cells: bool = False,
-):
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     r"""Places each positive image in cell ``k`` of a 2x2 grid, distractors in the other cells.
 
     This is the composition operator ``comp(k, x, z_1, z_2, z_3)`` of the paper. With
@@ -75,7 +75,7 @@ def compose_grid(
         return_cells (bool): also return the cells used.
 
     Returns:
-        Tensor ``(N, C, 2H, 2W)``, or ``(grid, cells)`` when ``return_cells`` is True.
+        The grid ``(N, C, 2H, 2W)``, or ``(grid, cells)`` when ``return_cells`` is True.
 
     Examples::
 
