@@ -31,6 +31,8 @@ from torchvision.datasets import ImageFolder
 
 from captum_consistency.data.transforms import _stack_images
 
+from captum_consistency.metrics import boxes_to_mask  # re-exported: one rasteriser for all
+
 __all__ = [
     "ImageNetWithBoxes",
     "ImageSample",
@@ -194,43 +196,6 @@ def collate_image_samples(batch: Sequence[Optional[ImageSample]]) -> ImageBatch:
         indices=torch.tensor([int(s.index) for s in kept], dtype=torch.long),
         skipped=skipped,
     )
-
-
-def boxes_to_mask(
-    boxes: Tensor, size: Tuple[int, int], device: Optional[Union[str, torch.device]] = None
-) -> Tensor:
-    """The union of boxes as a boolean ``(H, W)`` mask.
-
-    Pixel ``(r, c)`` is inside box ``(x1, y1, x2, y2)`` when ``x1 <= c <= x2`` and
-    ``y1 <= r <= y2`` (inclusive pixel indices, the VOC convention up to its 1-based origin,
-    a one-pixel shift that the Pointing Game's 15-pixel tolerance absorbs); boxes are clipped to
-    the image. Batched over boxes, no Python loop.
-
-    Args:
-        boxes (Tensor): ``(B, 4)`` ``x1, y1, x2, y2`` in pixels.
-        size (tuple of int): ``(H, W)`` of the mask.
-        device (torch.device, optional): device of the mask, ``boxes.device`` by default.
-
-    Returns:
-        Bool tensor ``(H, W)``; all False when ``B = 0``.
-
-    Examples::
-
-        >>> boxes_to_mask(torch.tensor([[1.0, 0.0, 2.0, 1.0]]), (3, 4)).int()
-        tensor([[0, 1, 1, 0],
-                [0, 1, 1, 0],
-                [0, 0, 0, 0]], dtype=torch.int32)
-    """
-    if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes must be a (B, 4) tensor, got {getattr(boxes, 'shape', type(boxes))}")
-    h, w = int(size[0]), int(size[1])
-    device = boxes.device if device is None else torch.device(device)
-    boxes = boxes.to(device=device, dtype=torch.float32)
-    rows = torch.arange(h, device=device, dtype=torch.float32)
-    cols = torch.arange(w, device=device, dtype=torch.float32)
-    in_rows = (rows >= boxes[:, 1:2]) & (rows <= boxes[:, 3:4])  # (B, H)
-    in_cols = (cols >= boxes[:, 0:1]) & (cols <= boxes[:, 2:3])  # (B, W)
-    return (in_rows.unsqueeze(2) & in_cols.unsqueeze(1)).any(dim=0)  # all False when B = 0
 
 
 def _check_policy(name: str, value: str, allowed: Tuple[str, ...]) -> str:
