@@ -5,5 +5,18 @@ from captum_consistency.attr._elementwise_grad_cam import (
     elementwise_grad_cam,
     grad_cam,
 )
+from captum_consistency.attr._excitation_backprop import ContrastiveExcitationBackprop
+from captum_consistency.attr._fullgrad import FullGrad, FullGradDecomposition
+from captum_consistency.attr._registry import SaliencyMethod, available_attributions, get_attribution
 
-__all__ = ["LayerElementwiseGradCam", "elementwise_grad_cam", "grad_cam"]
+__all__ = [
+    "LayerElementwiseGradCam",
+    "elementwise_grad_cam",
+    "grad_cam",
+    "ContrastiveExcitationBackprop",
+    "FullGrad",
+    "FullGradDecomposition",
+    "get_attribution",
+    "available_attributions",
+    "SaliencyMethod",
+]
