@@ -408,5 +408,5 @@ def test_evaluate_classification_top1_exact():
     y = torch.tensor([1, 0, 0, 0])  # 2 of 4 right
     res = evaluate_classification(model, DataLoader(TensorDataset(x, y), batch_size=3),
                                   torch.device("cpu"))
-    assert res == {"top1": 0.5, "samples": 4}
+    assert res == {"top1": 0.5, "samples": 4, "skipped": 0}
     assert model.training  # mode restored

@@ -10,6 +10,7 @@ from captum_consistency.engine.checkpoint import (
     check_checkpoint_compatible,
     load_checkpoint,
     load_model_weights,
+    load_pretrained_backbone,
     remove_stale_temporaries,
     save_checkpoint,
 )
@@ -31,6 +32,8 @@ from captum_consistency.engine.distributed import (
 from captum_consistency.engine.samplers import ShardSampler
 from captum_consistency.engine.training import (
     ScaledBCEWithLogitsLoss,
+    TrainBatch,
+    as_train_batch,
     Schedule,
     autocast,
     build_optimizer,
@@ -49,6 +52,7 @@ __all__ = [
     "check_checkpoint_compatible",
     "load_model_weights",
     "remove_stale_temporaries",
+    "load_pretrained_backbone",
     "DistributedInfo",
     "init_distributed",
     "cleanup_distributed",
@@ -63,6 +67,8 @@ __all__ = [
     "set_rng_state",
     "gather_rng_states",
     "ShardSampler",
+    "TrainBatch",
+    "as_train_batch",
     "Schedule",
     "default_schedule",
     "ScaledBCEWithLogitsLoss",

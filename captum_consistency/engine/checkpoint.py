@@ -19,7 +19,7 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ __all__ = [
     "check_checkpoint_compatible",
     "load_model_weights",
     "remove_stale_temporaries",
+    "load_pretrained_backbone",
 ]
 
 CHECKPOINT_FORMAT = 1
@@ -166,3 +167,48 @@ def load_model_weights(model: nn.Module, state_dict: Dict[str, Any], path: str) 
         unwrap_model(model).load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise ValueError(f"checkpoint {path} does not fit the model: {e}") from e
+
+
+def load_pretrained_backbone(model: nn.Module, path: str) -> List[str]:
+    """Initialises ``model`` from another run's weights, except the tensors whose shape differs.
+
+    For the paper's COCO models, which start from an ImageNet (GC) model: every tensor is
+    copied but the classifier (1000 vs 80 outputs). Accepts a checkpoint of
+    ``recipes/train.py`` or a bare state dict (e.g. torchvision weights saved to a file).
+
+    Args:
+        model (torch.nn.Module): the freshly built model (possibly wrapped).
+        path (str): the weights file.
+
+    Returns:
+        list of str: the names of the tensors left at their initial values.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: unreadable file, or weights of another architecture (tensors missing or
+            unexpected beyond the classifier).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init-from file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read weights {path}: {type(e).__name__}: {e}") from e
+    state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state dict")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    target = unwrap_model(model)
+    own = target.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or len(mismatched) > 2:
+        raise ValueError(
+            f"weights {path} do not fit {type(target).__name__}: {len(missing)} missing "
+            f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(mismatched)} of another shape (e.g. {mismatched[:3]}); another architecture?"
+        )
+    keep = {k: v for k, v in state.items() if k not in mismatched}
+    target.load_state_dict(keep, strict=False)
+    return mismatched

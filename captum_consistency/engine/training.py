@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,8 @@ from captum_consistency.composition import random_cells
 from captum_consistency.engine.distributed import all_reduce_sum, is_main_process
 
 __all__ = [
+    "TrainBatch",
+    "as_train_batch",
     "Schedule",
     "default_schedule",
     "ScaledBCEWithLogitsLoss",
@@ -39,6 +41,53 @@ __all__ = [
     "train_one_epoch",
     "evaluate_classification",
 ]
+
+
+class TrainBatch(NamedTuple):
+    """A training batch as :func:`train_one_epoch` consumes it.
+
+    Attributes:
+        images: ``(N, C, S, S)``.
+        targets: ``(N,)`` class ids or ``(N, K)`` multi-hot.
+        distractors: ``(N, 3, C, S, S)`` decoded by the loader (``--distractors dataset``), or
+            ``None`` to take them from the batch.
+        gradcam_targets: ``(N,)`` regularised classes chosen by the loader, or ``None``.
+        skipped: images of this batch dropped because they could not be decoded.
+    """
+
+    images: Tensor
+    targets: Tensor
+    distractors: Optional[Tensor] = None
+    gradcam_targets: Optional[Tensor] = None
+    skipped: int = 0
+
+
+def as_train_batch(batch: Any) -> TrainBatch:
+    """Normalises what the library's loaders yield into a :class:`TrainBatch`.
+
+    Accepts ``(images, targets)`` tuples (default collate), the library's batches
+    (:class:`~captum_consistency.data.ImageBatch`, :class:`~captum_consistency.data.CocoBatch`:
+    ``.images``, ``.targets``, ``.skipped``) and the ``(batch, distractors, gradcam_targets)``
+    triples of :func:`~captum_consistency.data.collate_with_distractors`.
+    """
+    if isinstance(batch, TrainBatch):
+        return batch
+    distractors = gradcam_targets = None
+    if (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 3
+        and isinstance(batch[1], Tensor)
+        and batch[1].dim() == 5
+    ):
+        batch, distractors, gradcam_targets = batch
+    images = getattr(batch, "images", None)
+    if images is not None:
+        targets, skipped = batch.targets, int(getattr(batch, "skipped", 0))
+    else:
+        images, targets, skipped = batch[0], batch[1], 0
+    if not isinstance(targets, Tensor):
+        targets = torch.as_tensor(targets)
+    return TrainBatch(images, targets, distractors, gradcam_targets, skipped)
 
 
 @dataclass
@@ -256,6 +305,12 @@ class _Meter:
         return out
 
 
+def _loader_brings_distractors(loader: Any) -> bool:
+    from captum_consistency.data import DatasetWithDistractors
+
+    return isinstance(getattr(loader, "dataset", None), DatasetWithDistractors)
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -280,8 +335,9 @@ def train_one_epoch(
     Args:
         model (torch.nn.Module): the model (possibly DDP-wrapped), in train mode afterwards.
         optimizer (torch.optim.Optimizer): stepped once per batch.
-        loader (Iterable): yields ``(images (N, C, S, S), targets)`` (extra items ignored);
-            targets are class indices ``(N,)`` or multi-hot ``(N, num_classes)``.
+        loader (Iterable): yields ``(images (N, C, S, S), targets)``, the library's batches
+            or ``(batch, distractors, gradcam_targets)`` (:func:`as_train_batch`); targets are
+            class indices ``(N,)`` or multi-hot ``(N, num_classes)``.
         device (torch.device): where to compute.
         epoch (int): 0-based epoch, for the progress bar.
         criterion (Callable): classification loss, used when ``loss_fn`` is None.
@@ -305,9 +361,9 @@ def train_one_epoch(
     Returns:
         dict: epoch averages over all ranks: ``loss``, ``classification``, ``consistency``,
         ``top1`` (or ``f1_per_class``, ``f1_overall``, ``exact_match``), ``samples``,
-        ``steps`` and ``global_step``.
+        ``steps``, ``global_step`` and ``skipped`` (undecodable images dropped).
     """
-    if loss_fn is not None and make_distractors is None:
+    if loss_fn is not None and make_distractors is None and not _loader_brings_distractors(loader):
         raise ValueError("make_distractors is required when loss_fn (the GC loss) is given")
     from tqdm.auto import tqdm
 
@@ -321,9 +377,13 @@ def train_one_epoch(
     bar = tqdm(loader, total=total, desc=f"epoch {epoch}", disable=not (progress and main),
                dynamic_ncols=True, leave=False)
     steps = 0
-    for batch in bar:
-        images, targets = batch[0], batch[1]
-        images, targets = _to_device(images, targets, device, channels_last)
+    skipped = 0
+    for raw in bar:
+        batch = as_train_batch(raw)
+        skipped += batch.skipped
+        if batch.images.shape[0] == 0:  # every image of the batch was undecodable (skipped)
+            continue
+        images, targets = _to_device(batch.images, batch.targets, device, channels_last)
         n = images.shape[0]
         with autocast(device, amp):
             if loss_fn is None:
@@ -331,8 +391,16 @@ def train_one_epoch(
                 classification = criterion(logits, targets)
                 loss, consistency = classification, None
             else:
-                gc_targets = sample_positive_class(targets, generator) if multilabel else targets
-                distractors = make_distractors(images, targets, gc_targets)
+                if batch.gradcam_targets is not None:
+                    gc_targets = batch.gradcam_targets.to(device, non_blocking=True)
+                elif multilabel:
+                    gc_targets = sample_positive_class(targets, generator)
+                else:
+                    gc_targets = targets
+                if batch.distractors is not None:
+                    distractors = batch.distractors.to(device, non_blocking=True)
+                else:
+                    distractors = make_distractors(images, targets, gc_targets)
                 cells = random_cells(n, generator=generator, device=device)
                 out = loss_fn(images, targets, distractors, cells=cells, gradcam_targets=gc_targets)
                 logits, loss = out.logits, out.loss
@@ -345,12 +413,12 @@ def train_one_epoch(
         global_step += 1
         if main and (steps % log_every == 0 or steps == total):
             values = {
-                "loss/total": float(loss),
-                "loss/classification": float(classification),
+                "loss/total": float(loss.detach()),
+                "loss/classification": float(classification.detach()),
                 "lr": optimizer.param_groups[0]["lr"],
             }
             if consistency is not None:
-                values["loss/consistency"] = float(consistency)
+                values["loss/consistency"] = float(consistency.detach())
             if not multilabel:
                 values["train/top1_batch"] = float((logits.argmax(1) == targets).float().mean())
             if not all(math.isfinite(v) for v in values.values()):
@@ -368,6 +436,7 @@ def train_one_epoch(
         result.pop("consistency")
     result["steps"] = steps
     result["global_step"] = global_step
+    result["skipped"] = int(all_reduce_sum(torch.tensor([skipped], device=device))[0])
     return result
 
 
@@ -394,8 +463,13 @@ def evaluate_classification(
     was_training = model.training
     model.eval()
     meter = _Meter(device, num_classes, multilabel)
-    for batch in loader:
-        images, targets = _to_device(batch[0], batch[1], device, channels_last)
+    skipped = 0
+    for raw in loader:
+        batch = as_train_batch(raw)
+        skipped += batch.skipped
+        if batch.images.shape[0] == 0:
+            continue
+        images, targets = _to_device(batch.images, batch.targets, device, channels_last)
         with autocast(device, amp):
             logits = model(images)
         meter.update(logits.float(), targets, ())
@@ -403,4 +477,5 @@ def evaluate_classification(
     result = meter.result()
     for key in ("loss", "classification", "consistency"):
         result.pop(key)
+    result["skipped"] = int(all_reduce_sum(torch.tensor([skipped], device=device))[0])
     return result

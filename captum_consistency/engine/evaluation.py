@@ -1,0 +1,348 @@
+r"""Batched evaluation with the paper's protocol: accuracy, PG, SPG, CH (whole images), NQH.
+
+Protocol (Pillai & Pirsiavash, AAAI 2021, Sec. 4.3; the authors' TorchRay scripts):
+
+* **PG, SPG, CH** -- each validation image is given *whole*, its short side resized to ``2S``
+  (448 for ``S = 224``), no crop. The saliency map of the ground-truth class (every class
+  present, for COCO) is resized bilinearly to the image's *original* size and compared with the
+  union of that class's boxes (ImageNet, VOC corners, 1-based as TorchRay reads them) or masks
+  (COCO). An ImageNet image whose boxes of its class are all ``difficult`` is skipped, as in the
+  authors' script; all-zero maps are skipped by the metrics. Every skip is counted.
+* **NQH** -- each validation image, as a fixed-size ``S x S`` crop, is placed in a random cell
+  of a ``2S x 2S`` composite with three distractors that do not contain its class (taken from
+  the batch, :func:`~captum_consistency.data.gather_distractors`, with a data-set fallback);
+  the map of its class on the composite, resized to ``2S x 2S``, is scored by the mass outside
+  its cell. For multi-label images the class is drawn among the present ones.
+* **Accuracy** -- top-1 (or per-class and overall F1 for multi-label data) on the same ``S x S``
+  crops: the standard protocol of each data set.
+
+Batching without changing any number: the authors run a batch size of 1 because whole images
+have different sizes. Here the whole-image loader groups images of *identical original size*
+(:class:`~captum_consistency.data.SizeGroupedBatchSampler` with ``short_side=None``): they are
+resized to identical tensors, so they stack without padding, and their maps are resized back to
+one common size in one call. Each image's forward and Grad-CAM are the per-image computation;
+only the floating-point summation order of batched convolutions may differ (about 1e-6).
+Grad-CAM needs one forward per batch; the classes of a multi-label image are explained by
+successive backward passes through the head only (the forward is reused).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from captum_consistency.attr import elementwise_grad_cam, grad_cam
+from captum_consistency.builders import gradcam_layer, unwrap_model
+from captum_consistency.composition import compose_grid, random_cells
+from captum_consistency.engine.distributed import all_reduce_sum, is_main_process
+from captum_consistency.engine.training import _Meter, as_train_batch, autocast
+from captum_consistency.losses import LayerRecorder
+from captum_consistency.metrics import InterpretationMetrics, boxes_to_mask
+
+__all__ = [
+    "METHODS",
+    "SaliencyExplainer",
+    "WholeImagePairs",
+    "whole_image_pairs",
+    "evaluate_interpretations",
+]
+
+METHODS = ("gradcam", "elementwise-gradcam", "cmwp", "fullgrad")
+
+
+class SaliencyExplainer:
+    """Saliency maps ``(P, 1, h, w)`` for (image, class) pairs of a batch, for every method.
+
+    ``gradcam`` and ``elementwise-gradcam`` run one forward pass per batch with the layer's
+    output recorded, and one backward pass through the head per *round* (the ``r``-th class of
+    every image), so a multi-label batch costs one forward. The maps are the ReLU'd Grad-CAM
+    (Eqs. 1-2) or element-wise Grad-CAM (Eq. 3) at the layer's resolution: numerically Captum's
+    ``LayerGradCam`` and :class:`~captum_consistency.attr.LayerElementwiseGradCam` with
+    ``relu_attributions=True``. ``cmwp`` and ``fullgrad`` use
+    :func:`captum_consistency.attr.get_attribution` on the images repeated once per pair.
+
+    Args:
+        model (torch.nn.Module): the classifier in eval mode.
+        method (str): one of :data:`METHODS`.
+        layer (torch.nn.Module, optional): the Grad-CAM layer (default
+            :func:`~captum_consistency.builders.gradcam_layer`).
+        amp (bool): bf16 autocast for the forward pass (maps are computed in float32).
+    """
+
+    def __init__(self, model: nn.Module, method: str, layer: Optional[nn.Module] = None,
+                 amp: bool = False) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        self.model = model
+        self.method = method
+        self.layer = layer if layer is not None else gradcam_layer(model)
+        self.amp = amp
+        self._attribution = None
+        if method in ("cmwp", "fullgrad"):
+            try:
+                from captum_consistency.attr import get_attribution
+            except ImportError as e:  # the transfer attributions are an optional part
+                raise ImportError(
+                    f"--method {method} needs captum_consistency.attr.get_attribution"
+                ) from e
+            self._attribution = get_attribution(method, unwrap_model(model))
+
+    def __call__(self, images: Tensor, image_index: Tensor, classes: Tensor) -> Tensor:
+        """Maps of ``classes[p]`` for image ``image_index[p]``.
+
+        Args:
+            images (Tensor): ``(N, C, H, W)``.
+            image_index (Tensor): ``(P,)`` int64 image of each pair, non-decreasing.
+            classes (Tensor): ``(P,)`` int64 class of each pair.
+
+        Returns:
+            Tensor ``(P, 1, h, w)`` float32, non-negative.
+        """
+        if image_index.numel() == 0:
+            return images.new_zeros(0, 1, 1, 1)
+        if self._attribution is not None:
+            with torch.enable_grad():
+                maps = self._attribution.attribute(images[image_index], target=classes)
+            return maps.detach().float().clamp_(min=0)
+        return self._grad_cam(images, image_index, classes)
+
+    def _grad_cam(self, images: Tensor, image_index: Tensor, classes: Tensor) -> Tensor:
+        cam = elementwise_grad_cam if self.method == "elementwise-gradcam" else grad_cam
+        p = image_index.shape[0]
+        # Round of each pair: its rank among the pairs of the same image.
+        starts = torch.ones(p, dtype=torch.bool, device=image_index.device)
+        starts[1:] = image_index[1:] != image_index[:-1]
+        first = torch.cummax(torch.where(starts, torch.arange(p, device=image_index.device), 0), 0)[0]
+        rounds = torch.arange(p, device=image_index.device) - first
+        num_rounds = int(rounds.max()) + 1
+        with torch.enable_grad(), LayerRecorder(self.layer) as recorder:
+            with autocast(images.device, self.amp):
+                logits = self.model(images)
+            acts = recorder.pop()
+            maps: Optional[Tensor] = None
+            for r in range(num_rounds):
+                sel = (rounds == r).nonzero().squeeze(1)
+                score = logits[image_index[sel], classes[sel]].sum()
+                (grads,) = torch.autograd.grad(score, acts, retain_graph=r + 1 < num_rounds)
+                m = cam(acts[image_index[sel]].detach().float(), grads[image_index[sel]].float())
+                if maps is None:
+                    maps = m.new_empty((p,) + tuple(m.shape[1:]))
+                maps[sel] = m
+        assert maps is not None
+        return maps
+
+
+class WholeImagePairs:
+    """The (image, class, mask) pairs of a whole-image batch; all images share one size.
+
+    Attributes:
+        images: ``(N, C, h, w)`` on the device.
+        size: original ``(H, W)`` of every image of the batch.
+        image_index: ``(P,)`` image of each pair.
+        classes: ``(P,)`` class of each pair.
+        masks: ``(P, H, W)`` bool object masks at the original size.
+        skipped: images dropped before scoring (undecodable, all boxes difficult).
+    """
+
+    def __init__(self, images, size, image_index, classes, masks, skipped):
+        self.images, self.size = images, size
+        self.image_index, self.classes, self.masks = image_index, classes, masks
+        self.skipped = skipped
+
+
+def whole_image_pairs(batch: Any, device: torch.device, channels_last: bool = False) -> WholeImagePairs:
+    """Unpacks a whole-image batch of ImageNet, COCO or synthetic data into pairs.
+
+    * :class:`~captum_consistency.data.ImageBatch`: one pair per image (its label), mask = union
+      of its boxes (1-based VOC corners); images whose boxes are all ``difficult`` are dropped
+      and counted, as in the authors' evaluation.
+    * :class:`~captum_consistency.data.CocoBatch`: one pair per present category, its union
+      mask.
+    * batched :class:`~captum_consistency.data.SyntheticSample`: one pair per image, the exact
+      object mask.
+    """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    skipped = int(getattr(batch, "skipped", 0))
+    if hasattr(batch, "boxes"):  # ImageBatch
+        images, sizes = batch.images, batch.sizes
+        keep = [i for i, d in enumerate(batch.difficult) if d.numel() and not bool(d.all())]
+        skipped += len(batch.difficult) - len(keep)
+        if not keep:
+            return WholeImagePairs(images[:0].to(device), (1, 1), *([torch.zeros(0, dtype=torch.long, device=device)] * 2),
+                                   torch.zeros(0, 1, 1, dtype=torch.bool, device=device), skipped)
+        size = _common_size(sizes[keep])
+        images = images[keep].to(device, non_blocking=True, memory_format=fmt)
+        masks = boxes_to_mask([batch.boxes[i].to(device) for i in keep], size, one_based=True)
+        classes = batch.targets[keep].to(device)
+        index = torch.arange(len(keep), device=device)
+        return WholeImagePairs(images, size, index, classes, masks, skipped)
+    if hasattr(batch, "mask_labels"):  # CocoBatch
+        if batch.masks is None:
+            raise ValueError("COCO whole-image evaluation needs CocoMultiLabel(with_masks=True)")
+        images = batch.images.to(device, non_blocking=True, memory_format=fmt)
+        if images.shape[0] == 0:
+            z = torch.zeros(0, dtype=torch.long, device=device)
+            return WholeImagePairs(images, (1, 1), z, z, torch.zeros(0, 1, 1, dtype=torch.bool, device=device), skipped)
+        size = _common_size(batch.sizes)
+        counts = torch.tensor([len(l) for l in batch.mask_labels], dtype=torch.long)
+        index = torch.repeat_interleave(torch.arange(len(counts)), counts).to(device)
+        classes = torch.cat(list(batch.mask_labels)).to(device)
+        masks = torch.cat(list(batch.masks)).to(device)
+        return WholeImagePairs(images, size, index, classes, masks, skipped)
+    if hasattr(batch, "mask") and hasattr(batch, "label"):  # SyntheticSample batch
+        images = batch.image.to(device, non_blocking=True, memory_format=fmt)
+        masks = batch.mask.to(device)
+        size = tuple(masks.shape[-2:])
+        index = torch.arange(images.shape[0], device=device)
+        return WholeImagePairs(images, size, index, torch.as_tensor(batch.label).to(device), masks, skipped)
+    raise TypeError(f"unsupported whole-image batch type {type(batch).__name__}")
+
+
+def _common_size(sizes: Tensor) -> Tuple[int, int]:
+    distinct = {tuple(int(v) for v in s) for s in sizes}
+    if len(distinct) != 1:
+        raise ValueError(
+            f"a whole-image batch mixes original sizes {sorted(distinct)[:4]}; batch with "
+            "SizeGroupedBatchSampler(dataset.original_sizes(), batch_size, short_side=None)"
+        )
+    return distinct.pop()
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+@torch.no_grad()
+def evaluate_interpretations(
+    model: nn.Module,
+    method: str,
+    whole_loader: Optional[Any],
+    crop_loader: Optional[Any],
+    device: torch.device,
+    num_classes: int,
+    multilabel: bool = False,
+    make_distractors: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None,
+    generator: Optional[torch.Generator] = None,
+    spg_generator: Optional[torch.Generator] = None,
+    tolerance: float = 15,
+    num_samples: int = 100,
+    num_runs: int = 5,
+    amp: bool = False,
+    channels_last: bool = False,
+    progress: bool = True,
+    layer: Optional[nn.Module] = None,
+) -> Dict[str, Any]:
+    """Accuracy, PG, SPG (mean and std over ``num_runs``), CH and NQH of ``model``.
+
+    Args:
+        model (torch.nn.Module): the classifier (it is put in eval mode).
+        method (str): ``"gradcam"``, ``"elementwise-gradcam"``, ``"cmwp"`` or ``"fullgrad"``.
+        whole_loader (Iterable, optional): whole images grouped by original size (PG, SPG, CH).
+        crop_loader (Iterable, optional): fixed-size ``S x S`` images (accuracy and NQH).
+        device (torch.device): where to compute.
+        num_classes (int): number of classes (per-class PG, F1).
+        multilabel (bool): multi-hot targets (F1 instead of top-1).
+        make_distractors (Callable, optional): ``(images, targets, gradcam_targets) ->
+            (N, 3, C, S, S)``; without it NQH is not computed.
+        generator (torch.Generator, optional): CPU generator of cells and NQH classes.
+        spg_generator (torch.Generator, optional): generator of the SPG draws, on ``device``.
+        tolerance, num_samples, num_runs: PG/SPG parameters (15 px, 100 draws, 5 runs).
+        amp (bool): bf16 autocast for forward passes.
+        channels_last (bool): channels-last inputs (CUDA).
+        progress (bool): tqdm bars on rank 0.
+        layer (torch.nn.Module, optional): Grad-CAM layer override.
+
+    Returns:
+        dict with ``top1`` (or ``f1_per_class``, ``f1_overall``), ``pg``, ``spg_mean``,
+        ``spg_std``, ``ch``, ``nqh``, ``skipped`` (everything not scored: undecodable images,
+        all-difficult boxes, degenerate maps or masks) and its breakdown, ``num_images``,
+        ``num_composites``; fractions in [0, 1], ``None`` for what could not be computed.
+    """
+    from tqdm.auto import tqdm
+
+    model.eval()
+    explainer = SaliencyExplainer(model, method, layer=layer, amp=amp)
+    metrics = InterpretationMetrics(
+        num_classes=num_classes, tolerance=tolerance, num_samples=num_samples,
+        num_runs=num_runs, generator=spg_generator, device=device,
+    )
+    show = progress and is_main_process()
+    dropped = torch.zeros(2, dtype=torch.float64, device=device)  # whole, crop
+
+    if whole_loader is not None:
+        for batch in tqdm(whole_loader, desc="PG/SPG/CH", disable=not show, leave=False):
+            pairs = whole_image_pairs(batch, device, channels_last)
+            dropped[0] += pairs.skipped
+            if pairs.image_index.numel() == 0:
+                continue
+            maps = explainer(pairs.images, pairs.image_index, pairs.classes)
+            maps = F.interpolate(maps, size=pairs.size, mode="bilinear", align_corners=False)
+            metrics.update(maps.clamp_(min=0), pairs.masks, pairs.classes)
+
+    meter = _Meter(device, num_classes, multilabel)
+    if crop_loader is not None:
+        for raw in tqdm(crop_loader, desc="accuracy/NQH", disable=not show, leave=False):
+            batch = as_train_batch(raw)
+            dropped[1] += batch.skipped
+            if batch.images.shape[0] == 0:
+                continue
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            images = batch.images.to(device, non_blocking=True, memory_format=fmt)
+            targets = batch.targets.to(device, non_blocking=True)
+            with autocast(device, amp):
+                logits = model(images)
+            meter.update(logits.float(), targets, ())
+            if make_distractors is None:
+                continue
+            n = images.shape[0]
+            if multilabel:
+                from captum_consistency.engine.training import sample_positive_class
+
+                gc_targets = sample_positive_class(targets, generator)
+            else:
+                gc_targets = targets
+            distractors = make_distractors(images, targets, gc_targets)
+            cells = random_cells(n, generator=generator, device=device)
+            grid = compose_grid(images, distractors, cells=cells)
+            if channels_last:
+                grid = grid.contiguous(memory_format=torch.channels_last)
+            maps = explainer(grid, torch.arange(n, device=device), gc_targets)
+            maps = F.interpolate(maps, size=grid.shape[-2:], mode="bilinear", align_corners=False)
+            metrics.update_nqh(maps.clamp_(min=0), cells)
+
+    results = metrics.compute()
+    all_reduce_sum(dropped)
+    cls = meter.result() if crop_loader is not None else {}
+    out: Dict[str, Any] = {}
+    if multilabel:
+        out["f1_per_class"] = cls.get("f1_per_class")
+        out["f1_overall"] = cls.get("f1_overall")
+    else:
+        out["top1"] = cls.get("top1")
+    skipped_undecodable = int(dropped.sum())
+    out.update(
+        {
+            "pg": _nan_to_none(results["pg"]),
+            "spg_mean": _nan_to_none(results["spg_mean"]),
+            "spg_std": _nan_to_none(results["spg_std"]) if results["num_images"] else None,
+            "ch": _nan_to_none(results["ch"]),
+            "nqh": _nan_to_none(results["nqh"]),
+            "skipped": int(results["skipped"]) + skipped_undecodable,
+            "skipped_detail": {
+                "degenerate_maps_or_masks": int(results["skipped_images"]),
+                "degenerate_composites": int(results["skipped_composites"]),
+                "images_dropped_in_loading": skipped_undecodable,
+            },
+            "num_images": int(results["num_images"]),
+            "num_composites": int(results["num_composites"]),
+            "classified_images": int(cls.get("samples", 0)) if cls else 0,
+            "pg_per_class": [_nan_to_none(float(v)) for v in results["pg_per_class"].tolist()],
+        }
+    )
+    return out

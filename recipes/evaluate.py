@@ -1,0 +1,210 @@
+"""Evaluate a trained model: accuracy and the paper's interpretation metrics (Tables 1-4).
+
+Pillai & Pirsiavash, "Explainable Models with Consistent Interpretations", AAAI 2021::
+
+    python recipes/evaluate.py --checkpoint runs/r18_gc/checkpoint.pth --data imagenet \\
+        --data-root /data/imagenet --boxes /data/imagenet/boxes/val \\
+        --method elementwise-gradcam --output-dir runs/r18_gc/eval
+    # many GPUs: torchrun --nproc_per_node 4 recipes/evaluate.py ...
+    # COCO (masks from the annotation file), transfer to another explanation method:
+    python recipes/evaluate.py --checkpoint runs/coco/checkpoint.pth --data coco \\
+        --data-root /data/coco --method fullgrad --output-dir runs/coco/eval_fullgrad
+
+Writes ``<output-dir>/metrics.json`` with ``top1`` (or ``f1_per_class`` and ``f1_overall``),
+``pg``, ``spg_mean``, ``spg_std``, ``ch``, ``nqh`` and ``skipped`` (fractions in [0, 1]; counts
+for ``skipped``), and ``<output-dir>/table.md``, a Markdown row in the form of the paper's
+Table 1 (ImageNet, synthetic) or Table 2 (COCO), in percent.
+
+Protocol (:mod:`captum_consistency.engine.evaluation`): PG, SPG (100 draws, mean and std over 5
+runs), CH on whole images (short side ``2S``, maps resized to the original size), batched by
+identical original size so that every number is the batch-size-1 one; NQH on ``2S x 2S``
+composites of ``S x S`` crops; accuracy on the crops. Data options default to those recorded
+in the checkpoint (``--data``, ``--data-root``, ``--image-size``, synthetic settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from captum_consistency.data import (
+    DatasetDistractorSampler,
+    DistractorFallback,
+    SizeGroupedBatchSampler,
+    gather_distractors,
+)
+from captum_consistency.engine import (
+    ShardSampler,
+    check_checkpoint_compatible,
+    cleanup_distributed,
+    init_distributed,
+    rank_seed,
+)
+from captum_consistency.engine.datasets import (
+    DATA_KINDS,
+    build_dataset,
+    load_model_from_checkpoint,
+    model_name,
+    resolve_data_args,
+)
+from captum_consistency.engine.evaluation import METHODS, evaluate_interpretations
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Accuracy, PG, SPG, CH and NQH of a trained model (Pillai & Pirsiavash, "
+        "AAAI 2021, Tables 1-4); torchrun-ready.",
+        add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pth written by recipes/train.py")
+    p.add_argument("--data", default=None, choices=DATA_KINDS, help="default: the checkpoint's")
+    p.add_argument("--data-root", default=None, help="default: the checkpoint's")
+    p.add_argument("--boxes", default=None, help="ImageNet: folder of the split's bounding-box XMLs")
+    p.add_argument("--ann-file", default=None,
+                   help="COCO: annotations of the split (default <root>/annotations/instances_<split>.json)")
+    p.add_argument("--split", default=None,
+                   help="evaluated split (imagenet: val, coco: val2014, synthetic: test)")
+    p.add_argument("--method", default="elementwise-gradcam", choices=METHODS,
+                   help="explanation method (the paper's main tables: element-wise Grad-CAM)")
+    p.add_argument("--image-size", default=None, type=int,
+                   help="S: whole images get short side 2S, composites 2S x 2S (default: the checkpoint's)")
+    p.add_argument("--batch-size", "-b", default=32, type=int, help="images per process")
+    p.add_argument("--workers", "-j", default=8, type=int)
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for the forward passes")
+    p.add_argument("--seed", default=0, type=int, help="seed of cells, distractors and SPG draws")
+    p.add_argument("--tolerance", default=None, type=float,
+                   help="PG/SPG margin in pixels (default 15, the paper's; synthetic: 15 S / 224, "
+                   "since its images are S x S and not resized)")
+    p.add_argument("--spg-samples", default=100, type=int, help="SPG draws per map")
+    p.add_argument("--spg-runs", default=5, type=int, help="SPG runs (mean and std)")
+    p.add_argument("--skip-corrupt", action="store_true", help="skip and count undecodable images")
+    p.add_argument("--skip-missing-boxes", action="store_true",
+                   help="skip and count ImageNet images without a usable XML (default: error)")
+    p.add_argument("--no-nqh", action="store_true", help="do not compute NQH")
+    p.add_argument("--output-dir", required=True, help="metrics.json and table.md go here")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def markdown_table(name: str, metrics: dict, multilabel: bool) -> str:
+    """A header and one row in the form of the paper's Table 1 (or Table 2 for multi-label)."""
+    spg = f"{_pct(metrics['spg_mean'])} ± {_pct(metrics['spg_std'])}"
+    if multilabel:
+        head = "| Model | F1-PerClass | F1-Overall | PG | SPG | CH (%) | NQH (%) |"
+        row = (f"| {name} | {_pct(metrics['f1_per_class'])} | {_pct(metrics['f1_overall'])} | "
+               f"{_pct(metrics['pg'])} | {spg} | {_pct(metrics['ch'])} | {_pct(metrics['nqh'])} |")
+    else:
+        head = "| Model | Top-1 Acc (%) | PG | SPG | CH (%) | NQH (%) |"
+        row = (f"| {name} | {_pct(metrics['top1'])} | {_pct(metrics['pg'])} | {spg} | "
+               f"{_pct(metrics['ch'])} | {_pct(metrics['nqh'])} |")
+    sep = "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"
+    return "\n".join([head, sep, row]) + "\n"
+
+
+def main(args) -> dict:
+    """Runs the evaluation; returns the metrics (on every rank)."""
+    info = init_distributed(args.device)
+    try:
+        return _main(args, info)
+    finally:
+        cleanup_distributed()
+
+
+def _main(args, info) -> dict:
+    device = info.device
+    t0 = time.time()
+    model, ckpt = load_model_from_checkpoint(args.checkpoint, device)
+    data, data_root, image_size, split, synthetic = resolve_data_args(args, ckpt)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    classes = ckpt.get("classes")
+    common = dict(data_root=data_root, ann_file=args.ann_file, skip_corrupt=args.skip_corrupt,
+                  synthetic=synthetic)
+    whole = build_dataset(data, split, "whole", image_size, boxes=args.boxes,
+                          classes=classes if data == "imagenet" else None,
+                          skip_missing_boxes=args.skip_missing_boxes, **common)
+    crop = build_dataset(data, split, "crop", image_size,
+                         classes=classes if data == "imagenet" else None, **common)
+    check_checkpoint_compatible(ckpt, args.checkpoint, num_classes=whole.num_classes,
+                                classes=whole.classes)
+
+    pin = device.type == "cuda"
+    if data == "synthetic":
+        whole_loader = DataLoader(
+            whole.dataset, batch_size=args.batch_size, num_workers=args.workers, pin_memory=pin,
+            sampler=ShardSampler(len(whole.dataset), info.rank, info.world_size),
+        )
+    else:
+        sampler = SizeGroupedBatchSampler(
+            whole.dataset.original_sizes(), args.batch_size, short_side=None,
+            num_replicas=info.world_size, rank=info.rank,
+        )
+        whole_loader = DataLoader(whole.dataset, batch_sampler=sampler, num_workers=args.workers,
+                                  collate_fn=whole.collate_fn, pin_memory=pin)
+    crop_loader = DataLoader(
+        crop.dataset, batch_size=args.batch_size, num_workers=args.workers, pin_memory=pin,
+        sampler=ShardSampler(len(crop.dataset), info.rank, info.world_size),
+        collate_fn=crop.collate_fn,
+    )
+
+    generator = torch.Generator().manual_seed(rank_seed(args.seed, info.rank, 3))
+    spg_generator = torch.Generator(device=device).manual_seed(rank_seed(args.seed, info.rank, 4))
+    make_distractors = None
+    if not args.no_nqh:
+        fallback = DistractorFallback(
+            crop.dataset, DatasetDistractorSampler(crop.targets, seed=rank_seed(args.seed, 0, 5),
+                                                   rank=info.rank, num_classes=crop.num_classes)
+        )
+
+        def make_distractors(images, targets, gc_targets):
+            return gather_distractors(images, targets, gc_targets, generator=generator, fallback=fallback)
+
+    tolerance = args.tolerance
+    if tolerance is None:
+        tolerance = 15.0 * image_size / 224 if data == "synthetic" else 15.0
+    metrics = evaluate_interpretations(
+        model, args.method, whole_loader, crop_loader, device, num_classes=whole.num_classes,
+        multilabel=whole.multilabel, make_distractors=make_distractors, generator=generator,
+        spg_generator=spg_generator, tolerance=tolerance, num_samples=args.spg_samples,
+        num_runs=args.spg_runs, amp=args.amp, channels_last=channels_last,
+        progress=not args.no_progress,
+    )
+    # Images that never reached the metrics because the data set dropped them at construction.
+    dataset_skipped = int(getattr(whole.dataset, "num_skipped", 0))
+    metrics["skipped"] += dataset_skipped
+    metrics["skipped_detail"]["images_dropped_by_dataset"] = dataset_skipped
+    name = model_name(ckpt)
+    metrics.update({
+        "model": name, "method": args.method, "checkpoint": os.path.abspath(args.checkpoint),
+        "epoch": ckpt.get("epoch"), "data": data, "split": split, "image_size": image_size,
+        "tolerance": tolerance, "world_size": info.world_size,
+        "time_s": round(time.time() - t0, 3),
+    })
+    if info.is_main:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1, allow_nan=False)
+        table = markdown_table(f"{name} ({args.method})", metrics, whole.multilabel)
+        with open(os.path.join(args.output_dir, "table.md"), "w") as f:
+            f.write(table)
+        print(table, end="", flush=True)
+        shown = {k: v for k, v in metrics.items() if k not in ("pg_per_class",)}
+        print(json.dumps(shown), flush=True)
+    return metrics
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,405 @@
+"""Train a classifier with the Grad-CAM consistency (GC) loss, on one GPU or many (torchrun).
+
+Pillai & Pirsiavash, "Explainable Models with Consistent Interpretations", AAAI 2021. In the
+style of torchvision's ``references/classification/train.py``::
+
+    # ResNet-18 + GC on ImageNet, 4 GPUs x 64 images = the paper's batch of 256
+    torchrun --nproc_per_node 4 recipes/train.py --data imagenet --data-root /data/imagenet \\
+        --arch resnet18 --gc-lambda 25 --batch-size 64 --amp --output-dir runs/r18_gc
+    # the baseline: --gc-lambda 0 (no composite is built or forwarded)
+    # GMP + GC: add --gmp
+    # COCO, initialised from the ImageNet model (the paper's protocol)
+    torchrun --nproc_per_node 2 recipes/train.py --data coco --data-root /data/coco \\
+        --arch resnet18 --init-from runs/r18_gc/checkpoint.pth --batch-size 128 --amp \\
+        --output-dir runs/coco_r18_gc
+    # continue a run that stopped (killed, pre-empted, out of time)
+    torchrun --nproc_per_node 4 recipes/train.py ... --resume runs/r18_gc/checkpoint.pth
+    # a small run on the CPU
+    python recipes/train.py --data synthetic --arch resnet18 --image-size 64 --epochs 2 \\
+        --batch-size 16 --device cpu --output-dir runs/tiny
+
+Defaults are the paper's schedules (:func:`captum_consistency.engine.default_schedule`):
+
+* ImageNet: SGD, momentum 0.9, weight decay 1e-4, lr 0.1 (AlexNet 0.01), divided by 10 every
+  30 epochs (milestones 30, 60), 90 epochs, lambda 25, cross-entropy.
+* COCO (the authors' multi-label script and README): classification loss
+  ``80 * BCEWithLogits`` (``K * BCE`` with ``K`` the number of categories of the annotation
+  file, i.e. the BCE summed over categories; ``--bce-weight`` overrides), lambda 1, SGD lr 0.01, momentum 0.9, weight decay 5e-4, 36 epochs,
+  lr divided by 10 at epochs 24 and 30; start from an ImageNet model with ``--init-from``.
+* ``synthetic`` uses the ImageNet schedule; override ``--epochs`` and ``--lr``.
+
+``--batch-size`` is per process: the global batch is ``batch_size x world_size`` (256 in the
+paper). Every epoch ends with an atomic ``checkpoint.pth`` in ``--output-dir`` (model,
+optimizer, scheduler, epoch, arguments, every rank's RNG states): a run killed at any moment
+loses at most the epoch in progress, and ``--resume`` continues from the last completed epoch.
+TensorBoard scalars go to ``<output-dir>/tensorboard`` and one JSON line per epoch to
+``<output-dir>/log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from captum_consistency import GradCamConsistencyLoss
+from captum_consistency.builders import ARCHITECTURES, build_model, gradcam_layer
+from captum_consistency.data import (
+    DatasetDistractorSampler,
+    DatasetWithDistractors,
+    DistractorFallback,
+    collate_with_distractors,
+    gather_distractors,
+)
+from captum_consistency.engine import (
+    ScaledBCEWithLogitsLoss,
+    ShardSampler,
+    build_optimizer,
+    build_scheduler,
+    check_checkpoint_compatible,
+    cleanup_distributed,
+    default_schedule,
+    evaluate_classification,
+    gather_rng_states,
+    init_distributed,
+    load_checkpoint,
+    load_model_weights,
+    load_pretrained_backbone,
+    rank_seed,
+    remove_stale_temporaries,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    train_one_epoch,
+    barrier,
+)
+from captum_consistency.engine.datasets import DATA_KINDS, DEFAULT_SPLITS, build_dataset
+
+CHECKPOINT_NAME = "checkpoint.pth"
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train a classifier with the Grad-CAM consistency loss "
+        "(Pillai & Pirsiavash, AAAI 2021); torchrun-ready.",
+        add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=True, choices=DATA_KINDS, help="data set kind")
+    g.add_argument("--data-root", default=None, help="ImageFolder root (train/, val/) or COCO root")
+    g.add_argument("--boxes", default=None, help="bounding-box XML folder (unused for training)")
+    g.add_argument("--ann-file", default=None,
+                   help="COCO training annotations (default <root>/annotations/instances_<split>.json)")
+    g.add_argument("--val-ann-file", default=None, help="COCO validation annotations")
+    g.add_argument("--train-split", default=None, help="training split (imagenet: train, coco: train2014)")
+    g.add_argument("--val-split", default=None, help="validation split (imagenet: val, coco: val2014)")
+    g.add_argument("--no-val", action="store_true", help="skip the per-epoch validation accuracy")
+    g.add_argument("--skip-corrupt", action="store_true",
+                   help="skip (and count) undecodable images instead of stopping with an error")
+    g.add_argument("--synthetic-classes", default=4, type=int, help="synthetic: number of classes")
+    g.add_argument("--synthetic-train-length", default=10000, type=int, help="synthetic: training images")
+    g.add_argument("--synthetic-val-length", default=1000, type=int, help="synthetic: validation images")
+    g.add_argument("--synthetic-cue-strength", default=0.9, type=float,
+                   help="synthetic: probability that the context cue matches the class")
+    g.add_argument("--synthetic-seed", default=0, type=int, help="synthetic: generator seed")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="resnet18", choices=ARCHITECTURES)
+    g.add_argument("--gmp", action="store_true", help="global max pooling instead of average (ResNets)")
+    g.add_argument("--init-from", default=None,
+                   help="initialise from these weights, all but the classifier (COCO from ImageNet)")
+
+    g = p.add_argument_group("GC loss")
+    g.add_argument("--gc-lambda", default=None, type=float,
+                   help="weight of the consistency term; 0 trains the baseline "
+                   "(default: 25 ImageNet/synthetic, 1 COCO)")
+    g.add_argument("--bce-weight", default=None, type=float,
+                   help="multi-label loss = W x BCEWithLogits (default: the number of categories, "
+                   "80 for COCO, as the authors)")
+    g.add_argument("--gc-gradcam", default="elementwise", choices=("elementwise", "standard"),
+                   help="Grad-CAM variant inside the loss (the paper uses element-wise, Eq. 3)")
+    g.add_argument("--distractors", default="batch", choices=("batch", "dataset"),
+                   help="batch: other images of the batch (no extra decoding, data-set fallback); "
+                   "dataset: three extra images decoded per sample, the authors' loader")
+
+    g = p.add_argument_group("optimisation (defaults: the paper's schedule of --data)")
+    g.add_argument("--epochs", default=None, type=int)
+    g.add_argument("--lr", default=None, type=float)
+    g.add_argument("--momentum", default=None, type=float)
+    g.add_argument("--weight-decay", "--wd", default=None, type=float)
+    g.add_argument("--lr-milestones", default=None, type=int, nargs="*",
+                   help="epochs at which the lr is multiplied by --lr-gamma")
+    g.add_argument("--lr-gamma", default=None, type=float)
+    g.add_argument("--batch-size", "-b", default=32, type=int, help="images per process")
+    g.add_argument("--image-size", default=224, type=int, help="crop side S; composites are 2S x 2S")
+
+    g = p.add_argument_group("running")
+    g.add_argument("--workers", "-j", default=8, type=int, help="data-loading workers per process")
+    g.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    g.add_argument("--amp", action="store_true", help="bf16 autocast")
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument("--output-dir", required=True, help="checkpoint.pth, log.jsonl, tensorboard/")
+    g.add_argument("--resume", default=None, help="checkpoint to continue from")
+    g.add_argument("--log-every", default=20, type=int, help="TensorBoard/progress interval (steps)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def _schedule(args):
+    s = default_schedule(args.data, args.arch)
+    for name, attr in (("epochs", "epochs"), ("lr", "lr"), ("momentum", "momentum"),
+                       ("weight_decay", "weight_decay"), ("lr_milestones", "milestones"),
+                       ("lr_gamma", "gamma"), ("gc_lambda", "gc_lambda")):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(s, attr, list(value) if attr == "milestones" else value)
+    if s.gc_lambda < 0:
+        raise ValueError(f"--gc-lambda must be >= 0, got {s.gc_lambda}")
+    return s
+
+
+def _synthetic_kwargs(args, split_length):
+    return {
+        "num_classes": args.synthetic_classes,
+        "length": split_length,
+        "seed": args.synthetic_seed,
+        "cue_strength": args.synthetic_cue_strength,
+    }
+
+
+def _log(msg: str, main: bool) -> None:
+    if main:
+        print(msg, flush=True)
+
+
+def main(args) -> dict:
+    """Runs the training; returns the last epoch's record (also on every rank)."""
+    info = init_distributed(args.device)
+    try:
+        return _main(args, info)
+    finally:
+        cleanup_distributed()
+
+
+def _main(args, info) -> dict:
+    main_proc = info.is_main
+    device = info.device
+    ckpt_path = os.path.join(args.output_dir, CHECKPOINT_NAME)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.gmp and args.arch == "alexnet":
+        raise ValueError("--gmp needs a ResNet: AlexNet has no global average pooling")
+    if args.resume is None and os.path.exists(ckpt_path):
+        raise FileExistsError(
+            f"{ckpt_path} exists: pass --resume {ckpt_path} to continue that run, or choose "
+            "another --output-dir (refusing to overwrite a checkpoint)"
+        )
+    schedule = _schedule(args)
+    seed_everything(args.seed, info.rank)
+    if main_proc:
+        os.makedirs(args.output_dir, exist_ok=True)
+        remove_stale_temporaries(ckpt_path)
+
+    # ------------------------------------------------------------------ data
+    train_split, val_split = DEFAULT_SPLITS[args.data]
+    train_split = args.train_split or train_split
+    val_split = args.val_split or val_split
+    train = build_dataset(
+        args.data, train_split, "train", args.image_size, data_root=args.data_root,
+        ann_file=args.ann_file, skip_corrupt=args.skip_corrupt,
+        synthetic=_synthetic_kwargs(args, args.synthetic_train_length),
+    )
+    num_classes = train.num_classes
+    if num_classes < 2:
+        raise ValueError(f"the training data has {num_classes} class(es); need at least 2")
+    val = None
+    if not args.no_val:
+        val = build_dataset(
+            args.data, val_split, "crop", args.image_size, data_root=args.data_root,
+            ann_file=args.val_ann_file, classes=train.classes, skip_corrupt=args.skip_corrupt,
+            synthetic=_synthetic_kwargs(args, args.synthetic_val_length),
+        )
+
+    train_set, collate = train.dataset, train.collate_fn
+    ds_sampler = None
+    if schedule.gc_lambda > 0:
+        ds_sampler = DatasetDistractorSampler(
+            train.targets, seed=rank_seed(args.seed, 0, 2), rank=info.rank, num_classes=num_classes
+        )
+        if args.distractors == "dataset":
+            train_set = DatasetWithDistractors(train.dataset, ds_sampler)
+            collate = functools.partial(collate_with_distractors, collate_fn=train.collate_fn)
+    train_sampler = DistributedSampler(
+        train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=args.seed,
+        drop_last=True,
+    )
+    pin = device.type == "cuda"
+    train_loader = DataLoader(
+        train_set, batch_size=args.batch_size, sampler=train_sampler, num_workers=args.workers,
+        collate_fn=collate, pin_memory=pin, drop_last=True,
+    )
+    if len(train_loader) == 0:
+        raise ValueError(
+            f"{len(train_set)} training images are fewer than one batch of {args.batch_size} per "
+            f"process ({info.world_size} processes); lower --batch-size"
+        )
+    val_loader = None
+    if val is not None:
+        val_loader = DataLoader(
+            val.dataset, batch_size=args.batch_size,
+            sampler=ShardSampler(len(val.dataset), info.rank, info.world_size),
+            num_workers=args.workers, collate_fn=val.collate_fn, pin_memory=pin,
+        )
+
+    # ------------------------------------------------------------------ model
+    model = build_model(args.arch, num_classes, gmp=args.gmp)
+    if args.init_from and args.resume is None:
+        left = load_pretrained_backbone(model, args.init_from)
+        _log(f"initialised from {args.init_from} (kept at init: {left or 'none'})", main_proc)
+    channels_last = device.type == "cuda"
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, schedule)
+    scheduler = build_scheduler(optimizer, schedule)
+
+    start_epoch, global_step, rng_states = 0, 0, None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, map_location="cpu")
+        check_checkpoint_compatible(
+            ckpt, args.resume, arch=args.arch, num_classes=num_classes, gmp=args.gmp,
+            classes=train.classes,
+        )
+        if ckpt.get("data") not in (None, args.data):
+            raise ValueError(
+                f"checkpoint {args.resume} was trained on --data {ckpt['data']}, not {args.data}"
+            )
+        load_model_weights(model, ckpt["model"], args.resume)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, global_step = int(ckpt["epoch"]), int(ckpt.get("global_step", 0))
+        rng_states = ckpt.get("rng")
+        _log(f"resumed from {args.resume}: {start_epoch} epoch(s) done", main_proc)
+
+    ddp_model = model
+    if info.distributed:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.local_rank] if device.type == "cuda" else None
+        )
+
+    if train.multilabel:
+        bce_weight = float(num_classes) if args.bce_weight is None else args.bce_weight
+        criterion: nn.Module = ScaledBCEWithLogitsLoss(bce_weight)
+    else:
+        criterion = nn.CrossEntropyLoss()
+    loss_fn = None
+    if schedule.gc_lambda > 0:
+        loss_fn = GradCamConsistencyLoss(
+            ddp_model, gradcam_layer(model), lam=schedule.gc_lambda, criterion=criterion,
+            elementwise=args.gc_gradcam == "elementwise",
+        )
+
+    fallback = None
+    if ds_sampler is not None and args.distractors == "batch":
+        fallback = DistractorFallback(train.dataset, ds_sampler)
+
+    writer = None
+    if main_proc:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(args.output_dir, "tensorboard"), purge_step=global_step)
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+
+    if rng_states is not None:
+        if len(rng_states) == info.world_size:
+            set_rng_state(rng_states[info.rank])
+        else:
+            _log(f"the checkpoint holds RNG states of {len(rng_states)} process(es), this run has "
+                 f"{info.world_size}: reseeding", main_proc)
+            seed_everything(rank_seed(args.seed, start_epoch), info.rank)
+
+    _log(f"training {args.arch}{' + GMP' if args.gmp else ''} on {args.data} "
+         f"({len(train_set)} images, {num_classes} classes), lambda={schedule.gc_lambda}, "
+         f"{info.world_size} process(es) x {args.batch_size}, epochs {start_epoch}..{schedule.epochs}",
+         main_proc)
+    record: dict = {"epoch": start_epoch}
+    for epoch in range(start_epoch, schedule.epochs):
+        t0 = time.time()
+        train_sampler.set_epoch(epoch)
+        if ds_sampler is not None:
+            ds_sampler.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(rank_seed(args.seed, info.rank, epoch, 1))
+
+        def make_distractors(images, targets, gc_targets, _g=generator):
+            return gather_distractors(images, targets, gc_targets, generator=_g, fallback=fallback)
+
+        stats = train_one_epoch(
+            ddp_model, optimizer, train_loader, device, epoch, criterion=criterion,
+            loss_fn=loss_fn, make_distractors=make_distractors, multilabel=train.multilabel,
+            amp=args.amp, channels_last=channels_last, generator=generator, writer=writer,
+            global_step=global_step, log_every=args.log_every,
+            progress=not args.no_progress, num_classes=num_classes,
+        )
+        global_step = stats["global_step"]
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        val_stats = None
+        if val_loader is not None:
+            val_stats = evaluate_classification(
+                model, val_loader, device, multilabel=val.multilabel, amp=args.amp,
+                channels_last=channels_last, num_classes=num_classes,
+            )
+        record = {"epoch": epoch + 1, "lr": lr, "train": stats, "val": val_stats,
+                  "time_s": round(time.time() - t0, 3)}
+        if fallback is not None:
+            record["fallback_distractors"] = fallback.num_loaded
+        rng = gather_rng_states()  # collective: every rank takes part
+        if main_proc:
+            save_checkpoint(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                    "global_step": global_step,
+                    "arch": args.arch,
+                    "gmp": bool(args.gmp),
+                    "num_classes": num_classes,
+                    "classes": list(train.classes),
+                    "multilabel": train.multilabel,
+                    "data": args.data,
+                    "image_size": args.image_size,
+                    "args": vars(args),
+                    "rng": rng,
+                    "metrics": {"train": stats, "val": val_stats},
+                },
+                ckpt_path,
+            )
+            for key in ("loss", "classification", "consistency", "top1", "f1_per_class", "f1_overall"):
+                if key in stats:
+                    writer.add_scalar(f"epoch/train_{key}", stats[key], epoch + 1)
+            for key, value in (val_stats or {}).items():
+                if key not in ("samples", "skipped"):
+                    writer.add_scalar(f"epoch/val_{key}", value, epoch + 1)
+            writer.add_scalar("epoch/lr", lr, epoch + 1)
+            writer.flush()
+            with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(json.dumps(record), flush=True)
+        barrier()
+    if writer is not None:
+        writer.close()
+    _log(f"done: {ckpt_path}", main_proc)
+    return record
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
