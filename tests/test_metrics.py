@@ -120,9 +120,28 @@ def test_hit_test_equals_brute_force_at_every_pixel(tolerance):
     masks[0, 0, 0] = True  # a corner pixel: the disk leaves the image
     masks[1] = False
     masks[1, h - 1, w - 1] = True
+    expected = brute_force_within(masks, tolerance)
+    # The row-count index used by SPG (and by PG next to SPG).
     every_pixel = torch.arange(h * w).expand(n, -1)
     hits = functional._MaskIndex(masks, float(tolerance)).hits(every_pixel)
-    assert torch.equal(hits.view(n, h, w), brute_force_within(masks, tolerance))
+    assert torch.equal(hits.view(n, h, w), expected)
+    # The direct disk read used by the pointing game alone: one point per (repeated) mask.
+    direct = functional._disk_hits(
+        masks.repeat_interleave(h * w, dim=0), torch.arange(h * w).repeat(n).unsqueeze(1), float(tolerance)
+    )
+    if tolerance < 30:
+        assert torch.equal(direct.view(n, h, w), expected)
+    else:  # the disk is larger than the direct read allows: the caller falls back to the index
+        assert direct is None
+
+
+def test_pointing_game_direct_and_indexed_paths_agree(monkeypatch):
+    gen = torch.Generator().manual_seed(11)
+    saliency, masks = peaked_maps(gen, 40, 50, 60), random_masks(gen, 40, 50, 60)
+    direct = pointing_game(saliency, masks, tolerance=9.5)
+    monkeypatch.setattr(functional, "_MAX_DIRECT_DISK", 0)
+    assert torch.equal(direct, pointing_game(saliency, masks, tolerance=9.5))
+    assert 0 < int(direct.sum()) < 40
 
 
 def test_pointing_game_matches_torchray():
@@ -454,11 +473,17 @@ def test_results_do_not_depend_on_cpu_chunking(monkeypatch):
     one_hot = torch.zeros(n, h * w)
     one_hot[torch.arange(n), torch.randint(0, h * w, (n,), generator=gen)] = 1
     one_hot = one_hot.view(n, h, w)
-    whole = (pointing_game(saliency, masks), content_heatmap(saliency, masks),
-             stochastic_pointing_game(one_hot, masks, num_samples=7))
+    def scores():
+        return (
+            pointing_game(saliency, masks),
+            content_heatmap(saliency, masks),
+            stochastic_pointing_game(one_hot, masks, num_samples=7),
+            stochastic_pointing_game(saliency, masks, generator=torch.Generator().manual_seed(0)),
+        )
+
+    whole = scores()
     monkeypatch.setattr(functional, "CPU_CHUNK_ELEMENTS", h * w * 3)  # chunks of 3 samples
-    chunked = (pointing_game(saliency, masks), content_heatmap(saliency, masks),
-               stochastic_pointing_game(one_hot, masks, num_samples=7))
+    chunked = scores()
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, equal_nan=True)
 
