@@ -162,8 +162,13 @@ def _main(args, info) -> dict:
 
     generator = torch.Generator().manual_seed(rank_seed(args.seed, info.rank, 3))
     spg_generator = torch.Generator(device=device).manual_seed(rank_seed(args.seed, info.rank, 4))
-    make_distractors = None
+    make_distractors = distractor_ok = None
     if not args.no_nqh:
+        # A class contained in all but fewer than 3 images has no valid composite (tiny sets).
+        contains = torch.as_tensor(crop.targets)
+        counts = (contains != 0).sum(0) if contains.dim() == 2 else torch.bincount(
+            contains.long(), minlength=crop.num_classes)
+        distractor_ok = (len(crop.dataset) - counts) >= 3
         fallback = DistractorFallback(
             crop.dataset, DatasetDistractorSampler(crop.targets, seed=rank_seed(args.seed, 0, 5),
                                                    rank=info.rank, num_classes=crop.num_classes)
@@ -180,7 +185,7 @@ def _main(args, info) -> dict:
         multilabel=whole.multilabel, make_distractors=make_distractors, generator=generator,
         spg_generator=spg_generator, tolerance=tolerance, num_samples=args.spg_samples,
         num_runs=args.spg_runs, amp=args.amp, channels_last=channels_last,
-        progress=not args.no_progress,
+        progress=not args.no_progress, distractor_ok=distractor_ok,
     )
     # Images that never reached the metrics because the data set dropped them at construction.
     dataset_skipped = int(getattr(whole.dataset, "num_skipped", 0))

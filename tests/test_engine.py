@@ -410,3 +410,90 @@ def test_evaluate_classification_top1_exact():
                                   torch.device("cpu"))
     assert res == {"top1": 0.5, "samples": 4, "skipped": 0}
     assert model.training  # mode restored
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_saliency_explainer_matches_captum_for_every_pair():
+    from captum.attr import LayerGradCam
+
+    from captum_consistency.attr import LayerElementwiseGradCam
+    from captum_consistency.engine.evaluation import SaliencyExplainer
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 5, gmp=True).eval()  # GMP: the two Grad-CAMs differ
+    x = torch.randn(3, 3, 64, 80)
+    # image 0 explained for 2 classes, image 1 for 1, image 2 for 3 (multi-label rounds)
+    index = torch.tensor([0, 0, 1, 2, 2, 2])
+    classes = torch.tensor([1, 4, 0, 2, 3, 1])
+    for method, ref_cls in (("gradcam", LayerGradCam), ("elementwise-gradcam", LayerElementwiseGradCam)):
+        got = SaliencyExplainer(model, method)(x, index, classes)
+        ref = ref_cls(model, model.layer4).attribute(x[index], target=classes, relu_attributions=True)
+        assert got.shape == ref.shape == (6, 1, 2, 3)
+        torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-7)
+    g = SaliencyExplainer(model, "gradcam")(x, index, classes)
+    e = SaliencyExplainer(model, "elementwise-gradcam")(x, index, classes)
+    assert not torch.allclose(g, e)
+    with pytest.raises(ValueError, match="method"):
+        SaliencyExplainer(model, "lime")
+
+
+def _imagenet_whole_loader(fx, batch_size, **kw):
+    from captum_consistency.data import SizeGroupedBatchSampler
+    from captum_consistency.engine.datasets import build_dataset
+
+    whole = build_dataset("imagenet", "val", "whole", 32, data_root=fx.root, boxes=fx.boxes_dirs["val"], **kw)
+    sampler = SizeGroupedBatchSampler(whole.dataset.original_sizes(), batch_size, short_side=None)
+    return whole, DataLoader(whole.dataset, batch_sampler=sampler, collate_fn=whole.collate_fn)
+
+
+def test_batched_evaluation_equals_batch_size_one(tmp_path):
+    from tests._fixtures_data import make_imagenet_folder
+
+    from captum_consistency.engine.evaluation import evaluate_interpretations
+
+    fx = make_imagenet_folder(tmp_path / "inet", num_classes=3, images_per_class=4, splits=("val",))
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, gmp=True).eval()
+    results = []
+    for bs in (1, 8):
+        whole, loader = _imagenet_whole_loader(fx, bs)
+        if bs == 8:
+            assert max(len(b) for b in loader.batch_sampler) > 1  # really batched
+        results.append(evaluate_interpretations(
+            model, "elementwise-gradcam", loader, None, torch.device("cpu"), num_classes=3,
+            spg_generator=torch.Generator().manual_seed(0), progress=False))
+    one, many = results
+    assert one["num_images"] == many["num_images"] == 12
+    assert one["pg"] == many["pg"]
+    assert one["ch"] == pytest.approx(many["ch"], abs=1e-6)
+    assert one["pg_per_class"] == many["pg_per_class"]
+
+
+def test_whole_image_pairs_masks_and_difficult_skip(tmp_path):
+    from tests._fixtures_data import make_imagenet_folder, write_voc_xml
+
+    from captum_consistency.engine.evaluation import whole_image_pairs
+
+    fx = make_imagenet_folder(tmp_path / "inet", num_classes=2, images_per_class=2, splits=("val",))
+    # Make the first image's boxes all difficult: the authors skip such images.
+    stem = os.path.splitext(os.path.basename(fx.files["val"][0]))[0]
+    h, w = fx.sizes[stem]
+    write_voc_xml(os.path.join(fx.boxes_dirs["val"], stem + ".xml"), stem, (h, w),
+                  [(fx.classes[0], (3, 4, 10, 12), True)])
+    whole, loader = _imagenet_whole_loader(fx, 1)
+    seen, skipped = [], 0
+    for batch in loader:
+        pairs = whole_image_pairs(batch, torch.device("cpu"))
+        skipped += pairs.skipped
+        if pairs.image_index.numel():
+            i = int(batch.indices[0])
+            s = os.path.splitext(os.path.basename(whole.dataset.samples[i][0]))[0]
+            expected = torch.zeros(fx.sizes[s], dtype=torch.bool)
+            for x1, y1, x2, y2, _ in fx.boxes[s]:  # read as VOC 1-based corners, as TorchRay
+                expected[max(y1 - 1, 0) : y2, max(x1 - 1, 0) : x2] = True
+            assert torch.equal(pairs.masks[0], expected)
+            assert pairs.size == fx.sizes[s] and int(pairs.classes[0]) == fx.labels["val"][i]
+            seen.append(s)
+    assert skipped == 1 and stem not in seen and len(seen) == 3

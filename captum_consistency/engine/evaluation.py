@@ -237,6 +237,7 @@ def evaluate_interpretations(
     channels_last: bool = False,
     progress: bool = True,
     layer: Optional[nn.Module] = None,
+    distractor_ok: Optional[Tensor] = None,
 ) -> Dict[str, Any]:
     """Accuracy, PG, SPG (mean and std over ``num_runs``), CH and NQH of ``model``.
 
@@ -257,6 +258,9 @@ def evaluate_interpretations(
         channels_last (bool): channels-last inputs (CUDA).
         progress (bool): tqdm bars on rank 0.
         layer (torch.nn.Module, optional): Grad-CAM layer override.
+        distractor_ok (Tensor, optional): ``(num_classes,)`` bool, False for the classes that
+            fewer than three images of the data set lack (no valid composite exists); their
+            samples are left out of NQH and counted in ``skipped``.
 
     Returns:
         dict with ``top1`` (or ``f1_per_class``, ``f1_overall``), ``pg``, ``spg_mean``,
@@ -273,7 +277,9 @@ def evaluate_interpretations(
         num_runs=num_runs, generator=spg_generator, device=device,
     )
     show = progress and is_main_process()
-    dropped = torch.zeros(2, dtype=torch.float64, device=device)  # whole, crop
+    dropped = torch.zeros(3, dtype=torch.float64, device=device)  # whole, crop, no distractors
+    if distractor_ok is not None:
+        distractor_ok = distractor_ok.to(device=device, dtype=torch.bool)
 
     if whole_loader is not None:
         for batch in tqdm(whole_loader, desc="PG/SPG/CH", disable=not show, leave=False):
@@ -307,8 +313,19 @@ def evaluate_interpretations(
                 gc_targets = sample_positive_class(targets, generator)
             else:
                 gc_targets = targets
+            keep = None
+            if distractor_ok is not None:
+                keep = distractor_ok[gc_targets]
+                # -1: draw any distractors for the rows dropped below (keeps the batch whole).
+                gc_targets = torch.where(keep, gc_targets, torch.full_like(gc_targets, -1))
             distractors = make_distractors(images, targets, gc_targets)
             cells = random_cells(n, generator=generator, device=device)
+            if keep is not None and not bool(keep.all()):
+                dropped[2] += int((~keep).sum())
+                images, distractors = images[keep], distractors[keep]
+                gc_targets, cells, n = gc_targets[keep], cells[keep], int(keep.sum())
+                if n == 0:
+                    continue
             grid = compose_grid(images, distractors, cells=cells)
             if channels_last:
                 grid = grid.contiguous(memory_format=torch.channels_last)
@@ -325,7 +342,8 @@ def evaluate_interpretations(
         out["f1_overall"] = cls.get("f1_overall")
     else:
         out["top1"] = cls.get("top1")
-    skipped_undecodable = int(dropped.sum())
+    skipped_undecodable = int(dropped[:2].sum())
+    no_distractors = int(dropped[2])
     out.update(
         {
             "pg": _nan_to_none(results["pg"]),
@@ -333,11 +351,12 @@ def evaluate_interpretations(
             "spg_std": _nan_to_none(results["spg_std"]) if results["num_images"] else None,
             "ch": _nan_to_none(results["ch"]),
             "nqh": _nan_to_none(results["nqh"]),
-            "skipped": int(results["skipped"]) + skipped_undecodable,
+            "skipped": int(results["skipped"]) + skipped_undecodable + no_distractors,
             "skipped_detail": {
                 "degenerate_maps_or_masks": int(results["skipped_images"]),
                 "degenerate_composites": int(results["skipped_composites"]),
                 "images_dropped_in_loading": skipped_undecodable,
+                "composites_without_distractors": no_distractors,
             },
             "num_images": int(results["num_images"]),
             "num_composites": int(results["num_composites"]),
