@@ -140,6 +140,7 @@ def test_pointing_game_direct_and_indexed_paths_agree(monkeypatch):
     saliency, masks = peaked_maps(gen, 40, 50, 60), random_masks(gen, 40, 50, 60)
     direct = pointing_game(saliency, masks, tolerance=9.5)
     monkeypatch.setattr(functional, "_MAX_DIRECT_DISK", 0)
+    assert functional._disk_hits(masks, torch.zeros(40, 1, dtype=torch.long), 9.5) is None
     assert torch.equal(direct, pointing_game(saliency, masks, tolerance=9.5))
     assert 0 < int(direct.sum()) < 40
 

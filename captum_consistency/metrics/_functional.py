@@ -1,7 +1,8 @@
 r"""The paper's interpretation metrics (Pillai & Pirsiavash, AAAI 2021, Sec. 4.3), batched.
 
 All four metrics score a batch of saliency maps ``(N, H, W)`` (or ``(N, 1, H, W)``) at once, on
-the maps' device, with no Python loop over samples or pixels:
+the maps' device, with no Python loop over samples or pixels (on CPU the batch is split into a
+few chunks of about ``CPU_CHUNK_ELEMENTS`` values so that temporaries stay cache-sized):
 
 * :func:`pointing_game` (PG, Zhang et al. 2016): is the map's maximum within ``tolerance``
   pixels of the object?
@@ -20,8 +21,9 @@ segments, one per row offset ``dy`` with ``dy^2 < t^2``, of half-width
 ``w(dy) = max{w : dy^2 + w^2 < t^2}``. With the masks' running counts along each row, "does row
 ``v + dy`` hold a mask pixel in columns ``[u - w(dy), u + w(dy)]``" is one subtraction, so a
 point costs ``2 * (2 ceil(t) - 1)`` look-ups whatever the image size, and all points of all
-samples are tested with two ``gather`` calls. The result is bit-for-bit the brute-force test of
-TorchRay's :class:`PointingGame`.
+samples are tested with two ``gather`` calls. The pointing game alone (one point per map) reads
+the ``~pi t^2`` mask pixels under the disk directly instead. Either way the result is exactly
+the brute-force test of TorchRay's ``PointingGame.evaluate``.
 """
 
 from __future__ import annotations
@@ -151,21 +153,25 @@ def _disk_rows(tolerance: float, height: int, width: int) -> Tuple[Tuple[int, ..
 _MAX_DIRECT_DISK = 4096
 
 
+@functools.lru_cache(maxsize=64)
+def _disk_offsets(tolerance: float, height: int, width: int) -> Tensor:
+    """All offsets ``(dy, dx)`` of the open disk, as a CPU ``(2, K)`` tensor."""
+    dys, half_widths = _disk_rows(tolerance, height, width)
+    pairs = [(dy, dx) for dy, w in zip(dys, half_widths) for dx in range(-w, w + 1)]
+    return torch.tensor(pairs, dtype=torch.long).T.contiguous()
+
+
 def _disk_hits(masks: Tensor, points: Tensor, tolerance: float) -> Optional[Tensor]:
     """Hit test of one point per sample by reading the mask under the disk around it.
 
     Returns bool ``(N,)``, or ``None`` when the disk is too large for this to pay off.
     """
     n, height, width = masks.shape
-    dys, half_widths = _disk_rows(tolerance, height, width)
-    size = sum(2 * w + 1 for w in half_widths)
-    if size > _MAX_DIRECT_DISK:
+    _, half_widths = _disk_rows(tolerance, height, width)
+    if sum(2 * w + 1 for w in half_widths) > _MAX_DIRECT_DISK:
         return None
-    device = masks.device
-    dy = torch.repeat_interleave(
-        torch.tensor(dys, device=device), torch.tensor([2 * w + 1 for w in half_widths], device=device)
-    )
-    dx = torch.cat([torch.arange(-w, w + 1, device=device) for w in half_widths])
+    offsets = _disk_offsets(tolerance, height, width)
+    dy, dx = offsets.to(masks.device, non_blocking=True).unbind(0)  # (K,) each
     y = torch.div(points, width, rounding_mode="floor")  # (N, 1)
     x = points - y * width
     yy, xx = y + dy, x + dx  # (N, K)
