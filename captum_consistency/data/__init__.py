@@ -20,6 +20,7 @@ from captum_consistency.data.imagenet import (
     load_rgb,
     parse_voc_xml,
 )
+from captum_consistency.data.synthetic import SHAPES, SpuriousContextShapes, SyntheticSample
 from captum_consistency.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -30,6 +31,9 @@ from captum_consistency.data.transforms import (
 )
 
 __all__ = [
+    "SpuriousContextShapes",
+    "SyntheticSample",
+    "SHAPES",
     "ImageNetWithBoxes",
     "ImageSample",
     "ImageBatch",

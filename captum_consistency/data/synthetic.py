@@ -1,0 +1,623 @@
+r"""A procedural spurious-context benchmark with exact ground truth: :class:`SpuriousContextShapes`.
+
+Every image holds one object, a shape of one of ``K`` classes drawn with :mod:`skimage.draw` at a
+random position, scale, rotation and colour on a cluttered background, and next to it a *context
+cue*: a small striped patch whose stripe orientation and hue identify a class. In the training
+split the cue next to an object of class ``y`` is the cue of class ``y`` with probability
+``cue_strength`` and the cue of another class otherwise, so a classifier can score well by
+reading the cue instead of the shape (a hand next to a fish). In the test split the cue class is
+drawn uniformly, independent of the object class; each test image is flagged cue-consistent (cue
+class = object class) or cue-conflicting. Reliance on context is then measured directly: by the
+accuracy gap between the two subsets, by the saliency mass on the cue mask, and by the Content
+Heatmap against the exact object mask.
+
+Generator, per image ``i`` of a split (all draws are seeded, see *Determinism*):
+
+1. **Labels.** Object class ``y ~ U{0..K-1}``. Cue class ``c``: train/val: ``c = y`` with
+   probability ``cue_strength``, otherwise uniform over the ``K - 1`` other classes; test:
+   ``c ~ U{0..K-1}`` independent of ``y``. A *stray cue* of a uniform class appears with
+   probability ``stray_cue_prob`` somewhere away from the object, so cues of every class also
+   occur in images of other classes (and distractors of a 2x2 composite carry them).
+2. **Background.** A flat grey level ``U(0.3, 0.6)``; with ``clutter > 0`` a faint tint and
+   gradient, ``Poisson(8 clutter)`` low-contrast, unsaturated ellipses (each shifts the grey level
+   by at most 0.06, overlaps add up), ``Poisson(6 clutter)`` anti-aliased lines of contrast 0.08
+   to 0.15 and uniform pixel noise of std ``0.03 clutter``.
+3. **Object.** The class shape (:attr:`SHAPES`, in order: disk, square, triangle, star, cross,
+   ring, crescent, bar, hourglass, chevron) of circumradius ``U(0.13, 0.25) image_size``, random
+   rotation and position, fully inside the image, filled with a saturated colour of random hue
+   (shared by all classes, so colour says nothing about the class) and a mild linear shading.
+4. **Cue.** A square patch of side ``round(0.17 image_size)`` with stripes of period
+   ``side / 3.5`` at angle ``180 c / K`` degrees (jitter under 3 degrees, random phase),
+   alternating hue ``c / K`` and near-black, placed 1 to ``round(0.04 image_size)`` pixels
+   beside the object's bounding box on a random side that fits. It never overlaps the object, and neither does the stray cue.
+5. The image is quantised to 8 bits, like a decoded photograph.
+
+Ground truth per image: the object's exact pixel mask (the drawn pixels; the object is opaque and
+drawn over the clutter, so no background pixel is inside it) and its tight box, the cue's mask
+and box, the stray cue's mask, the cue class and the consistency flag.
+
+Determinism: the labels of image ``i`` come from a SplitMix64 hash of ``(seed, split, i)``
+(vectorised, so :attr:`~SpuriousContextShapes.targets` costs no rendering); its geometry and its
+clutter come from two ``numpy.random.Generator(PCG64(SeedSequence([seed, split_id, i, s])))``
+streams. Image ``i`` of ``(seed, split)`` is therefore the same whatever ``length``, cache or
+worker process, and the geometry does not depend on ``clutter``.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import copy
+import math
+import operator
+from numbers import Integral, Real
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from skimage import draw
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = ["SpuriousContextShapes", "SyntheticSample", "SHAPES"]
+
+#: The object classes, in label order; ``num_classes = K`` uses the first ``K``.
+SHAPES: Tuple[str, ...] = (
+    "disk",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "ring",
+    "crescent",
+    "bar",
+    "hourglass",
+    "chevron",
+)
+
+SPLITS: Dict[str, int] = {"train": 0, "val": 1, "test": 2}
+DEFAULT_LENGTHS: Dict[str, int] = {"train": 10_000, "val": 1_000, "test": 2_000}
+MIN_IMAGE_SIZE = 32
+
+# Geometry, as fractions of the image size.
+_RADIUS_RANGE = (0.13, 0.25)
+_CUE_SIZE = 0.17
+_CUE_MAX_GAP = 0.04
+_STRIPES_PER_CUE = 3.5
+_DARK = 0.08
+
+# Streams of the label hash.
+_U_LABEL, _U_CUE_KEEP, _U_CUE_CLASS, _U_STRAY, _U_STRAY_CLASS = range(5)
+_MASK64 = (1 << 64) - 1
+
+
+class SyntheticSample(NamedTuple):
+    """One annotated image of :class:`SpuriousContextShapes`.
+
+    A ``NamedTuple``, so ``torch.utils.data.default_collate`` batches it field by field (a batch
+    is a ``SyntheticSample`` of stacked tensors).
+
+    Attributes:
+        image (Tensor): ``(3, H, W)`` float32, normalised or in [0, 1] as the data set's
+            ``normalize`` says.
+        label (int): object class.
+        mask (Tensor): ``(H, W)`` bool, exactly the object's drawn pixels.
+        box (Tensor): ``(4,)`` int64 ``(x1, y1, x2, y2)``, tight bounds of ``mask`` in pixel
+            indices, ``x2``/``y2`` inclusive (the convention of
+            :func:`torchvision.ops.masks_to_boxes`).
+        cue_mask (Tensor): ``(H, W)`` bool, the context cue beside the object.
+        cue_box (Tensor): ``(4,)`` int64, box of ``cue_mask`` (same convention).
+        cue_label (int): class whose cue sits beside the object.
+        cue_consistent (bool): ``cue_label == label``.
+        stray_mask (Tensor): ``(H, W)`` bool, the stray cue (all False when there is none).
+        stray_label (int): class of the stray cue, ``-1`` when there is none.
+        index (int): index of the sample in its split.
+    """
+
+    image: Tensor
+    label: int
+    mask: Tensor
+    box: Tensor
+    cue_mask: Tensor
+    cue_box: Tensor
+    cue_label: int
+    cue_consistent: bool
+    stray_mask: Tensor
+    stray_label: int
+    index: int
+
+
+# --------------------------------------------------------------------------------------------
+# Seeding
+# --------------------------------------------------------------------------------------------
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser on a uint64 array (wrap-around arithmetic)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _hash_uniform(seed: int, split_id: int, index: np.ndarray, stream: int) -> np.ndarray:
+    """Uniform float64 in [0, 1) for each index, a pure function of (seed, split, index, stream)."""
+    with np.errstate(over="ignore"):
+        h = _splitmix64(np.full(index.shape, seed & _MASK64, dtype=np.uint64))
+        h = _splitmix64(h ^ np.uint64(split_id))
+        h = _splitmix64(h ^ index.astype(np.uint64))
+        h = _splitmix64(h ^ np.uint64(stream))
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing
+# --------------------------------------------------------------------------------------------
+
+
+def _polygon_mask(
+    vertices: np.ndarray, cy: float, cx: float, r: float, theta: float, shape: Tuple[int, int]
+) -> np.ndarray:
+    """Rasterises unit-circle ``vertices`` ``(V, 2)`` as (x, y), rotated, scaled and shifted."""
+    cos, sin = math.cos(theta), math.sin(theta)
+    x = vertices[:, 0] * cos - vertices[:, 1] * sin
+    y = vertices[:, 0] * sin + vertices[:, 1] * cos
+    mask = np.zeros(shape, dtype=bool)
+    rr, cc = draw.polygon(cy + r * y, cx + r * x, shape=shape)
+    mask[rr, cc] = True
+    return mask
+
+
+def _regular(n: int, phase: float = 0.0) -> np.ndarray:
+    a = phase + 2.0 * math.pi * np.arange(n) / n
+    return np.stack([np.cos(a), np.sin(a)], axis=1)
+
+
+def _star(points: int, inner: float) -> np.ndarray:
+    a = -math.pi / 2 + math.pi * np.arange(2 * points) / points
+    rad = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)
+    return np.stack([rad * np.cos(a), rad * np.sin(a)], axis=1)
+
+
+_CROSS = np.array(
+    [[0.3, -0.95], [0.3, -0.3], [0.95, -0.3], [0.95, 0.3], [0.3, 0.3], [0.3, 0.95],
+     [-0.3, 0.95], [-0.3, 0.3], [-0.95, 0.3], [-0.95, -0.3], [-0.3, -0.3], [-0.3, -0.95]]
+)  # fmt: skip
+_BAR = np.array([[-0.96, -0.27], [0.96, -0.27], [0.96, 0.27], [-0.96, 0.27]])
+_HOURGLASS = np.array(
+    [[-0.68, -0.72], [0.68, -0.72], [0.1, 0.0], [0.68, 0.72], [-0.68, 0.72], [-0.1, 0.0]]
+)
+_CHEVRON = np.array([[-0.7, -0.7], [0.98, 0.0], [-0.7, 0.7], [-0.2, 0.0]])
+_SQUARE = _regular(4, math.pi / 4)
+_TRIANGLE = _regular(3, -math.pi / 2)
+_STAR = _star(5, 0.42)
+
+
+def _shape_mask(
+    name: str, cy: float, cx: float, r: float, theta: float, rng: np.random.Generator,
+    shape: Tuple[int, int],
+) -> np.ndarray:  # fmt: skip
+    """Boolean mask of one object; every shape lies within radius ``r`` of ``(cy, cx)``."""
+    if name == "disk":
+        mask = np.zeros(shape, dtype=bool)
+        mask[draw.disk((cy, cx), r, shape=shape)] = True
+        return mask
+    if name == "ring":
+        outer = np.zeros(shape, dtype=bool)
+        outer[draw.disk((cy, cx), r, shape=shape)] = True
+        outer[draw.disk((cy, cx), r * rng.uniform(0.45, 0.6), shape=shape)] = False
+        return outer
+    if name == "crescent":
+        mask = np.zeros(shape, dtype=bool)
+        mask[draw.disk((cy, cx), r, shape=shape)] = True
+        off = r * rng.uniform(0.45, 0.6)
+        mask[draw.disk((cy + off * math.sin(theta), cx + off * math.cos(theta)), 0.9 * r, shape=shape)] = False
+        return mask
+    vertices = {
+        "square": _SQUARE,
+        "triangle": _TRIANGLE,
+        "star": _STAR,
+        "cross": _CROSS,
+        "bar": _BAR,
+        "hourglass": _HOURGLASS,
+        "chevron": _CHEVRON,
+    }[name]
+    return _polygon_mask(vertices, cy, cx, r, theta, shape)
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    return np.asarray(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32)
+
+
+def _box(mask: np.ndarray) -> np.ndarray:
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.int64)
+
+
+def _check_probability(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not (0.0 <= float(value) <= 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+class SpuriousContextShapes(Dataset):
+    r"""Procedural shapes with a class-correlated context cue, exact masks and a cue-independent test.
+
+    See the module docstring (:mod:`captum_consistency.data.synthetic`) for the generator. Each
+    object class ``y`` is one shape of :data:`SHAPES`; each class also owns a cue (stripes at
+    ``180 y / K`` degrees in hue ``y / K``) drawn beside the object. In ``"train"`` and
+    ``"val"`` the cue matches the object class with probability ``cue_strength``, so
+
+    .. math::
+
+        P(\text{cue} = c \mid y) = p\,[c = y] + \frac{1 - p}{K - 1}\,[c \neq y],
+
+    while in ``"test"`` it is uniform, :math:`P(\text{cue} = c \mid y) = 1 / K`, and about
+    ``(K - 1) / K`` of the test images are cue-conflicting. Images are rendered on the fly in
+    ``__getitem__`` (well under 2 ms for 64x64 on one CPU core), optionally memoised.
+
+    Args:
+        split (str): ``"train"`` (cue correlated), ``"val"`` (same distribution as train, other
+            images) or ``"test"`` (cue independent of the class). Default ``"train"``.
+        num_classes (int): number of object classes ``K``, 2 to ``len(SHAPES)`` (10). Default 4.
+        image_size (int): side of the square images, at least 32. Default 64.
+        cue_strength (float): probability in [0, 1] that the cue matches the object class in
+            train/val (``1 / K`` makes it uninformative; ignored by ``"test"``). Default 0.9.
+        stray_cue_prob (float): probability in [0, 1] of an extra cue of a uniformly drawn class
+            placed at least ``side / 2`` pixels away from the object. Default 0.25.
+        clutter (float): background clutter level in [0, 1]; 0 gives a flat grey background.
+            Default 0.5.
+        length (int, optional): number of images in the split; default 10000 (train), 1000
+            (val), 2000 (test).
+        seed (int): non-negative seed of the whole data set. Default 0.
+        normalize (bool): return images standardised with :attr:`mean` and :attr:`std` (True,
+            default) or in [0, 1] (False).
+        cache (bool): memoise rendered samples in memory (each ``DataLoader`` worker keeps its own
+            cache unless ``persistent_workers``; about 16 KB per 64x64 image). Default False.
+        annotations (bool): make ``__getitem__`` return a :class:`SyntheticSample` instead of
+            ``(image, label)``; see also :meth:`with_annotations`. Default False.
+
+    Attributes:
+        classes (list of str): class names (:data:`SHAPES` ``[:K]``).
+        targets (list of int): object class of every image, computed without rendering.
+        cue_targets (list of int): class of the cue beside every object, without rendering.
+        mean, std (tuple of float): per-channel statistics used by ``normalize`` (measured on
+            the default generator and rounded).
+
+    Examples::
+
+        >>> from torch.utils.data import DataLoader
+        >>> from captum_consistency.data import SpuriousContextShapes
+        >>> train = SpuriousContextShapes("train", num_classes=4, cue_strength=0.9, seed=0)
+        >>> image, label = train[0]              # (3, 64, 64) float32, int
+        >>> test = SpuriousContextShapes("test", num_classes=4, seed=0)
+        >>> s = test.sample(0)                   # SyntheticSample with masks, boxes and cue
+        >>> s.mask.shape, s.box, s.cue_consistent
+        >>> conflicting = torch.utils.data.Subset(test, test.conflicting_indices())
+        >>> for batch in DataLoader(test.with_annotations(), batch_size=64):
+        ...     batch.image, batch.label, batch.mask     # stacked by default_collate
+    """
+
+    #: Per-channel mean and std of the default generator (``clutter=0.5``; measured 0.447 and
+    #: 0.137 to 0.144 for 4 and 10 classes), rounded and shared by all knobs.
+    mean: Tuple[float, float, float] = (0.447, 0.447, 0.447)
+    std: Tuple[float, float, float] = (0.14, 0.14, 0.14)
+
+    def __init__(
+        self,
+        split: str = "train",
+        num_classes: int = 4,
+        image_size: int = 64,
+        cue_strength: float = 0.9,
+        stray_cue_prob: float = 0.25,
+        clutter: float = 0.5,
+        length: Optional[int] = None,
+        seed: int = 0,
+        normalize: bool = True,
+        cache: bool = False,
+        annotations: bool = False,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, Integral):
+            raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
+        if not 2 <= num_classes <= len(SHAPES):
+            raise ValueError(f"num_classes must be between 2 and {len(SHAPES)}, got {num_classes}")
+        if isinstance(image_size, bool) or not isinstance(image_size, Integral):
+            raise TypeError(f"image_size must be an int, got {type(image_size).__name__}")
+        if image_size < MIN_IMAGE_SIZE:
+            raise ValueError(
+                f"image_size must be at least {MIN_IMAGE_SIZE} to draw objects and cues, got {image_size}"
+            )
+        if length is None:
+            length = DEFAULT_LENGTHS[split]
+        if isinstance(length, bool) or not isinstance(length, Integral) or length < 1:
+            raise ValueError(f"length must be a positive int, got {length!r}")
+        if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+
+        self.split = split
+        self.split_id = SPLITS[split]
+        self.num_classes = int(num_classes)
+        self.image_size = int(image_size)
+        self.cue_strength = _check_probability("cue_strength", cue_strength)
+        self.stray_cue_prob = _check_probability("stray_cue_prob", stray_cue_prob)
+        self.clutter = _check_probability("clutter", clutter)
+        self.length = int(length)
+        self.seed = int(seed)
+        self.normalize = bool(normalize)
+        self.annotations = bool(annotations)
+        self.classes: List[str] = list(SHAPES[: self.num_classes])
+        self._cache: Optional[Dict[int, dict]] = {} if cache else None
+
+        labels, cues, strays = self._sample_labels(np.arange(self.length))
+        self._labels, self._cues, self._strays = labels, cues, strays
+        self.targets: List[int] = labels.tolist()
+        self.cue_targets: List[int] = cues.tolist()
+        self._mean = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
+
+    # ---------------------------------------------------------------- labels (no rendering)
+
+    def _sample_labels(self, index: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Object class, cue class and stray-cue class (-1: none) of each index, vectorised."""
+        k = self.num_classes
+
+        def u(stream: int) -> np.ndarray:
+            return _hash_uniform(self.seed, self.split_id, index, stream)
+
+        labels = np.minimum((u(_U_LABEL) * k).astype(np.int64), k - 1)
+        if self.split == "test":
+            cues = np.minimum((u(_U_CUE_CLASS) * k).astype(np.int64), k - 1)
+        else:
+            other = labels + 1 + np.minimum((u(_U_CUE_CLASS) * (k - 1)).astype(np.int64), k - 2)
+            cues = np.where(u(_U_CUE_KEEP) < self.cue_strength, labels, other % k)
+        stray = np.minimum((u(_U_STRAY_CLASS) * k).astype(np.int64), k - 1)
+        strays = np.where(u(_U_STRAY) < self.stray_cue_prob, stray, -1)
+        return labels, cues, strays
+
+    @property
+    def cue_consistent(self) -> Tensor:
+        """``(N,)`` bool: the cue beside the object is the cue of its class (no rendering)."""
+        return torch.from_numpy(self._labels == self._cues)
+
+    def consistent_indices(self) -> Tensor:
+        """Indices of the cue-consistent images, e.g. for ``torch.utils.data.Subset``."""
+        return torch.from_numpy(np.flatnonzero(self._labels == self._cues))
+
+    def conflicting_indices(self) -> Tensor:
+        """Indices of the cue-conflicting images (cue of another class beside the object)."""
+        return torch.from_numpy(np.flatnonzero(self._labels != self._cues))
+
+    # ---------------------------------------------------------------- rendering
+
+    def _rng(self, index: int, stream: int) -> np.random.Generator:
+        return np.random.Generator(
+            np.random.PCG64(np.random.SeedSequence([self.seed, self.split_id, index, stream]))
+        )
+
+    def _background(self, rng: np.random.Generator) -> np.ndarray:
+        n = self.image_size
+        base = rng.uniform(0.3, 0.6)
+        img = np.full((n, n, 3), base, dtype=np.float32)
+        c = self.clutter
+        if c == 0.0:
+            return img
+        img += (rng.normal(0.0, 0.02, 3) * c).astype(np.float32)
+        # A faint linear gradient in a random direction.
+        a = rng.uniform(0.0, 2.0 * math.pi)
+        ramp = (np.cos(a) * np.arange(n)[None, :] + np.sin(a) * np.arange(n)[:, None]) / n
+        img += (0.1 * c * (ramp - ramp.mean())).astype(np.float32)[..., None]
+        # Low-contrast, unsaturated ellipses, rasterised together: (B, H, W) membership, then one
+        # weighted sum of their tone offsets (a Python loop over skimage.draw.ellipse is 5x slower).
+        nb = rng.poisson(8.0 * c)
+        if nb:
+            q = rng.random((nb, 6), dtype=np.float32)
+            cy, cx = q[:, 0] * n, q[:, 1] * n
+            iry, irx = 1.0 / ((0.04 + 0.16 * q[:, 2]) * n), 1.0 / ((0.04 + 0.16 * q[:, 3]) * n)
+            cos, sin = np.cos(np.float32(math.pi) * q[:, 4]), np.sin(np.float32(math.pi) * q[:, 4])
+            grid = np.arange(n, dtype=np.float32)
+            dy = (grid[None, :] - cy[:, None])[:, :, None]  # (B, H, 1)
+            dx = (grid[None, :] - cx[:, None])[:, None, :]  # (B, 1, W)
+            u = dx * (cos * irx)[:, None, None] + dy * (sin * irx)[:, None, None]
+            v = dy * (cos * iry)[:, None, None] - dx * (sin * iry)[:, None, None]
+            u *= u
+            v *= v
+            inside = (u + v < 1.0).astype(np.float32).reshape(nb, n * n)
+            tone = 0.06 * (2.0 * q[:, 5:6] - 1.0) + rng.normal(0.0, 0.008, (nb, 3))
+            img += (inside.T @ tone.astype(np.float32)).reshape(n, n, 3)
+        # Faint anti-aliased lines.
+        nl = rng.poisson(6.0 * c)
+        if nl:
+            ends = rng.integers(0, n, (nl, 4))
+            tones = (base + np.where(rng.random(nl) < 0.5, -1.0, 1.0) * rng.uniform(0.08, 0.15, nl))
+            for (y0, x0, y1, x1), t in zip(ends.tolist(), tones.astype(np.float32)):
+                rr, cc, val = draw.line_aa(y0, x0, y1, x1)
+                keep = (rr >= 0) & (rr < n) & (cc >= 0) & (cc < n)
+                rr, cc, val = rr[keep], cc[keep], val[keep].astype(np.float32)[:, None]
+                img[rr, cc] = (1.0 - val) * img[rr, cc] + val * t
+        # Uniform pixel noise of std 0.03 clutter (uniform: 5x cheaper than Gaussian here).
+        img += (rng.random((n, n, 3), dtype=np.float32) - 0.5) * np.float32(0.03 * c * math.sqrt(12.0))
+        return img
+
+    def _cue_patch(self, cls: int, side: int, rng: np.random.Generator) -> np.ndarray:
+        """``(side, side, 3)`` stripes of class ``cls``: angle ``pi cls / K``, hue ``cls / K``."""
+        k = self.num_classes
+        angle = math.pi * cls / k + rng.uniform(-0.05, 0.05)
+        period = side / _STRIPES_PER_CUE
+        y, x = np.mgrid[0:side, 0:side].astype(np.float32)
+        phase = 2.0 * math.pi * (x * math.cos(angle) + y * math.sin(angle)) / period
+        on = np.cos(phase + rng.uniform(0.0, 2.0 * math.pi)) > 0
+        color = _hsv(cls / k, 1.0, 0.95)
+        return np.where(on[..., None], color, np.float32(_DARK)).astype(np.float32)
+
+    def _render(self, index: int) -> dict:
+        n = self.image_size
+        shape = (n, n)
+        label = int(self._labels[index])
+        cue_label = int(self._cues[index])
+        stray_label = int(self._strays[index])
+        rng = self._rng(index, 0)  # geometry; independent of the clutter stream
+        img = self._background(self._rng(index, 1))
+
+        # Object.
+        r = rng.uniform(*_RADIUS_RANGE) * n
+        theta = rng.uniform(0.0, 2.0 * math.pi)
+        cy, cx = rng.uniform(r + 1.0, n - r - 2.0, 2)
+        mask = _shape_mask(SHAPES[label], cy, cx, r, theta, rng, shape)
+        color = _hsv(rng.uniform(), rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
+        rr, cc = np.nonzero(mask)
+        g, a = rng.uniform(0.0, 0.15), rng.uniform(0.0, 2.0 * math.pi)
+        shade = 1.0 + g * ((cc - cx) * math.cos(a) + (rr - cy) * math.sin(a)) / r
+        img[rr, cc] = color[None, :] * shade[:, None].astype(np.float32)
+        box = _box(mask)
+
+        # Cue beside the object's box, on a side where it fits.
+        side = max(5, round(_CUE_SIZE * n))
+        gap = int(rng.integers(1, max(1, round(_CUE_MAX_GAP * n)) + 1))
+        x1, y1, x2, y2 = box
+        sides = []
+        if x1 - gap - side >= 0:
+            sides.append(("x", x1 - gap - side))
+        if x2 + gap + side <= n - 1:
+            sides.append(("x", x2 + gap + 1))
+        if y1 - gap - side >= 0:
+            sides.append(("y", y1 - gap - side))
+        if y2 + gap + side <= n - 1:
+            sides.append(("y", y2 + gap + 1))
+        axis, start = sides[int(rng.integers(len(sides)))]
+        if axis == "x":
+            centre = (y1 + y2) / 2 + rng.uniform(-0.25, 0.25) * (y2 - y1)
+            cue_y, cue_x = int(np.clip(round(centre - side / 2), 0, n - side)), int(start)
+        else:
+            centre = (x1 + x2) / 2 + rng.uniform(-0.25, 0.25) * (x2 - x1)
+            cue_y, cue_x = int(start), int(np.clip(round(centre - side / 2), 0, n - side))
+        img[cue_y : cue_y + side, cue_x : cue_x + side] = self._cue_patch(cue_label, side, rng)
+        cue_mask = np.zeros(shape, dtype=bool)
+        cue_mask[cue_y : cue_y + side, cue_x : cue_x + side] = True
+        cue_box = np.array([cue_x, cue_y, cue_x + side - 1, cue_y + side - 1], dtype=np.int64)
+
+        # Stray cue, away from the object and the cue (rejection sampling; may give up).
+        stray_mask = np.zeros(shape, dtype=bool)
+        if stray_label >= 0:
+            far = max(2, side // 2)  # keep it visibly apart from the object
+            busy = [(x1, y1, x2, y2, far), (*cue_box, 2)]
+            for _ in range(20):
+                sy, sx = rng.integers(0, n - side + 1, 2)
+                if all(
+                    sx + side - 1 < bx1 - m or sx > bx2 + m or sy + side - 1 < by1 - m or sy > by2 + m
+                    for bx1, by1, bx2, by2, m in busy
+                ):
+                    img[sy : sy + side, sx : sx + side] = self._cue_patch(stray_label, side, rng)
+                    stray_mask[sy : sy + side, sx : sx + side] = True
+                    break
+            else:
+                stray_label = -1
+
+        np.clip(img, 0.0, 1.0, out=img)
+        return {
+            "image": (img * 255.0 + 0.5).astype(np.uint8),
+            "label": label,
+            "mask": mask,
+            "box": box,
+            "cue_mask": cue_mask,
+            "cue_box": cue_box,
+            "cue_label": cue_label,
+            "stray_mask": stray_mask,
+            "stray_label": stray_label,
+            "index": index,
+        }
+
+    def _record(self, index: int) -> dict:
+        try:
+            if isinstance(index, bool):
+                raise TypeError
+            index = operator.index(index)  # ints, numpy ints, 0-d integer tensors (Subset)
+        except TypeError:
+            raise TypeError(f"index must be an int, got {type(index).__name__}") from None
+        if index < 0:
+            index += self.length
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for a split of length {self.length}")
+        index = int(index)
+        if self._cache is not None:
+            rec = self._cache.get(index)
+            if rec is None:
+                rec = self._cache[index] = self._render(index)
+            return rec
+        return self._render(index)
+
+    def _image_tensor(self, rec: dict) -> Tensor:
+        image = torch.from_numpy(rec["image"]).permute(2, 0, 1).float().div_(255.0)
+        if self.normalize:
+            image = image.sub_(self._mean).div_(self._std)
+        return image
+
+    # ---------------------------------------------------------------- public access
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Union[Tuple[Tensor, int], SyntheticSample]:
+        """``(image, label)``, or a :class:`SyntheticSample` when ``annotations`` is set."""
+        if self.annotations:
+            return self.sample(index)
+        rec = self._record(index)
+        return self._image_tensor(rec), rec["label"]
+
+    def sample(self, index: int) -> SyntheticSample:
+        """Image ``index`` with its ground truth (masks, boxes, cue class, consistency flag)."""
+        rec = self._record(index)
+        return SyntheticSample(
+            image=self._image_tensor(rec),
+            label=rec["label"],
+            mask=torch.from_numpy(rec["mask"].copy()),
+            box=torch.from_numpy(rec["box"].copy()),
+            cue_mask=torch.from_numpy(rec["cue_mask"].copy()),
+            cue_box=torch.from_numpy(rec["cue_box"].copy()),
+            cue_label=rec["cue_label"],
+            cue_consistent=rec["cue_label"] == rec["label"],
+            stray_mask=torch.from_numpy(rec["stray_mask"].copy()),
+            stray_label=rec["stray_label"],
+            index=rec["index"],
+        )
+
+    def with_annotations(self, annotations: bool = True) -> "SpuriousContextShapes":
+        """A view of this data set whose ``__getitem__`` returns :class:`SyntheticSample` s.
+
+        The view shares the cache; ``DataLoader``'s default collate stacks the samples.
+        """
+        view = copy.copy(self)
+        view.annotations = bool(annotations)
+        return view
+
+    def rgb(self, index: int) -> np.ndarray:
+        """Image ``index`` as an ``(H, W, 3)`` float32 array in [0, 1], e.g. for
+        ``pytorch_grad_cam.utils.image.show_cam_on_image``."""
+        return self._record(index)["image"].astype(np.float32) / 255.0
+
+    def denormalize(self, images: Tensor) -> Tensor:
+        """Maps images returned by this data set back to [0, 1] (identity if not ``normalize``).
+
+        Args:
+            images (Tensor): ``(3, H, W)`` or ``(N, 3, H, W)``, on any device.
+
+        Returns:
+            Tensor of the same shape, clamped to [0, 1].
+        """
+        if not isinstance(images, Tensor) or images.dim() not in (3, 4) or images.shape[-3] != 3:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"images must be a (3, H, W) or (N, 3, H, W) tensor, got {shape}")
+        if not self.normalize:
+            return images.clamp(0.0, 1.0)
+        mean = self._mean.to(device=images.device, dtype=images.dtype)
+        std = self._std.to(device=images.device, dtype=images.dtype)
+        return (images * std + mean).clamp(0.0, 1.0)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(split={self.split!r}, num_classes={self.num_classes}, "
+            f"image_size={self.image_size}, cue_strength={self.cue_strength}, "
+            f"stray_cue_prob={self.stray_cue_prob}, clutter={self.clutter}, length={self.length}, "
+            f"seed={self.seed})"
+        )
