@@ -1,11 +1,15 @@
 """Interpretation metrics of the paper (Pillai & Pirsiavash, AAAI 2021, Sec. 4.3).
 
 Functional metrics score a batch of saliency maps, one value per sample:
-:func:`pointing_game`, :func:`stochastic_pointing_game`, :func:`content_heatmap` and
-:func:`negative_quadrants_heatmap`. :class:`InterpretationMetrics` aggregates them over a
+[`pointing_game`][captum_consistency.metrics.pointing_game],
+[`stochastic_pointing_game`][captum_consistency.metrics.stochastic_pointing_game],
+[`content_heatmap`][captum_consistency.metrics.content_heatmap] and
+[`negative_quadrants_heatmap`][captum_consistency.metrics.negative_quadrants_heatmap].
+[`InterpretationMetrics`][captum_consistency.metrics.InterpretationMetrics] aggregates them over a
 dataset as the paper does (per-class PG, SPG mean and std over 5 runs, per-image CH and NQH),
-across batches and ``torch.distributed`` processes. :func:`boxes_to_mask` and
-:func:`resize_saliency` prepare the inputs.
+across batches and ``torch.distributed`` processes.
+[`boxes_to_mask`][captum_consistency.metrics.boxes_to_mask] and
+[`resize_saliency`][captum_consistency.metrics.resize_saliency] prepare the inputs.
 """
 
 from captum_consistency.metrics._accumulator import InterpretationMetrics

@@ -25,9 +25,13 @@ __all__ = ["InterpretationMetrics"]
 class InterpretationMetrics:
     r"""Accumulates PG, SPG, CH and NQH as the paper reports them (Pillai & Pirsiavash 2021).
 
-    Whole images go through :meth:`update` (Pointing Game, Stochastic Pointing Game, Content
-    Heatmap, against object masks); 2x2 composites go through :meth:`update_nqh` (Negative
-    Quadrants Heatmap, against the positive cell). :meth:`compute` aggregates as the authors:
+    Whole images go through [`update`][captum_consistency.metrics.InterpretationMetrics.update]
+    (Pointing Game, Stochastic Pointing Game, Content Heatmap, against object masks); 2x2
+    composites go through
+    [`update_nqh`][captum_consistency.metrics.InterpretationMetrics.update_nqh] (Negative
+    Quadrants Heatmap, against the positive cell).
+    [`compute`][captum_consistency.metrics.InterpretationMetrics.compute] aggregates as the
+    authors:
 
     $$
     \mathrm{PG} = \frac{1}{|\mathcal{C}|} \sum_{c \in \mathcal{C}}
@@ -51,9 +55,11 @@ class InterpretationMetrics:
     counted in ``skipped``; the paper's early-training maps can be all zero after the ReLU.
 
     Distributed evaluation: state is kept as sums and counts on the maps' device, and
-    :meth:`compute` all-reduces them over the default process group (or ``process_group``)
-    when ``torch.distributed`` is initialised, so every rank gets the dataset-wide result.
-    All ranks must call :meth:`compute` (it is a collective). Under NCCL, feed CUDA tensors.
+    [`compute`][captum_consistency.metrics.InterpretationMetrics.compute] all-reduces them over the
+    default process group (or ``process_group``) when ``torch.distributed`` is initialised, so
+    every rank gets the dataset-wide result. All ranks must call
+    [`compute`][captum_consistency.metrics.InterpretationMetrics.compute] (it is a collective).
+    Under NCCL, feed CUDA tensors.
 
     Args:
         num_classes (int): number of classes for the per-class pointing game (labels are in
@@ -147,7 +153,8 @@ class InterpretationMetrics:
 
         Args:
             saliency (Tensor): ``(N, H, W)`` or ``(N, 1, H, W)`` non-negative maps, at the
-                masks' resolution (see :func:`~captum_consistency.metrics.resize_saliency`).
+                masks' resolution (see
+                [`resize_saliency`][captum_consistency.metrics.resize_saliency]).
             masks (Tensor): boolean ``(N, H, W)`` object masks of the class explained.
             labels (Tensor, optional): ``(N,)`` class of each sample, for the per-class
                 pointing game; may be omitted when ``num_classes == 1``.
@@ -230,21 +237,23 @@ class InterpretationMetrics:
     def compute(self) -> Dict[str, Union[float, int, Tensor]]:
         """The dataset-wide metrics (all-reduced over processes when distributed).
 
+        The keys of the result:
+
+        * ``pg``: per-class pointing-game accuracy averaged over the classes with samples;
+        * ``spg_mean``, ``spg_std``: mean and standard deviation (``ddof=0``) over the
+          ``num_runs`` runs of the per-image-averaged SPG;
+        * ``ch``: per-image-averaged Content Heatmap;
+        * ``nqh``: per-composite-averaged Negative Quadrants Heatmap;
+        * ``skipped``: degenerate samples skipped, images and composites together, with
+          ``skipped_images`` and ``skipped_composites`` separately;
+        * ``num_images``, ``num_composites``: samples scored;
+        * ``pg_per_class``: float64 CPU tensor ``(num_classes,)`` of per-class accuracies, NaN
+          for classes without samples.
+
+        Metrics without any scored sample are NaN. Values are fractions, not percentages.
+
         Returns:
-            dict with
-
-            * ``pg``: per-class pointing-game accuracy averaged over classes with samples;
-            * ``spg_mean``, ``spg_std``: mean and standard deviation (``ddof=0``) over the
-              ``num_runs`` runs of the per-image-averaged SPG;
-            * ``ch``: per-image-averaged Content Heatmap;
-            * ``nqh``: per-composite-averaged Negative Quadrants Heatmap;
-            * ``skipped``: degenerate samples skipped, images and composites together, with
-              ``skipped_images`` and ``skipped_composites`` separately;
-            * ``num_images``, ``num_composites``: samples scored;
-            * ``pg_per_class``: float64 CPU tensor ``(num_classes,)`` of per-class accuracies,
-              NaN for classes without samples.
-
-            Metrics without any scored sample are NaN. Fractions, not percentages.
+            dict: the metrics above, Python floats and ints (and one tensor).
         """
         state = self._reduced_state().cpu()
         s = {name: state[sl] for name, sl in self._layout().items()}

@@ -4,16 +4,18 @@ All four metrics score a batch of saliency maps ``(N, H, W)`` (or ``(N, 1, H, W)
 the maps' device, with no Python loop over samples or pixels (on CPU the batch is split into a
 few chunks of about ``CPU_CHUNK_ELEMENTS`` values so that temporaries stay cache-sized):
 
-* :func:`pointing_game` (PG, Zhang et al. 2016): is the map's maximum within ``tolerance``
-  pixels of the object?
-* :func:`stochastic_pointing_game` (SPG): the pointing game for ``num_samples`` locations drawn
-  from the map normalised to a distribution.
-* :func:`content_heatmap` (CH): the fraction of the map's mass inside the object.
-* :func:`negative_quadrants_heatmap` (NQH): the fraction of a 2x2 composite's map outside the
-  positive cell.
+* [`pointing_game`][captum_consistency.metrics.pointing_game] (PG, Zhang et al. 2016): is the
+  map's maximum within ``tolerance`` pixels of the object?
+* [`stochastic_pointing_game`][captum_consistency.metrics.stochastic_pointing_game] (SPG): the
+  pointing game for ``num_samples`` locations drawn from the map normalised to a distribution.
+* [`content_heatmap`][captum_consistency.metrics.content_heatmap] (CH): the fraction of the
+  map's mass inside the object.
+* [`negative_quadrants_heatmap`][captum_consistency.metrics.negative_quadrants_heatmap] (NQH):
+  the fraction of a 2x2 composite's map outside the positive cell.
 
 Degenerate samples, an all-zero map or an empty mask, score ``NaN``; aggregate with
-:class:`~captum_consistency.metrics.InterpretationMetrics`, which skips and counts them.
+[`InterpretationMetrics`][captum_consistency.metrics.InterpretationMetrics], which skips and
+counts them.
 
 How the tolerance test is exact and fast: a point ``(u, v)`` hits the mask when some mask pixel
 ``(x, y)`` has ``(x - u)^2 + (y - v)^2 < t^2``. The disk of radius ``t`` is a stack of horizontal
@@ -92,7 +94,9 @@ def _prepare_saliency(saliency: Tensor, argname: str = "saliency") -> _Saliency:
     return _Saliency(maps, totals)
 
 
-def _check_masks(masks: Tensor, shape: torch.Size, device: torch.device, argname: str = "masks") -> Tensor:
+def _check_masks(
+    masks: Tensor, shape: torch.Size, device: torch.device, argname: str = "masks"
+) -> Tensor:
     """Boolean ``(N, H, W)`` (or ``(N, 1, H, W)``) of the saliency's shape, on its device."""
     if not isinstance(masks, Tensor):
         raise TypeError(f"{argname} must be a bool Tensor, got {type(masks).__name__}")
@@ -112,7 +116,9 @@ def _check_masks(masks: Tensor, shape: torch.Size, device: torch.device, argname
 
 def _check_tolerance(tolerance: float) -> float:
     if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real):
-        raise TypeError(f"tolerance must be a real number of pixels, got {type(tolerance).__name__}")
+        raise TypeError(
+            f"tolerance must be a real number of pixels, got {type(tolerance).__name__}"
+        )
     if not (math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(f"tolerance must be a positive finite number of pixels, got {tolerance}")
     return float(tolerance)
@@ -125,7 +131,9 @@ def _check_positive_int(value: int, argname: str) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _disk_rows(tolerance: float, height: int, width: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+def _disk_rows(
+    tolerance: float, height: int, width: int
+) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """Row offsets ``dy`` and half-widths ``w(dy)`` of the open disk ``dx^2 + dy^2 < t^2``.
 
     Only offsets that can reach inside an ``height x width`` image are kept, and half-widths are
@@ -392,18 +400,19 @@ def pointing_game(saliency: Tensor, masks: Tensor, tolerance: float = 15) -> Ten
     (Sec. 4.3: "we dilate the object mask ... by a margin of 15 pixels"), computed exactly for
     the whole batch. On ties, the first maximum in row-major order is used (as
     ``torch.argmax``). Accuracy is ``#hits / (#hits + #misses)``; the paper averages it per
-    class, see :class:`~captum_consistency.metrics.InterpretationMetrics`.
+    class, see [`InterpretationMetrics`][captum_consistency.metrics.InterpretationMetrics].
 
     Args:
         saliency (Tensor): ``(N, H, W)`` or ``(N, 1, H, W)`` non-negative maps, already at the
-            masks' resolution (see :func:`~captum_consistency.metrics.resize_saliency`).
+            masks' resolution (see [`resize_saliency`][captum_consistency.metrics.resize_saliency]).
         masks (Tensor): boolean ``(N, H, W)`` object masks (see
-            :func:`~captum_consistency.metrics.boxes_to_mask` for boxes).
+            [`boxes_to_mask`][captum_consistency.metrics.boxes_to_mask] for boxes).
         tolerance (float): the margin ``t`` in pixels; the paper uses 15 at 224x224.
 
     Returns:
-        Tensor ``(N,)`` of the saliency's floating dtype: 1.0 for a hit, 0.0 for a miss, NaN
-        for a degenerate sample (all-zero map or empty mask), whose maximum is meaningless.
+        Tensor: ``(N,)`` of the saliency's floating dtype: 1.0 for a hit, 0.0 for a miss,
+            NaN for a degenerate sample (all-zero map or empty mask), whose maximum is
+            meaningless.
 
     Raises:
         ValueError: negative or NaN ``saliency``, a non-boolean ``masks`` or mismatched shapes.
@@ -432,7 +441,8 @@ def stochastic_pointing_game(
     r"""Stochastic Pointing Game (SPG, Pillai & Pirsiavash 2021, Sec. 4.3), one value per sample.
 
     The map normalised to sum one is a distribution over pixels; ``S = num_samples`` locations
-    are drawn from it with replacement and each is tested like the :func:`pointing_game`:
+    are drawn from it with replacement and each is tested like the
+    [`pointing_game`][captum_consistency.metrics.pointing_game]:
 
     $$
     \mathrm{SPG}(m, M) = \frac{1}{S} \sum_{s=1}^{S} \mathbb{1}\Big[\exists (x, y) \in M :
@@ -442,8 +452,9 @@ def stochastic_pointing_game(
 
     Its expectation is the map's mass within ``tolerance`` of the object. The paper reports the
     mean and standard deviation over 5 runs (different draws), which
-    :class:`~captum_consistency.metrics.InterpretationMetrics` does. Invariant to scaling the
-    map by a positive constant; with a one-hot map it equals the pointing game.
+    [`InterpretationMetrics`][captum_consistency.metrics.InterpretationMetrics] does.
+    Invariant to scaling the map by a positive constant; with a one-hot map it equals the
+    pointing game.
 
     Args:
         saliency (Tensor): ``(N, H, W)`` or ``(N, 1, H, W)`` non-negative maps.
@@ -453,8 +464,8 @@ def stochastic_pointing_game(
         generator (torch.Generator, optional): source of the draws, on the saliency's device.
 
     Returns:
-        Tensor ``(N,)`` of fractions in ``[0, 1]`` (multiples of ``1 / num_samples``); NaN for
-        a degenerate sample (all-zero map or empty mask).
+        Tensor: ``(N,)`` fractions in ``[0, 1]`` (multiples of ``1 / num_samples``); NaN for
+            a degenerate sample (all-zero map or empty mask).
 
     Raises:
         ValueError: negative or NaN ``saliency``, a non-boolean ``masks``, mismatched shapes,
@@ -472,7 +483,9 @@ def stochastic_pointing_game(
     maps, totals = _prepare_saliency(saliency)
     masks = _check_masks(masks, maps.shape, maps.device)
     _check_generator(generator, maps.device)
-    scores = _score_images(maps, totals, masks, tolerance, num_samples, 1, generator, pg=False, ch=False)
+    scores = _score_images(
+        maps, totals, masks, tolerance, num_samples, 1, generator, pg=False, ch=False
+    )
     return scores.spg.squeeze(1)
 
 
@@ -491,8 +504,8 @@ def content_heatmap(saliency: Tensor, masks: Tensor) -> Tensor:
         masks (Tensor): boolean ``(N, H, W)`` object masks.
 
     Returns:
-        Tensor ``(N,)`` of fractions in ``[0, 1]``; NaN for a degenerate sample (all-zero map
-        or empty mask).
+        Tensor: ``(N,)`` fractions in ``[0, 1]``; NaN for a degenerate sample (all-zero map
+            or empty mask).
 
     Raises:
         ValueError: negative or NaN ``saliency``, a non-boolean ``masks`` or mismatched shapes.
@@ -524,8 +537,8 @@ def negative_quadrants_heatmap(saliency: Tensor, cells: Tensor) -> Tensor:
     $$
 
     where ``Q_k`` is cell ``k`` of the grid with the convention of
-    :func:`~captum_consistency.composition.compose_grid` (row ``k // 2``, column ``k % 2``,
-    split at ``H // 2`` and ``W // 2``; see :func:`~captum_consistency.composition.cell_mask`).
+    [`compose_grid`][captum_consistency.compose_grid] (row ``k // 2``, column ``k % 2``,
+    split at ``H // 2`` and ``W // 2``; see [`cell_mask`][captum_consistency.cell_mask]).
     Lower is better. It equals ``1 - CH`` with the cell's mask, and one minus Quantus'
     ``Focus`` for a mosaic whose only positive quadrant is cell ``k``.
 
@@ -535,7 +548,7 @@ def negative_quadrants_heatmap(saliency: Tensor, cells: Tensor) -> Tensor:
             ``compose_grid(..., return_cells=True)``.
 
     Returns:
-        Tensor ``(N,)`` of fractions in ``[0, 1]``; NaN for an all-zero map.
+        Tensor: ``(N,)`` fractions in ``[0, 1]``; NaN for an all-zero map.
 
     Raises:
         ValueError: negative or NaN ``saliency``, or ``cells`` of the wrong shape or outside
@@ -556,7 +569,9 @@ def _check_nqh_cells(cells: Tensor, n: int, device: torch.device) -> Tensor:
         try:
             cells = torch.as_tensor(cells)
         except (TypeError, ValueError, RuntimeError):
-            raise TypeError(f"cells must be an integer tensor of shape ({n},), got {type(cells).__name__}")
+            raise TypeError(
+                f"cells must be an integer tensor of shape ({n},), got {type(cells).__name__}"
+            )
     _check_cells(cells, n)
     return cells.to(device)
 

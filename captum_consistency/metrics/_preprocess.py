@@ -18,7 +18,9 @@ def _check_size(size, argname: str = "size") -> Size:
     if (
         not isinstance(size, (tuple, list, torch.Size))
         or len(size) != 2
-        or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in size)
+        or not all(
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in size
+        )
     ):
         raise ValueError(f"{argname} must be a pair of positive integers (H, W), got {size!r}")
     return int(size[0]), int(size[1])
@@ -56,7 +58,7 @@ def boxes_to_mask(
         one_based (bool): the corners are 1-based (VOC, ImageNet XML) rather than 0-based.
 
     Returns:
-        Bool tensor ``(H, W)`` or ``(N, H, W)`` on the boxes' device.
+        Tensor: bool ``(H, W)`` or ``(N, H, W)`` on the boxes' device.
 
     Raises:
         ValueError: boxes not of shape ``(..., 4)``, or a bad ``size``.
@@ -77,7 +79,8 @@ def boxes_to_mask(
             boxes, single = boxes.unsqueeze(0), True
         if boxes.dim() != 3 or boxes.shape[-1] != 4:
             raise ValueError(
-                f"boxes must have shape (B, 4) or (N, B, 4) as (x1, y1, x2, y2), got {tuple(boxes.shape)}"
+                "boxes must have shape (B, 4) or (N, B, 4) as (x1, y1, x2, y2), "
+                f"got {tuple(boxes.shape)}"
             )
     elif isinstance(boxes, (list, tuple)):
         items = [torch.as_tensor(b) for b in boxes]
@@ -124,8 +127,9 @@ def resize_saliency(
             ``(H_i, W_i)`` per sample when the original images differ in size.
 
     Returns:
-        With one ``size``: a tensor of the input's layout, ``(N, H, W)`` or ``(N, 1, H, W)``.
-        With one size per sample: a list of ``N`` tensors ``(H_i, W_i)`` (or ``(1, H_i, W_i)``).
+        Tensor or list of Tensor: with one ``size``, a tensor of the input's layout,
+            ``(N, H, W)`` or ``(N, 1, H, W)``; with one size per sample, a list of ``N``
+            tensors ``(H_i, W_i)`` (or ``(1, H_i, W_i)``).
 
     Raises:
         ValueError: a bad shape or ``size``.
