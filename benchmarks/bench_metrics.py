@@ -7,8 +7,9 @@ checked to be equal:
 * Content Heatmap vs ``quantus.RelevanceMassAccuracy`` (target: at least 50x faster);
 * Negative Quadrants Heatmap vs ``1 - quantus.Focus`` (target: at least 50x faster);
 * Pointing Game at tolerance 1 vs ``quantus.PointingGame`` (no margin; target 50x faster);
-* Pointing Game at tolerance 15 vs TorchRay's ``PointingGame.evaluate`` per map;
-* Stochastic Pointing Game (100 draws) vs TorchRay's ``evaluate`` on each of the same draws;
+* Pointing Game at tolerance 15 vs TorchRay's ``PointingGame.evaluate`` per map, and the
+  Stochastic Pointing Game (100 draws) vs TorchRay's ``evaluate`` on each of the same draws
+  (Quantus has neither; target: faster, with equal values);
 * all four metrics together (SPG with 100 draws): target under 0.5 s; and the
   ``InterpretationMetrics`` accumulator (SPG 5 runs x 100 draws) on the same batch.
 
@@ -72,6 +73,10 @@ def _quantus_inputs(saliency: torch.Tensor, masks: torch.Tensor):
 def _speed_row(name, ours_s, peer, peer_s, equal) -> Dict:
     ok = equal and ours_s * SPEEDUP_TARGET <= peer_s
     return row(name, ours_s, peer, peer_s, f"<= {1 / SPEEDUP_TARGET:.3f}, equal", ok)
+
+
+def _faster_row(name, ours_s, peer, peer_s, equal) -> Dict:
+    return row(name, ours_s, peer, peer_s, "< 1, equal", equal and ours_s < peer_s)
 
 
 def _info_row(name, ours_s, peer, peer_s, equal) -> Dict:
@@ -149,7 +154,7 @@ def bench_torchray(saliency, masks, repeats: int, spg_maps: int) -> List[Dict]:
     ours = pointing_game(saliency, masks, tolerance=15)
     equal = torch.equal(ours, theirs["pg"].squeeze(1).float())
     ours_s = time_call(lambda: pointing_game(saliency, masks, tolerance=15), repeats)
-    rows.append(_speed_row(f"pointing_game tol 15 {n}x{h}x{w}", ours_s, "torchray PointingGame", peer_s, equal))
+    rows.append(_faster_row(f"pointing_game tol 15 {n}x{h}x{w}", ours_s, "torchray PointingGame", peer_s, equal))
 
     # SPG: TorchRay's test on each of the same 100 draws (the generator is replayed).
     s, m = saliency[:spg_maps], masks[:spg_maps]
@@ -161,7 +166,7 @@ def bench_torchray(saliency, masks, repeats: int, spg_maps: int) -> List[Dict]:
         lambda: stochastic_pointing_game(s, m, 15, 100, generator=torch.Generator().manual_seed(1)), repeats
     )
     rows.append(
-        _speed_row(f"stochastic_pointing_game 100 {spg_maps}x{h}x{w}", ours_s, "torchray evaluate x100", peer_s, equal)
+        _faster_row(f"stochastic_pointing_game 100 {spg_maps}x{h}x{w}", ours_s, "torchray evaluate x100", peer_s, equal)
     )
     return rows
 
