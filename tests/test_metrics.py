@@ -430,6 +430,19 @@ def test_degenerate_samples_are_nan():
     assert not torch.isnan(nqh[[0, 2]]).any() and torch.isnan(nqh[1])
 
 
+def test_maps_that_require_grad_are_scored_without_a_graph():
+    saliency = torch.rand(3, 12, 12, requires_grad=True)
+    masks = torch.rand(3, 12, 12) > 0.5
+    for out in (
+        pointing_game(saliency, masks),
+        stochastic_pointing_game(saliency, masks),
+        content_heatmap(saliency, masks),
+        negative_quadrants_heatmap(saliency, torch.tensor([0, 1, 2])),
+    ):
+        assert not out.requires_grad
+    torch.testing.assert_close(content_heatmap(saliency, masks), content_heatmap(saliency.detach(), masks))
+
+
 def test_empty_batch():
     empty, masks = torch.zeros(0, 8, 8), torch.zeros(0, 8, 8, dtype=torch.bool)
     for metric in (pointing_game, content_heatmap, stochastic_pointing_game):

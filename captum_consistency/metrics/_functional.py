@@ -13,6 +13,9 @@ few chunks of about ``CPU_CHUNK_ELEMENTS`` values so that temporaries stay cache
 * [`negative_quadrants_heatmap`][captum_consistency.metrics.negative_quadrants_heatmap] (NQH):
   the fraction of a 2x2 composite's map outside the positive cell.
 
+The metrics are evaluation tools: they run under ``torch.no_grad()`` and accept maps that
+require grad (e.g. straight from a Captum attribution) without recording a graph.
+
 Degenerate samples, an all-zero map or an empty mask, score ``NaN``; aggregate with
 [`InterpretationMetrics`][captum_consistency.metrics.InterpretationMetrics], which skips and
 counts them.
@@ -383,6 +386,7 @@ def _score_images(
 # --------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def pointing_game(saliency: Tensor, masks: Tensor, tolerance: float = 15) -> Tensor:
     r"""Pointing Game (Zhang et al. 2016) with a tolerance margin, one result per sample.
 
@@ -431,6 +435,7 @@ def pointing_game(saliency: Tensor, masks: Tensor, tolerance: float = 15) -> Ten
     return _score_images(maps, totals, masks, tolerance, 0, 0, None, ch=False).pg
 
 
+@torch.no_grad()
 def stochastic_pointing_game(
     saliency: Tensor,
     masks: Tensor,
@@ -489,6 +494,7 @@ def stochastic_pointing_game(
     return scores.spg.squeeze(1)
 
 
+@torch.no_grad()
 def content_heatmap(saliency: Tensor, masks: Tensor) -> Tensor:
     r"""Content Heatmap (CH, Pillai & Pirsiavash 2021, Sec. 4.3): the map's mass inside the mask.
 
@@ -525,6 +531,7 @@ def content_heatmap(saliency: Tensor, masks: Tensor) -> Tensor:
     return out
 
 
+@torch.no_grad()
 def negative_quadrants_heatmap(saliency: Tensor, cells: Tensor) -> Tensor:
     r"""Negative Quadrants Heatmap (NQH, Pillai & Pirsiavash 2021, Sec. 4.3).
 

@@ -26,6 +26,7 @@ def _check_size(size, argname: str = "size") -> Size:
     return int(size[0]), int(size[1])
 
 
+@torch.no_grad()
 def boxes_to_mask(
     boxes: Union[Tensor, Sequence[Tensor]], size: Size, one_based: bool = False
 ) -> Tensor:
