@@ -83,9 +83,13 @@ def fullgrad_postprocess(term: Tensor, eps: float = 1e-6) -> Tensor:
         >>> fullgrad_postprocess(torch.tensor([[[[1.0, -3.0]], [[0.5, 2.0]]]]))
         tensor([[[[0.2000, 1.6000]]]])
     """
-    a = term.abs()
+    return _rescaled_channel_sum(term.abs(), eps)
+
+
+def _rescaled_channel_sum(a: Tensor, eps: float) -> Tensor:
+    """:func:`fullgrad_postprocess` of a term whose absolute value ``a`` is already taken."""
     lo, hi = torch.aminmax(a.flatten(1), dim=1)
-    view = (-1,) + (1,) * (term.dim() - 1)
+    view = (-1,) + (1,) * (a.dim() - 1)
     return (a.sum(1, keepdim=True) - a.shape[1] * lo.view(view)) / ((hi - lo).view(view) + eps)
 
 
@@ -220,10 +224,11 @@ class FullGrad(GradientAttribution):
         inputs: Union[Tensor, Tuple[Tensor, ...]],
         target: Union[None, int, Sequence[int], Tensor],
         additional_forward_args: Optional[object],
-        on_term: Callable[[str, Tensor], None],
+        on_grad: Callable[[str, Tensor, Tensor], None],
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """Forward/backward; calls ``on_term(name, bias_term)`` for every layer with a bias and
-        returns ``(output (N,), input_term, per-sample total of the bias terms (N,))``."""
+        """Forward/backward; calls ``on_grad(name, grad, bias)`` with the gradient at the output
+        of every layer with a bias and the bias shaped to broadcast with it; returns
+        ``(output (N,), input_term, per-layer per-sample totals of the bias terms (L, N))``."""
         if isinstance(inputs, tuple):
             if len(inputs) != 1:
                 raise ValueError("FullGrad takes one input tensor; pass others as additional_forward_args")
@@ -246,9 +251,10 @@ class FullGrad(GradientAttribution):
                 # registered before any in-place op (ReLU) on `out`, so it sees the gradient at
                 # the layer's own output
                 def grad_hook(grad: Tensor) -> None:
-                    term = grad * bias
-                    sums.append(term.flatten(1).sum(1))
-                    on_term(name, term)
+                    # sum_{c, pos} grad * b = sum_c b_c sum_pos grad, without the product tensor
+                    per_channel = grad.sum(dim=tuple(range(2, grad.dim()))) if grad.dim() > 2 else grad
+                    sums.append(per_channel @ biases[name])
+                    on_grad(name, grad, bias)
 
                 out.register_hook(grad_hook)
 
@@ -279,12 +285,14 @@ class FullGrad(GradientAttribution):
                 handle.remove()
             for p, flag in flags.items():
                 p.requires_grad_(flag)
-        bias_total = torch.stack(sums).sum(0) if sums else torch.zeros_like(selected)
-        return selected.detach(), grad * x.detach(), bias_total
+        totals = torch.stack(sums) if sums else selected.new_zeros((0, selected.shape[0]))
+        return selected.detach(), grad * x.detach(), totals
 
-    def _check(self, output: Tensor, input_term: Tensor, bias_total: Tensor, scale: Tensor) -> Tensor:
-        total = input_term.flatten(1).sum(1) + bias_total
+    def _check(self, output: Tensor, input_term: Tensor, totals: Tensor) -> Tensor:
+        input_total = input_term.flatten(1).sum(1)
+        total = input_total + totals.sum(0)
         delta = total - output
+        scale = input_total.abs() + totals.abs().sum(0)  # >= |output| when complete
         bad = delta.abs() > self.completeness_rtol * scale
         if bool(bad.any()):
             suspects = [
@@ -329,7 +337,8 @@ class FullGrad(GradientAttribution):
         """
         terms: Dict[str, Tensor] = {}
 
-        def keep(name: str, term: Tensor) -> None:
+        def keep(name: str, grad: Tensor, bias: Tensor) -> None:
+            term = grad * bias
             terms[name] = terms[name] + term if name in terms else term
 
         output, input_term, _ = self._run(inputs, target, additional_forward_args, keep)
@@ -367,23 +376,17 @@ class FullGrad(GradientAttribution):
         """
         if isinstance(inputs, Tensor) and inputs.dim() != 4:
             raise ValueError(f"inputs must be images (N, C, H, W), got shape {tuple(inputs.shape)}")
-        size: Tuple[int, ...] = ()
         maps: Dict[Tuple[int, ...], Tensor] = {}
-        magnitude: List[Tensor] = []
 
-        def accumulate(name: str, term: Tensor) -> None:
-            magnitude.append(term.flatten(1).sum(1).abs())
-            if term.dim() != 4:  # linear layers: in the decomposition, not in the map
+        def accumulate(name: str, grad: Tensor, bias: Tensor) -> None:
+            if grad.dim() != 4:  # linear layers: in the decomposition, not in the map
                 return
-            m = fullgrad_postprocess(term, self.eps)
+            m = _rescaled_channel_sum(torch.mul(grad, bias).abs_(), self.eps)
             key = tuple(m.shape[2:])
             maps[key] = maps[key] + m if key in maps else m
 
-        output, input_term, bias_total = self._run(inputs, target, additional_forward_args, accumulate)
-        scale = input_term.flatten(1).sum(1).abs() + torch.stack(magnitude).sum(0) if magnitude else (
-            input_term.flatten(1).sum(1).abs()
-        )
-        delta = self._check(output, input_term, bias_total, scale)
+        output, input_term, totals = self._run(inputs, target, additional_forward_args, accumulate)
+        delta = self._check(output, input_term, totals)
         saliency = fullgrad_postprocess(input_term, self.eps)
         size = tuple(input_term.shape[2:])
         for key, m in maps.items():
