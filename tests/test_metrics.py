@@ -459,6 +459,7 @@ def test_empty_batch():
         (lambda s, m: pointing_game(s, m[:, :-1]), "masks must have the saliency's shape"),
         (lambda s, m: content_heatmap(s, m.float()), "masks must be a boolean tensor"),
         (lambda s, m: pointing_game(s[0], m), r"saliency must have shape \(N, H, W\)"),
+        (lambda s, m: content_heatmap(s[:, :0], m[:, :0]), r"with H, W >= 1"),
         (lambda s, m: pointing_game(s, m, tolerance=0), "tolerance must be a positive"),
         (lambda s, m: stochastic_pointing_game(s, m, num_samples=0), "num_samples must be a positive"),
         (lambda s, m: negative_quadrants_heatmap(s, torch.tensor([0, 4])), r"cells must lie in 0\.\.3"),

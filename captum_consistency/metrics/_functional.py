@@ -67,9 +67,10 @@ def _as_maps(saliency: Tensor, argname: str = "saliency") -> Tensor:
         raise TypeError(f"{argname} must be a Tensor, got {type(saliency).__name__}")
     if saliency.dim() == 4 and saliency.shape[1] == 1:
         saliency = saliency.squeeze(1)
-    if saliency.dim() != 3:
+    if saliency.dim() != 3 or saliency.shape[1] == 0 or saliency.shape[2] == 0:
         raise ValueError(
-            f"{argname} must have shape (N, H, W) or (N, 1, H, W), got {tuple(saliency.shape)}"
+            f"{argname} must have shape (N, H, W) or (N, 1, H, W) with H, W >= 1, "
+            f"got {tuple(saliency.shape)}"
         )
     if saliency.dtype == torch.bool or saliency.dtype.is_complex:
         raise ValueError(f"{argname} must be a real-valued tensor, got dtype {saliency.dtype}")
@@ -275,6 +276,9 @@ def _check_generator(generator: Optional[torch.Generator], device: torch.device)
         )
 
 
+_MAX_CATEGORIES = 2**24  # torch.multinomial's limit
+
+
 def _sample_points(
     maps: Tensor, totals: Tensor, num_samples: int, generator: Optional[torch.Generator]
 ) -> Tensor:
@@ -283,6 +287,11 @@ def _sample_points(
     All-zero maps (degenerate samples, scored NaN by the callers) draw uniformly instead.
     """
     weights = maps.flatten(1)
+    if weights.shape[1] > _MAX_CATEGORIES:
+        raise ValueError(
+            f"saliency maps for the stochastic pointing game may have at most 2**24 pixels "
+            f"(torch.multinomial), got {tuple(maps.shape[1:])}; resize them first"
+        )
     empty = totals <= 0
     if bool(empty.any()):
         weights = torch.where(empty.unsqueeze(1), torch.ones_like(weights), weights)
@@ -355,7 +364,8 @@ def _score_images(
     degenerate = torch.ones(n, dtype=torch.bool, device=maps.device)
     # All draws at once, so that they do not depend on the chunking.
     points = _sample_points(maps, totals, draws, generator) if draws and n else None
-    per_sample = max(height * width, draws * (2 * math.ceil(tolerance) - 1))
+    disk_rows = len(_disk_rows(tolerance, height, width)[0])
+    per_sample = max(height * width, draws * disk_rows)
     for chunk in _chunks(n, per_sample, maps.device):
         m, t, k = maps[chunk], totals[chunk], masks[chunk]
         hit = None
