@@ -127,9 +127,9 @@ def _main(args, info) -> dict:
     t0 = time.time()
     model, ckpt = load_model_from_checkpoint(args.checkpoint, device)
     data, data_root, image_size, split, synthetic = resolve_data_args(args, ckpt)
-    channels_last = device.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    # Channels-last convolutions are faster on CUDA and, with oneDNN, on the CPU (~1.4x).
+    channels_last = True
+    model.to(memory_format=torch.channels_last)
     classes = ckpt.get("classes")
     common = dict(data_root=data_root, ann_file=args.ann_file, skip_corrupt=args.skip_corrupt,
                   synthetic=synthetic)

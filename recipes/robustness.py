@@ -107,6 +107,7 @@ def _main(args, info) -> dict:
     if any(e < 0 for e in args.epsilons):
         raise ValueError(f"--epsilons must be >= 0, got {args.epsilons}")
     model, ckpt = load_model_from_checkpoint(args.checkpoint, device)
+    model.to(memory_format=torch.channels_last)  # as evaluate.py: faster, same clean accuracy
     data, data_root, image_size, split, synthetic = resolve_data_args(args, ckpt)
     if data == "coco" or ckpt.get("multilabel"):
         raise ValueError("robustness.py measures top-1 accuracy: use single-label data (imagenet, synthetic)")
