@@ -136,7 +136,8 @@ def fgsm_accuracy(
                     f"got {tuple(images.shape)}"
                 )
             if any(eps > 0 for eps in epsilons):
-                stepped = attack.perturb(images, epsilon=1.0, target=labels)
+                # a detached view requiring grad: no warning from Captum, the caller's tensor untouched
+                stepped = attack.perturb(images.detach().requires_grad_(True), epsilon=1.0, target=labels)
                 direction = torch.sign(stepped - images)
             for eps in epsilons:
                 if eps == 0:
