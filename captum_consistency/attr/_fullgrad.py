@@ -63,6 +63,17 @@ def _implicit_bias(module: nn.Module) -> Optional[Tensor]:
     return None
 
 
+def _default_rtol(x: Tensor) -> float:
+    """Completeness tolerance for the precision ``x``'s forward pass ran in."""
+    if x.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled(x.device.type):
+        return 5e-2
+    if x.is_cuda and x.dtype == torch.float32 and (
+        torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
+    ):
+        return 2e-2
+    return 1e-3
+
+
 def fullgrad_postprocess(term: Tensor, eps: float = 1e-6) -> Tensor:
     r"""The authors' ``_postProcess`` of one term, followed by the channel sum.
 
@@ -155,7 +166,9 @@ class FullGrad(GradientAttribution):
     norm in training mode, a non-piecewise-linear activation (GELU, SiLU, ...), a normalisation
     other than batch norm, or a layer with a bias FullGrad does not know -- instead of returning
     a silently wrong map. Batch norm in training mode is refused before the forward pass (it
-    would also update the running statistics).
+    would also update the running statistics). Reduced precision loosens the check by default:
+    float32 on CUDA with TF32 convolutions or matrix products allowed (PyTorch's default for
+    convolutions) rounds products to 10 mantissa bits, and half/bfloat16 to fewer.
 
     **Differences with pytorch-grad-cam's ``FullGrad``** (both use every ``Conv2d`` and
     ``BatchNorm2d``, the same implicit bias and the same gradients): pytorch-grad-cam rescales
@@ -169,8 +182,10 @@ class FullGrad(GradientAttribution):
     Args:
         model (torch.nn.Module): the classifier, returning ``(N, num_classes)``; put it in eval
             mode.
-        completeness_rtol (float): relative tolerance of the completeness check (relative to
-            the sum of the absolute values of the per-sample totals of all terms).
+        completeness_rtol (float, optional): relative tolerance of the completeness check
+            (relative to the sum of the absolute values of the per-sample totals of all terms).
+            ``None``: ``1e-3`` in full float32/float64 precision, ``2e-2`` for float32 on CUDA
+            when TF32 is allowed, ``5e-2`` for float16/bfloat16 inputs or under autocast.
         eps (float): the post-processing's ``eps``.
 
     Examples::
@@ -183,10 +198,12 @@ class FullGrad(GradientAttribution):
         True
     """
 
-    def __init__(self, model: nn.Module, completeness_rtol: float = 1e-3, eps: float = 1e-6) -> None:
+    def __init__(
+        self, model: nn.Module, completeness_rtol: Optional[float] = None, eps: float = 1e-6
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not completeness_rtol > 0:
+        if completeness_rtol is not None and not completeness_rtol > 0:
             raise ValueError(f"completeness_rtol must be positive, got {completeness_rtol}")
         if not eps > 0:
             raise ValueError(f"eps must be positive, got {eps}")
@@ -293,7 +310,10 @@ class FullGrad(GradientAttribution):
         total = input_total + totals.sum(0)
         delta = total - output
         scale = input_total.abs() + totals.abs().sum(0)  # >= |output| when complete
-        bad = delta.abs() > self.completeness_rtol * scale
+        rtol = self.completeness_rtol
+        if rtol is None:
+            rtol = _default_rtol(input_term)
+        bad = delta.abs() > rtol * scale
         if bool(bad.any()):
             suspects = [
                 f"{name or '<model>'} ({type(m).__name__})"
@@ -308,6 +328,7 @@ class FullGrad(GradientAttribution):
                 "biases are in conv, linear and batch-norm layers"
                 + (f"; modules that break it: {', '.join(suspects[:8])}" if suspects else "")
                 + ("; the model is in training mode" if self.model.training else "")
+                + f" (relative error {(delta[i].abs() / scale[i]).item():.2g} > completeness_rtol {rtol:g})"
             )
         return delta
 
