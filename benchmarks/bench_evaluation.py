@@ -17,7 +17,8 @@ sizes), same metrics:
   is the authors' element-wise Grad-CAM without their ``+ 1e-8`` offset (it moves CH by about
   1e-6 and would hide the comparison below).
 
-Checks: PG identical, CH equal to 1e-6, same number of scored images. A second row times our
+Checks: PG identical, CH equal to 1e-6, same number of scored images (strict float32: TF32
+convolutions are switched off on CUDA, as ``recipes/evaluate.py`` does by default). A second row times our
 code at batch size 1 (the gain of batching alone, informational). Target: ours at least 10x
 the authors' loop in images per second.
 
@@ -78,9 +79,34 @@ def _authors_mask(boxes, size):
     return mask
 
 
+class _TorchRayPointingGame:
+    """TorchRay's ``PointingGame`` (hits and misses per class, brute-force tolerance disk)."""
+
+    def __init__(self, num_classes, tolerance=15):
+        self.tolerance = tolerance
+        self.hits = torch.zeros(num_classes, dtype=torch.float64)
+        self.misses = torch.zeros(num_classes, dtype=torch.float64)
+
+    def evaluate(self, mask, point):
+        v, u = torch.meshgrid((torch.arange(mask.shape[0], dtype=torch.float32) - point[1]) ** 2,
+                              (torch.arange(mask.shape[1], dtype=torch.float32) - point[0]) ** 2,
+                              indexing="ij")
+        return +1 if bool((mask & ((v + u) < self.tolerance**2)).view(-1).any()) else -1
+
+    def aggregate(self, hit, class_id):
+        (self.hits if hit == 1 else self.misses)[class_id] += 1
+
+    @property
+    def accuracy(self):
+        return (self.hits / (self.hits + self.misses).clamp(min=1)).mean()
+
+
 def authors_protocol(model, dataset, num_classes, device, spg_runs=5, seed=0) -> Dict:
     """Three scripts, batch size 1, as the authors run them; returns their numbers."""
-    from torchray.benchmark.pointing_game import PointingGame
+    try:
+        from torchray.benchmark.pointing_game import PointingGame
+    except ImportError:  # e.g. on a GPU image without TorchRay: the same test, copied
+        PointingGame = _TorchRayPointingGame
 
     layer = model.layer4
     rng = np.random.default_rng(seed)
@@ -132,6 +158,10 @@ def main(argv=None) -> List[Dict]:
 
     warnings.filterwarnings("ignore", message="torch.meshgrid")  # inside TorchRay
     device = torch.device(args.device)
+    # Strict float32 on CUDA (recipes/evaluate.py's default): TF32 convolutions would move the
+    # maps by ~1e-3 depending on the batch size, for ours and the authors' loop alike.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     per_class = max(1, args.images // 3) if args.images else (2 if args.quick else 4)
     image_size = 112 if args.quick else 224
     sizes = tuple((h // 2, w // 2) for h, w in PHOTO_SIZES) if args.quick else PHOTO_SIZES
