@@ -77,6 +77,7 @@ def run(batch_size: int, size: int, steps: int, warmup: int, rounds: int, device
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     loss_fn = GradCamConsistencyLoss(model, model.layer4, lam=25.0)
     g = torch.Generator(device=device).manual_seed(0)
+    g_cpu = torch.Generator().manual_seed(0)  # cells come from the CPU, as in recipes/train.py
     x = torch.randn(batch_size, 3, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (batch_size,), device=device, generator=g)
     composite = compose_grid(x, _in_batch_distractors(x, y, g)).contiguous(memory_format=fmt)
@@ -95,7 +96,7 @@ def run(batch_size: int, size: int, steps: int, warmup: int, rounds: int, device
     def gc_step():
         with ctx():
             z = _in_batch_distractors(x, y, g)
-            cells = torch.randint(0, 4, (batch_size,), device=device, generator=g)
+            cells = torch.randint(0, 4, (batch_size,), generator=g_cpu)
             out = loss_fn(x, y, z, cells=cells)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -106,7 +107,7 @@ def run(batch_size: int, size: int, steps: int, warmup: int, rounds: int, device
         # (distractors, composition, both forwards, one backward, one optimiser step).
         with ctx():
             z = _in_batch_distractors(x, y, g)
-            cells = torch.randint(0, 4, (batch_size,), device=device, generator=g)
+            cells = torch.randint(0, 4, (batch_size,), generator=g_cpu)
             comp = compose_grid(x, z, cells=cells)
             loss = F.cross_entropy(model(x), y) + F.cross_entropy(model(comp), y)
         opt.zero_grad(set_to_none=True)
@@ -116,7 +117,7 @@ def run(batch_size: int, size: int, steps: int, warmup: int, rounds: int, device
     def prep_only():
         with ctx():
             z = _in_batch_distractors(x, y, g)
-            cells = torch.randint(0, 4, (batch_size,), device=device, generator=g)
+            cells = torch.randint(0, 4, (batch_size,), generator=g_cpu)
             compose_grid(x, z, cells=cells)
 
     steps_fn = {"ce_224": ce_step(x), "ce_448": ce_step(composite), "gc": gc_step,

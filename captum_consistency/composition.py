@@ -71,6 +71,8 @@ def compose_grid(
             in increasing cell order. ``None`` means zeros.
         cells (Tensor, optional): ``(N,)`` integer cell indices in {0, 1, 2, 3}; cell ``k`` is at
             row ``k // 2``, column ``k % 2``. Drawn uniformly from ``generator`` when ``None``.
+            Their range is checked on their own device: pass CPU cells to a CUDA batch to keep
+            the check free of a host-device synchronisation.
         generator (torch.Generator, optional): source of the random cells.
         return_cells (bool): also return the cells used.
 
@@ -108,9 +110,18 @@ def compose_grid(
     if cells is None:
         cells = random_cells(n, generator=generator, device=positive.device)
     else:
+        # Checked on their own device: CPU cells (as random_cells makes them) are checked
+        # without a host-device synchronisation, then copied asynchronously.
         _check_cells(cells, n)
-        cells = cells.to(positive.device)
+        cells = cells.to(positive.device, non_blocking=True)
 
+    grid = _compose_checked_cells(positive, distractors, cells)
+    return (grid, cells) if return_cells else grid
+
+
+def _compose_checked_cells(positive: Tensor, distractors: Optional[Tensor], cells: Tensor) -> Tensor:
+    """:func:`compose_grid` on inputs already checked (cells on ``positive.device``)."""
+    n, c, h, w = positive.shape
     if distractors is None:
         slots = positive.new_zeros(n, NUM_CELLS, c, h, w)
         slots[:, 0] = positive
@@ -120,10 +131,7 @@ def compose_grid(
     cell_to_slot = torch.argsort(_SLOT_TO_CELL.to(cells.device)[cells], dim=1)  # (N, 4)
     index = cell_to_slot.view(n, NUM_CELLS, 1, 1, 1).expand(n, NUM_CELLS, c, h, w)
     ordered = torch.gather(slots, 1, index)  # ordered[:, k] is the content of cell k
-    grid = (
-        ordered.view(n, 2, 2, c, h, w).permute(0, 3, 1, 4, 2, 5).reshape(n, c, 2 * h, 2 * w)
-    )
-    return (grid, cells) if return_cells else grid
+    return ordered.view(n, 2, 2, c, h, w).permute(0, 3, 1, 4, 2, 5).reshape(n, c, 2 * h, 2 * w)
 
 
 def split_grid(grid: Tensor) -> Tensor:

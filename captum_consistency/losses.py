@@ -15,7 +15,7 @@ from captum_consistency.attr._elementwise_grad_cam import (
     elementwise_grad_cam,
     grad_cam,
 )
-from captum_consistency.composition import compose_grid
+from captum_consistency.composition import _compose_checked_cells, compose_grid
 from captum_consistency.saliency import DEFAULT_EPS, normalize_saliency
 
 __all__ = ["GradCamConsistencyLoss", "ConsistencyLossOutput", "LayerRecorder"]
@@ -162,6 +162,7 @@ class GradCamConsistencyLoss(nn.Module):
         self.detach_target = detach_target
         self.eps = eps
         self.generator = generator
+        self._checked_on_device = False
 
     def _check_inputs(self, images: Tensor, targets: Tensor, gradcam_targets: Optional[Tensor]):
         if not isinstance(images, Tensor) or images.dim() != 4:
@@ -214,7 +215,9 @@ class GradCamConsistencyLoss(nn.Module):
             distractors (Tensor): ``(N, 3, C, H, W)`` images whose labels exclude the class.
             cells (Tensor, optional): ``(N,)`` cells in {0, 1, 2, 3}; random when ``None``.
             gradcam_targets (Tensor, optional): ``(N,)`` class whose map is regularised;
-                defaults to ``targets`` when it is 1-D.
+                defaults to ``targets`` when it is 1-D. Its range is checked at every call on
+                the CPU, and at the first call only on an accelerator (a check there is a
+                host-device synchronisation).
 
         Returns:
             ConsistencyLossOutput: ``.loss``, ``.classification``, ``.consistency``,
@@ -232,11 +235,16 @@ class GradCamConsistencyLoss(nn.Module):
         if logits.dim() != 2:
             raise ValueError(f"the model must return (N, num_classes) logits, got {tuple(logits.shape)}")
         num_classes = logits.shape[1]
-        if int(gradcam_targets.min()) < 0 or int(gradcam_targets.max()) >= num_classes:
+        # A value check reads the tensor on the host. On CPU that is free; on an accelerator it
+        # stalls the launch queue every step, so there it runs on the first call only.
+        if (gradcam_targets.device.type == "cpu" or not self._checked_on_device) and (
+            int(gradcam_targets.min()) < 0 or int(gradcam_targets.max()) >= num_classes
+        ):
             raise ValueError(
                 f"gradcam_targets must lie in 0..{num_classes - 1}, got values in "
                 f"[{int(gradcam_targets.min())}, {int(gradcam_targets.max())}]"
             )
+        self._checked_on_device = True
         classification = self.criterion(logits, targets)
 
         index = gradcam_targets.view(-1, 1)
@@ -257,7 +265,7 @@ class GradCamConsistencyLoss(nn.Module):
             map_c = F.interpolate(map_c, size=composite.shape[-2:], mode="bilinear", align_corners=False)
         g_x = normalize_saliency(map_x, self.eps)
         g_c = normalize_saliency(map_c, self.eps)
-        target = compose_grid(g_x, cells=cells)  # Eq. 4: zero-padded into cell k
+        target = _compose_checked_cells(g_x, None, cells)  # Eq. 4: zero-padded into cell k
         consistency = (g_c - target).abs().mean()
         if self.lam > 0:
             loss = classification + self.lam * consistency

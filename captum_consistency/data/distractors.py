@@ -462,11 +462,15 @@ def gather_distractors(
     """
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a (N, C, H, W) tensor, got {getattr(images, 'shape', type(images))}")
-    targets = _as_targets(targets).to(images.device)
+    # The choice runs where the targets are: CPU targets (as the loader gives them) keep the
+    # training step free of host-device synchronisations; only the index travels, asynchronously.
+    targets = _as_targets(targets)
     if targets.shape[0] != images.shape[0]:
         raise ValueError(f"targets has {targets.shape[0]} rows but images has {images.shape[0]}")
+    if gradcam_targets is not None:
+        gradcam_targets = torch.as_tensor(gradcam_targets).to(targets.device)
     index, valid = in_batch_distractors(targets, gradcam_targets, generator)
-    out = images[index.clamp(min=0)]  # (N, 3, C, H, W)
+    out = images[index.clamp(min=0).to(images.device, non_blocking=True)]  # (N, 3, C, H, W)
     missing = (~valid).nonzero().squeeze(1)
     if missing.numel():
         n_missing = int(missing.numel())
@@ -476,12 +480,12 @@ def gather_distractors(
                 "batch mates without their class; pass fallback=DistractorFallback(dataset, "
                 "DatasetDistractorSampler(dataset.targets)) or use a larger batch"
             )
-        g = targets if gradcam_targets is None else torch.as_tensor(gradcam_targets, device=images.device)
+        g = targets if gradcam_targets is None else gradcam_targets
         extra = fallback(g[missing])
         expected = (n_missing, NUM_DISTRACTORS) + tuple(images.shape[1:])
         if not isinstance(extra, Tensor) or tuple(extra.shape) != expected:
             raise ValueError(f"fallback must return a tensor of shape {expected}, got {getattr(extra, 'shape', type(extra))}")
-        out[missing] = extra.to(device=out.device, dtype=out.dtype)
+        out[missing.to(out.device)] = extra.to(device=out.device, dtype=out.dtype)
     return (out, index, valid) if return_index else out
 
 

@@ -391,17 +391,20 @@ def train_one_epoch(
                 classification = criterion(logits, targets)
                 loss, consistency = classification, None
             else:
+                # Labels, distractor choice and cells stay on the CPU, where the loader made
+                # them: no host-device synchronisation in the step, only async copies.
                 if batch.gradcam_targets is not None:
-                    gc_targets = batch.gradcam_targets.to(device, non_blocking=True)
+                    gc_cpu = batch.gradcam_targets
                 elif multilabel:
-                    gc_targets = sample_positive_class(targets, generator)
+                    gc_cpu = sample_positive_class(batch.targets, generator)
                 else:
-                    gc_targets = targets
+                    gc_cpu = batch.targets
                 if batch.distractors is not None:
                     distractors = batch.distractors.to(device, non_blocking=True)
                 else:
-                    distractors = make_distractors(images, targets, gc_targets)
-                cells = random_cells(n, generator=generator, device=device)
+                    distractors = make_distractors(images, batch.targets, gc_cpu)
+                gc_targets = gc_cpu.to(device, non_blocking=True)
+                cells = random_cells(n, generator=generator)
                 out = loss_fn(images, targets, distractors, cells=cells, gradcam_targets=gc_targets)
                 logits, loss = out.logits, out.loss
                 classification, consistency = out.classification, out.consistency
