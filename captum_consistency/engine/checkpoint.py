@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = 1
+"""Version of the checkpoint layout that :func:`save_checkpoint` writes and
+:func:`load_checkpoint` accepts (a newer file is refused with a clear error)."""
 _TMP_PREFIX = ".tmp-"
 
 
@@ -84,8 +86,16 @@ def save_checkpoint(state: Dict[str, Any], path: str) -> str:
 def remove_stale_temporaries(path: str) -> int:
     """Deletes temporary files that a killed :func:`save_checkpoint` left next to ``path``.
 
+    Args:
+        path (str): the checkpoint file whose folder is cleaned (the file itself is kept).
+
     Returns:
         int: how many were removed.
+
+    Examples::
+
+        >>> remove_stale_temporaries("runs/x/checkpoint.pth")  # before resuming
+        0
     """
     folder = os.path.dirname(os.path.abspath(path))
     pattern = os.path.join(folder, _TMP_PREFIX + glob.escape(os.path.basename(path)) + ".*")
@@ -103,14 +113,20 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
 
     Args:
         path (str): the file.
-        map_location: passed to :func:`torch.load`.
+        map_location (str, torch.device or callable): passed to :func:`torch.load`.
 
     Returns:
-        dict
+        dict: the checkpoint (see the module docstring for its keys).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is not a readable captum-consistency checkpoint.
+
+    Examples::
+
+        >>> ckpt = load_checkpoint("runs/x/checkpoint.pth")
+        >>> ckpt["arch"], ckpt["epoch"]
+        ('resnet18', 3)
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -146,7 +162,22 @@ def check_checkpoint_compatible(
     Args:
         ckpt (dict): from :func:`load_checkpoint`.
         path (str): the checkpoint's file name, for the message.
-        arch, num_classes, gmp, classes: the model and data of the current run.
+        arch (str, optional): the architecture of the current run.
+        num_classes (int, optional): the number of classes of the current data.
+        gmp (bool, optional): whether the current run uses global max pooling.
+        classes (sequence of str, optional): the class names of the current data, in order.
+
+    Returns:
+        None: it returns only when the checkpoint matches.
+
+    Raises:
+        ValueError: the checkpoint records another architecture, pooling, number of classes
+            or class names; the message names the file and every mismatch.
+
+    Examples::
+
+        >>> ckpt = load_checkpoint(path)
+        >>> check_checkpoint_compatible(ckpt, path, arch="resnet50", num_classes=1000)
     """
     problems = []
     if arch is not None and ckpt.get("arch") != arch:
@@ -162,7 +193,23 @@ def check_checkpoint_compatible(
 
 
 def load_model_weights(model: nn.Module, state_dict: Dict[str, Any], path: str) -> None:
-    """``load_state_dict(strict=True)`` on the unwrapped model, with the file named on failure."""
+    """``load_state_dict(strict=True)`` on the unwrapped model, with the file named on failure.
+
+    Args:
+        model (torch.nn.Module): the model, possibly wrapped in ``DistributedDataParallel``.
+        state_dict (dict): the weights, e.g. ``load_checkpoint(path)["model"]``.
+        path (str): the file they come from, for the message.
+
+    Returns:
+        None: the weights are loaded in place.
+
+    Raises:
+        ValueError: missing, unexpected or mis-shaped tensors (another architecture).
+
+    Examples::
+
+        >>> load_model_weights(model, load_checkpoint(path)["model"], path)
+    """
     try:
         unwrap_model(model).load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
@@ -187,7 +234,14 @@ def load_pretrained_backbone(model: nn.Module, path: str) -> List[str]:
         FileNotFoundError: ``path`` does not exist.
         ValueError: unreadable file, or weights of another architecture (tensors missing or
             unexpected beyond the classifier).
+
+    Examples::
+
+        >>> coco_model = build_model("resnet18", num_classes=80)
+        >>> load_pretrained_backbone(coco_model, "runs/imagenet-gc/checkpoint.pth")
+        ['fc.bias', 'fc.weight']
     """
+
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--init-from file not found: {path}")
     try:

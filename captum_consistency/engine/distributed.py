@@ -43,6 +43,12 @@ class DistributedInfo:
         local_rank: rank on this node; the CUDA device index.
         device: the device this process computes on.
         distributed: True when a process group was initialised.
+
+    Examples::
+
+        >>> info = init_distributed("cpu")
+        >>> info.rank, info.world_size, info.distributed, info.is_main
+        (0, 1, False, True)
     """
 
     rank: int
@@ -102,7 +108,19 @@ def init_distributed(device: str = "cuda", backend: Optional[str] = None) -> Dis
 
 
 def cleanup_distributed() -> None:
-    """Destroys the default process group if one exists."""
+    """Destroys the default process group if one exists.
+
+    Returns:
+        None
+
+    Examples::
+
+        >>> info = init_distributed("cuda")
+        >>> try:
+        ...     train(info)
+        ... finally:
+        ...     cleanup_distributed()
+    """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -112,28 +130,77 @@ def _initialized() -> bool:
 
 
 def get_rank() -> int:
-    """Global rank, 0 outside a process group."""
+    """Global rank, 0 outside a process group.
+
+    Returns:
+        int: ``torch.distributed.get_rank()`` when a process group is initialised, else 0.
+
+    Examples::
+
+        >>> get_rank()  # plain `python`, no process group
+        0
+    """
     return dist.get_rank() if _initialized() else 0
 
 
 def get_world_size() -> int:
-    """Number of processes, 1 outside a process group."""
+    """Number of processes, 1 outside a process group.
+
+    Returns:
+        int: ``torch.distributed.get_world_size()`` in a process group, else 1.
+
+    Examples::
+
+        >>> get_world_size()  # plain `python`, no process group
+        1
+    """
     return dist.get_world_size() if _initialized() else 1
 
 
 def is_main_process() -> bool:
-    """True on rank 0 (and outside a process group)."""
+    """True on rank 0 (and outside a process group).
+
+    Returns:
+        bool: whether this process logs and writes files.
+
+    Examples::
+
+        >>> if is_main_process():
+        ...     save_checkpoint(state, "runs/x/checkpoint.pth")
+    """
     return get_rank() == 0
 
 
 def barrier() -> None:
-    """``dist.barrier()`` inside a process group, a no-op outside."""
+    """``dist.barrier()`` inside a process group, a no-op outside.
+
+    Returns:
+        None
+
+    Examples::
+
+        >>> if is_main_process():
+        ...     prepare_cache()
+        >>> barrier()  # the other ranks wait for rank 0
+    """
     if _initialized():
         dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sums ``tensor`` over all ranks, in place, and returns it (identity outside a group)."""
+    """Sums ``tensor`` over all ranks, in place, and returns it (identity outside a group).
+
+    Args:
+        tensor (Tensor): the local values, on the backend's device (CUDA under NCCL).
+
+    Returns:
+        Tensor: ``tensor`` itself, now holding the sum over all ranks.
+
+    Examples::
+
+        >>> counts = torch.tensor([correct, total], dtype=torch.float64)
+        >>> all_reduce_sum(counts)  # dataset-wide under torchrun
+    """
     if _initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
@@ -141,6 +208,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def rank_seed(seed: int, rank: int = 0, *salt: int) -> int:
     """A 63-bit seed derived from ``(seed, rank, *salt)``; distinct ranks get distinct seeds.
+
+    Args:
+        seed (int): the run's seed.
+        rank (int): the process rank.
+        *salt (int): further integers that select independent streams (e.g. an epoch).
+
+    Returns:
+        int: a seed in ``[0, 2**63)`` (:class:`numpy.random.SeedSequence` of the inputs).
 
     Examples::
 
@@ -164,6 +239,11 @@ def seed_everything(seed: int, rank: int = 0) -> int:
 
     Returns:
         int: the seed actually used on this rank.
+
+    Examples::
+
+        >>> seed_everything(0, rank=get_rank()) == rank_seed(0, get_rank())
+        True
     """
     s = rank_seed(seed, rank)
     random.seed(s)
@@ -173,7 +253,21 @@ def seed_everything(seed: int, rank: int = 0) -> int:
 
 
 def get_rng_state() -> Dict[str, Any]:
-    """Python, NumPy, torch CPU and CUDA generator states, in a ``weights_only``-loadable form."""
+    """Python, NumPy, torch CPU and CUDA generator states, in a ``weights_only``-loadable form.
+
+    Returns:
+        dict: with the keys ``"python"``, ``"numpy"``, ``"torch"`` and, when CUDA is
+        initialised, ``"cuda"``; tensors and plain Python values only, so that
+        ``torch.load(..., weights_only=True)`` reads it back.
+
+    Examples::
+
+        >>> state = get_rng_state()
+        >>> a = torch.rand(1)
+        >>> set_rng_state(state)
+        >>> bool(torch.rand(1) == a)
+        True
+    """
     np_state = np.random.get_state()
     state: Dict[str, Any] = {
         "python": random.getstate(),
@@ -192,7 +286,21 @@ def get_rng_state() -> Dict[str, Any]:
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    """Restores states saved by :func:`get_rng_state`."""
+    """Restores states saved by :func:`get_rng_state`.
+
+    CUDA states are restored only when the number of visible GPUs matches.
+
+    Args:
+        state (dict): as returned by :func:`get_rng_state` (possibly after a round trip
+            through :func:`torch.save` / :func:`torch.load`).
+
+    Returns:
+        None
+
+    Examples::
+
+        >>> set_rng_state(load_checkpoint(path)["rng"][get_rank()])
+    """
     random.setstate(_to_tuple(state["python"]))
     np_state = state["numpy"]
     np.random.set_state(
@@ -219,7 +327,21 @@ def _to_tuple(obj):
 
 
 def gather_rng_states() -> List[Dict[str, Any]]:
-    """Every rank's :func:`get_rng_state`, indexed by rank (collective under torchrun)."""
+    """Every rank's :func:`get_rng_state`, indexed by rank (collective under torchrun).
+
+    All ranks must call it (``all_gather_object``); outside a process group it returns a
+    one-element list.
+
+    Returns:
+        list of dict: ``states[r]`` is rank ``r``'s :func:`get_rng_state`.
+
+    Examples::
+
+        >>> states = gather_rng_states()  # every rank calls it
+        >>> if is_main_process():
+        ...     save_checkpoint({**state, "rng": states}, path)
+    """
+
     state = get_rng_state()
     if not _initialized():
         return [state]
