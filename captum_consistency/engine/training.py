@@ -53,6 +53,12 @@ class TrainBatch(NamedTuple):
             ``None`` to take them from the batch.
         gradcam_targets: ``(N,)`` regularised classes chosen by the loader, or ``None``.
         skipped: images of this batch dropped because they could not be decoded.
+
+    Examples::
+
+        >>> batch = TrainBatch(torch.rand(8, 3, 64, 64), torch.randint(0, 10, (8,)))
+        >>> batch.distractors is None  # train_one_epoch takes them from the batch
+        True
     """
 
     images: Tensor
@@ -69,6 +75,19 @@ def as_train_batch(batch: Any) -> TrainBatch:
     (:class:`~captum_consistency.data.ImageBatch`, :class:`~captum_consistency.data.CocoBatch`:
     ``.images``, ``.targets``, ``.skipped``) and the ``(batch, distractors, gradcam_targets)``
     triples of :func:`~captum_consistency.data.collate_with_distractors`.
+
+    Args:
+        batch (Any): what a training ``DataLoader`` yields (see above), or a
+            :class:`TrainBatch` (returned unchanged).
+
+    Returns:
+        TrainBatch: with ``targets`` as a tensor and ``skipped`` counted.
+
+    Examples::
+
+        >>> b = as_train_batch((torch.rand(4, 3, 32, 32), [0, 1, 2, 3]))
+        >>> b.targets, b.skipped
+        (tensor([0, 1, 2, 3]), 0)
     """
     if isinstance(batch, TrainBatch):
         return batch
@@ -104,6 +123,12 @@ class Schedule:
         gc_lambda: weight of the consistency term.
         cls_weight: factor on the classification loss (80 for COCO's BCE).
         batch_size: global batch size of the paper (divided among torchrun ranks by the user).
+
+    Examples::
+
+        >>> schedule = Schedule(lr=0.05, momentum=0.9, weight_decay=1e-4, epochs=30,
+        ...                     milestones=[10, 20], gc_lambda=10.0)
+        >>> scheduler = build_scheduler(build_optimizer(model, schedule), schedule)
     """
 
     lr: float
@@ -173,11 +198,34 @@ class ScaledBCEWithLogitsLoss(nn.Module):
         self.weight = float(weight)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """The scaled loss of a batch.
+
+        Args:
+            logits (Tensor): ``(N, K)`` logits (computed in float32 even under autocast).
+            targets (Tensor): ``(N, K)`` multi-hot targets in ``{0, 1}``.
+
+        Returns:
+            Tensor: scalar, ``weight`` times the mean BCE-with-logits over all entries.
+        """
         return self.weight * F.binary_cross_entropy_with_logits(logits.float(), targets.float())
 
 
 def build_optimizer(model: nn.Module, schedule: Schedule) -> torch.optim.SGD:
-    """SGD with the schedule's lr, momentum and weight decay on all parameters."""
+    """SGD with the schedule's lr, momentum and weight decay on all parameters.
+
+    Args:
+        model (torch.nn.Module): the model (possibly DDP-wrapped).
+        schedule (Schedule): the hyper-parameters, e.g. :func:`default_schedule`.
+
+    Returns:
+        torch.optim.SGD: the optimizer.
+
+    Examples::
+
+        >>> optimizer = build_optimizer(model, default_schedule("imagenet", "resnet50"))
+        >>> optimizer.defaults["lr"], optimizer.defaults["weight_decay"]
+        (0.1, 0.0001)
+    """
     return torch.optim.SGD(
         model.parameters(), lr=schedule.lr, momentum=schedule.momentum,
         weight_decay=schedule.weight_decay,
@@ -185,7 +233,25 @@ def build_optimizer(model: nn.Module, schedule: Schedule) -> torch.optim.SGD:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Schedule):
-    """``MultiStepLR`` over epochs (ImageNet's "/10 every 30 epochs" is milestones 30, 60)."""
+    """``MultiStepLR`` over epochs (ImageNet's "/10 every 30 epochs" is milestones 30, 60).
+
+    Step it once per epoch.
+
+    Args:
+        optimizer (torch.optim.Optimizer): from :func:`build_optimizer`.
+        schedule (Schedule): its ``milestones`` and ``gamma`` are used.
+
+    Returns:
+        torch.optim.lr_scheduler.MultiStepLR: the scheduler.
+
+    Examples::
+
+        >>> schedule = default_schedule("imagenet", "resnet18")
+        >>> scheduler = build_scheduler(build_optimizer(model, schedule), schedule)
+        >>> for epoch in range(schedule.epochs):
+        ...     train_one_epoch(...)
+        ...     scheduler.step()
+    """
     return torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=list(schedule.milestones), gamma=schedule.gamma
     )
@@ -204,6 +270,12 @@ def sample_positive_class(targets: Tensor, generator: Optional[torch.Generator] 
 
     Returns:
         LongTensor ``(N,)`` on ``targets.device``.
+
+    Examples::
+
+        >>> targets = torch.tensor([[1, 0, 1], [0, 1, 0]])
+        >>> sample_positive_class(targets)[1]
+        tensor(1)
     """
     if targets.dim() != 2:
         raise ValueError(f"targets must be (N, num_classes) multi-hot, got {tuple(targets.shape)}")
@@ -221,8 +293,20 @@ def multilabel_f1(tp: Tensor, fp: Tensor, fn: Tensor) -> Tuple[Tensor, float]:
     mean, 0 for a class without true positives; the per-class F1 of the paper's Table 2 is the
     mean of these. The overall F1 uses the counts summed over classes.
 
+    Args:
+        tp (Tensor): ``(C,)`` true positives per class.
+        fp (Tensor): ``(C,)`` false positives per class.
+        fn (Tensor): ``(C,)`` false negatives per class.
+
     Returns:
         ``(f1 per class (C,), f1_overall)``.
+
+    Examples::
+
+        >>> f1, overall = multilabel_f1(torch.tensor([2, 0]), torch.tensor([0, 1]),
+        ...                             torch.tensor([2, 1]))
+        >>> f1, overall
+        (tensor([0.6667, 0.0000], dtype=torch.float64), 0.5)
     """
     tp, fp, fn = tp.double(), fp.double(), fn.double()
     denom_p = (tp + fp).clamp_min(1)
@@ -235,7 +319,21 @@ def multilabel_f1(tp: Tensor, fp: Tensor, fn: Tensor) -> Tuple[Tensor, float]:
 
 
 def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on ``device`` when ``enabled``, else a null context."""
+    """bf16 autocast on ``device`` when ``enabled``, else a null context.
+
+    Args:
+        device (torch.device): the device whose type selects the autocast backend.
+        enabled (bool): ``--amp``.
+
+    Returns:
+        A context manager: ``torch.autocast(device.type, dtype=torch.bfloat16)`` or
+        :func:`contextlib.nullcontext`.
+
+    Examples::
+
+        >>> with autocast(torch.device("cuda"), enabled=True):
+        ...     logits = model(images)
+    """
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -362,6 +460,18 @@ def train_one_epoch(
         dict: epoch averages over all ranks: ``loss``, ``classification``, ``consistency``,
         ``top1`` (or ``f1_per_class``, ``f1_overall``, ``exact_match``), ``samples``,
         ``steps``, ``global_step`` and ``skipped`` (undecodable images dropped).
+
+    Examples::
+
+        >>> model = build_model("resnet18", num_classes=10)
+        >>> schedule = default_schedule("imagenet", "resnet18")
+        >>> optimizer = build_optimizer(model, schedule)
+        >>> loss_fn = GradCamConsistencyLoss(model, model.layer4, lam=schedule.gc_lambda)
+        >>> stats = train_one_epoch(
+        ...     model, optimizer, loader, torch.device("cpu"), epoch=0,
+        ...     criterion=torch.nn.CrossEntropyLoss(), loss_fn=loss_fn,
+        ...     make_distractors=lambda x, y, g: gather_distractors(x, y, g))
+        >>> stats["top1"], stats["consistency"]
     """
     if loss_fn is not None and make_distractors is None and not _loader_brings_distractors(loader):
         raise ValueError("make_distractors is required when loss_fn (the GC loss) is given")
@@ -459,10 +569,25 @@ def evaluate_classification(
     (:class:`~captum_consistency.engine.ShardSampler`): the sums are all-reduced. Pass
     ``num_classes`` for multi-label data under torchrun.
 
+    Args:
+        model (torch.nn.Module): the classifier (put in eval mode, its mode restored after).
+        loader (Iterable): batches as for :func:`train_one_epoch` (:func:`as_train_batch`).
+        device (torch.device): where to compute.
+        multilabel (bool): multi-hot targets: F1 (logit > 0 is a positive) instead of top-1.
+        amp (bool): bf16 autocast.
+        channels_last (bool): channels-last memory format for the images.
+        num_classes (int, optional): number of classes, for multi-label F1 under torchrun.
+
     Returns:
         dict: ``top1`` (or ``f1_per_class``, ``f1_overall``, ``exact_match``) in [0, 1], and
         ``samples``.
+
+    Examples::
+
+        >>> val = DataLoader(val_set, batch_size=64, sampler=ShardSampler(len(val_set), rank, world))
+        >>> evaluate_classification(model, val, torch.device("cuda"))["top1"]
     """
+
     was_training = model.training
     model.eval()
     meter = _Meter(device, num_classes, multilabel)
