@@ -19,6 +19,7 @@ __all__ = ["ARCHITECTURES", "build_model", "gradcam_layer", "gradcam_layer_name"
 
 #: Architectures the recipes can build.
 ARCHITECTURES: Tuple[str, ...] = ("resnet18", "resnet50", "alexnet")
+"""Architectures that :func:`build_model` (and ``recipes/train.py --arch``) can build."""
 
 _LAYER_NAMES: Dict[str, str] = {"resnet18": "layer4", "resnet50": "layer4", "alexnet": "features"}
 
@@ -61,6 +62,15 @@ def build_model(arch: str, num_classes: int, gmp: bool = False) -> nn.Module:
 def gradcam_layer_name(arch: str) -> str:
     """Name of the Grad-CAM layer of ``arch``: ``"layer4"`` (ResNets) or ``"features"`` (AlexNet).
 
+    Args:
+        arch (str): one of :data:`ARCHITECTURES`.
+
+    Returns:
+        str: the attribute name of the layer on the model.
+
+    Raises:
+        ValueError: unknown ``arch``.
+
     Examples::
 
         >>> gradcam_layer_name("alexnet")
@@ -74,7 +84,14 @@ def gradcam_layer_name(arch: str) -> str:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Returns the module inside ``DistributedDataParallel`` / ``DataParallel`` wrappers.
 
+    Args:
+        model (torch.nn.Module): a model, wrapped or not.
+
+    Returns:
+        torch.nn.Module: the innermost module (``model`` itself when it is not wrapped).
+
     Examples::
+
 
         >>> unwrap_model(DistributedDataParallel(net)) is net
         True
