@@ -51,7 +51,19 @@ _MISMATCH_POLICIES = ("error", "rescale")
 
 
 class CorruptImageError(OSError):
-    """An image file that exists but cannot be decoded (truncated, not an image, ...)."""
+    """An image file that exists but cannot be decoded (truncated, not an image, ...).
+
+    A subclass of :class:`OSError` raised by :func:`load_rgb` (and so by
+    :class:`ImageNetWithBoxes` with ``on_corrupt="error"``); its message names the file.
+
+    Examples::
+
+        >>> try:
+        ...     img = load_rgb("val/n01440764/broken.JPEG")
+        ... except CorruptImageError as e:
+        ...     print(e)
+        cannot decode image val/n01440764/broken.JPEG: UnidentifiedImageError: ...
+    """
 
 
 def load_rgb(path: Union[str, os.PathLike]) -> Image.Image:
@@ -59,6 +71,22 @@ def load_rgb(path: Union[str, os.PathLike]) -> Image.Image:
 
     PIL opens files lazily; ``convert("RGB")`` forces the decode, so a truncated or garbled
     file fails here, with its path, rather than later inside a transform.
+
+    Args:
+        path (str or PathLike): the image file.
+
+    Returns:
+        PIL.Image.Image: the decoded image in RGB mode.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CorruptImageError: the file cannot be decoded.
+
+    Examples::
+
+        >>> img = load_rgb("val/n01440764/ILSVRC2012_val_00000293.JPEG")
+        >>> img.mode
+        'RGB'
     """
     try:
         with open(path, "rb") as f:
@@ -92,6 +120,12 @@ def parse_voc_xml(path: Union[str, os.PathLike]) -> Tuple[List[VocObject], Optio
     Raises:
         ValueError: malformed XML, or an ``<object>`` without a name or a complete
             ``<bndbox>``; the message names the file.
+
+    Examples::
+
+        >>> objects, size = parse_voc_xml("boxes/val/ILSVRC2012_val_00000001.xml")
+        >>> objects[0].name, objects[0].box, objects[0].difficult, size
+        ('n01751748', (111.0, 108.0, 441.0, 193.0), False, (375, 500))
     """
     try:
         root = ET.parse(path).getroot()
@@ -136,6 +170,11 @@ class ImageSample(NamedTuple):
         difficult (Tensor): ``(B,)`` bool ``difficult`` flags of the boxes.
         size (tuple of int): original ``(H, W)`` of the image.
         index (int): the sample's index in the dataset.
+
+    Examples::
+
+        >>> sample = val_set[0]
+        >>> mask = boxes_to_mask(sample.boxes, sample.size, one_based=True)  # (H, W) union
     """
 
     image: Any
@@ -158,6 +197,11 @@ class ImageBatch(NamedTuple):
         indices (Tensor): ``(N,)`` int64 dataset indices.
         skipped (int): samples of this batch dropped because their image could not be decoded
             (``on_corrupt="skip"``); add it up to report the count.
+
+    Examples::
+
+        >>> for batch in DataLoader(val_set, batch_size=32, collate_fn=val_set.collate_fn):
+        ...     masks = boxes_to_mask(batch.boxes, tuple(batch.sizes[0].tolist()), one_based=True)
     """
 
     images: Tensor
@@ -177,9 +221,22 @@ def collate_image_samples(batch: Sequence[Optional[ImageSample]]) -> ImageBatch:
     (``indices.numel() == 0``; ``images`` then has shape ``(0,)``): skip it, count its
     ``skipped``.
 
+    Args:
+        batch (sequence of ImageSample or None): the samples a DataLoader gathered.
+
+    Returns:
+        ImageBatch: images stacked, targets, sizes and indices as tensors, boxes and
+        difficult flags as lists, and the count of ``None`` entries in ``skipped``.
+
     Raises:
         ValueError: images of different shapes (whole-image evaluation: use
             :class:`~captum_consistency.data.SizeGroupedBatchSampler`).
+
+    Examples::
+
+        >>> loader = DataLoader(val_set, batch_size=64, collate_fn=collate_image_samples)
+        >>> batch = next(iter(loader))
+        >>> batch.images.shape, len(batch.boxes), batch.skipped
     """
     kept = [s for s in batch if s is not None]
     skipped = len(batch) - len(kept)
@@ -409,7 +466,17 @@ class ImageNetWithBoxes(ImageFolder):
         return len(self.skipped)
 
     def boxes(self, index: int) -> Tuple[Tensor, Tensor]:
-        """The ``(B, 4)`` boxes and ``(B,)`` difficult flags of sample ``index``, as stored."""
+        """The ``(B, 4)`` boxes and ``(B,)`` difficult flags of sample ``index``, as stored.
+
+        Read from the arrays parsed at construction (no file access).
+
+        Args:
+            index (int): the sample's index.
+
+        Returns:
+            ``(boxes, difficult)``: float32 ``(B, 4)`` ``x1, y1, x2, y2`` in the XML's pixel
+            coordinates and bool ``(B,)``; ``B = 0`` without boxes.
+        """
         a, b = int(self._box_offsets[index]), int(self._box_offsets[index + 1])
         return (
             torch.from_numpy(self._box_data[a:b].copy()),
@@ -449,7 +516,14 @@ class ImageNetWithBoxes(ImageFolder):
         read), otherwise from the image header (PIL reads a few bytes, not the pixels), in
         ``num_threads`` threads. Unreadable images give ``(0, 0)`` with ``on_corrupt="skip"``
         and raise :class:`CorruptImageError` otherwise. Computed once and cached.
+
+        Args:
+            num_threads (int): threads reading image headers.
+
+        Returns:
+            list of (int, int): ``(H, W)`` per sample, in dataset order.
         """
+
         cached = getattr(self, "_original_sizes", None)
         if cached is not None:
             return list(cached)
