@@ -53,6 +53,12 @@ class CocoSample(NamedTuple):
             (exactly the nonzero entries of ``target``).
         size (tuple of int): original ``(H, W)``.
         index (int): the sample's index in the dataset.
+
+    Examples::
+
+        >>> s = coco_val[0]  # CocoMultiLabel(..., with_masks=True)
+        >>> for mask, label in zip(s.masks, s.mask_labels):  # one (H, W) mask per present class
+        ...     print(coco_val.classes[label], int(mask.sum()))
     """
 
     image: Any
@@ -74,6 +80,13 @@ class CocoBatch(NamedTuple):
         sizes (Tensor): ``(N, 2)`` int64 original ``(H, W)``.
         indices (Tensor): ``(N,)`` int64 dataset indices.
         skipped (int): samples of this batch dropped because their image could not be decoded.
+
+    Examples::
+
+        >>> loader = DataLoader(coco_val, batch_size=16, collate_fn=coco_val.collate_fn)
+        >>> batch = next(iter(loader))
+        >>> batch.targets.shape, len(batch.masks)
+        (torch.Size([16, 80]), 16)
     """
 
     images: Tensor
@@ -95,6 +108,19 @@ def collate_coco_samples(
     shape ``(0, num_classes)`` (``(0, 0)`` if ``num_classes`` is not given), ``images`` of shape
     ``(0,)``, ``masks`` an empty list if ``with_masks`` else ``None``. ``dataset.collate_fn``
     passes the data set's ``num_classes`` and ``with_masks``.
+
+    Args:
+        batch (sequence of CocoSample or None): the samples a DataLoader gathered.
+        num_classes (int, optional): ``K``, the width of ``targets`` for an all-``None`` batch.
+        with_masks (bool, optional): whether an all-``None`` batch has ``masks`` lists.
+
+    Returns:
+        CocoBatch: images stacked, targets ``(N, K)``, masks and labels as lists.
+
+    Examples::
+
+        >>> collate = functools.partial(collate_coco_samples, num_classes=80, with_masks=True)
+        >>> loader = DataLoader(coco_val, batch_size=16, collate_fn=collate)  # = coco_val.collate_fn
     """
     kept = [s for s in batch if s is not None]
     skipped = len(batch) - len(kept)
@@ -303,15 +329,31 @@ class CocoMultiLabel(Dataset):
         return len(self.image_ids)
 
     def original_sizes(self) -> List[Tuple[int, int]]:
-        """Original ``(H, W)`` of every sample (from the JSON), for SizeGroupedBatchSampler."""
+        """Original ``(H, W)`` of every sample (from the JSON), for SizeGroupedBatchSampler.
+
+        Returns:
+            list of (int, int): ``(H, W)`` per sample, in dataset order.
+        """
         return [(int(h), int(w)) for h, w in self._sizes]
 
     def masks(self, index: int) -> Tuple[Tensor, Tensor]:
         """Per present category, the union of its instance masks: ``(P, H, W)`` bool, ``(P,)``.
 
-        One compressed RLE per instance (:func:`segmentation_to_rle`), merged per category
+        One compressed RLE per instance (polygons and RLE alike), merged per category
         with :func:`pycocotools.mask.merge` and decoded once per category.
+
+        Args:
+            index (int): the sample's index.
+
+        Returns:
+            ``(masks, labels)``: bool ``(P, H, W)`` at the original size, one mask per present
+            category, and int64 ``(P,)`` category indices, increasing.
+
+        Raises:
+            RuntimeError: the data set was built with ``with_masks=False``.
+            ValueError: an unreadable segmentation, or one whose size is not the image's.
         """
+
         if not self.with_masks:
             raise RuntimeError("CocoMultiLabel was built with with_masks=False; pass with_masks=True")
         h, w = (int(v) for v in self._sizes[index])
