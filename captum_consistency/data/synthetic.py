@@ -73,6 +73,8 @@ SHAPES: Tuple[str, ...] = (
     "hourglass",
     "chevron",
 )
+"""The object classes of :class:`SpuriousContextShapes`, in label order; ``num_classes = K``
+uses the first ``K``."""
 
 SPLITS: Dict[str, int] = {"train": 0, "val": 1, "test": 2}
 DEFAULT_LENGTHS: Dict[str, int] = {"train": 10_000, "val": 1_000, "test": 2_000}
@@ -111,6 +113,14 @@ class SyntheticSample(NamedTuple):
         stray_mask (Tensor): ``(H, W)`` bool, the stray cue (all False when there is none).
         stray_label (int): class of the stray cue, ``-1`` when there is none.
         index (int): index of the sample in its split.
+
+    Examples::
+
+        >>> s = SpuriousContextShapes("test", num_classes=4, seed=0).sample(0)
+        >>> s.image.shape, s.mask.shape, s.mask.dtype
+        (torch.Size([3, 64, 64]), torch.Size([64, 64]), torch.bool)
+        >>> bool((s.mask & s.cue_mask).any())  # the cue never overlaps the object
+        False
     """
 
     image: Tensor
@@ -382,11 +392,19 @@ class SpuriousContextShapes(Dataset):
         return torch.from_numpy(self._labels == self._cues)
 
     def consistent_indices(self) -> Tensor:
-        """Indices of the cue-consistent images, e.g. for ``torch.utils.data.Subset``."""
+        """Indices of the cue-consistent images, e.g. for ``torch.utils.data.Subset``.
+
+        Returns:
+            Tensor: int64 ``(n,)`` indices, increasing (no image is rendered).
+        """
         return torch.from_numpy(np.flatnonzero(self._labels == self._cues))
 
     def conflicting_indices(self) -> Tensor:
-        """Indices of the cue-conflicting images (cue of another class beside the object)."""
+        """Indices of the cue-conflicting images (cue of another class beside the object).
+
+        Returns:
+            Tensor: int64 ``(n,)`` indices, increasing (no image is rendered).
+        """
         return torch.from_numpy(np.flatnonzero(self._labels != self._cues))
 
     # ---------------------------------------------------------------- rendering
@@ -566,7 +584,14 @@ class SpuriousContextShapes(Dataset):
         return self._image_tensor(rec), rec["label"]
 
     def sample(self, index: int) -> SyntheticSample:
-        """Image ``index`` with its ground truth (masks, boxes, cue class, consistency flag)."""
+        """Image ``index`` with its ground truth (masks, boxes, cue class, consistency flag).
+
+        Args:
+            index (int): the image's index in the split.
+
+        Returns:
+            SyntheticSample: the image (as ``__getitem__`` returns it) and its annotations.
+        """
         rec = self._record(index)
         return SyntheticSample(
             image=self._image_tensor(rec),
@@ -586,6 +611,14 @@ class SpuriousContextShapes(Dataset):
         """A view of this data set whose ``__getitem__`` returns :class:`SyntheticSample` s.
 
         The view shares the cache; ``DataLoader``'s default collate stacks the samples.
+
+        Args:
+            annotations (bool): ``True`` for annotated samples, ``False`` for
+                ``(image, label)`` pairs.
+
+        Returns:
+            SpuriousContextShapes: a shallow copy with ``annotations`` set; ``self`` is
+            unchanged.
         """
         view = copy.copy(self)
         view.annotations = bool(annotations)
@@ -593,7 +626,15 @@ class SpuriousContextShapes(Dataset):
 
     def rgb(self, index: int) -> np.ndarray:
         """Image ``index`` as an ``(H, W, 3)`` float32 array in [0, 1], e.g. for
-        ``pytorch_grad_cam.utils.image.show_cam_on_image``."""
+        ``pytorch_grad_cam.utils.image.show_cam_on_image``.
+
+        Args:
+            index (int): the image's index in the split.
+
+        Returns:
+            numpy.ndarray: ``(H, W, 3)`` float32 in [0, 1], not normalised.
+        """
+
         return self._record(index)["image"].astype(np.float32) / 255.0
 
     def denormalize(self, images: Tensor) -> Tensor:
