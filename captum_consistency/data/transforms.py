@@ -31,7 +31,10 @@ __all__ = [
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+"""Per-channel (RGB) mean of torchvision's ImageNet normalisation, on the 0-1 pixel scale."""
 IMAGENET_STD = (0.229, 0.224, 0.225)
+"""Per-channel (RGB) standard deviation of torchvision's ImageNet normalisation."""
+
 
 
 def _check_image_size(image_size: int) -> int:
