@@ -172,6 +172,13 @@ def sample_present_classes(targets: Tensor, generator: Optional[torch.Generator]
 
     Returns:
         ``(N,)`` int64 class indices, ``-1`` for rows without any class.
+
+    Examples::
+
+        >>> targets = torch.tensor([[1, 0, 1], [0, 0, 0]])
+        >>> c = sample_present_classes(targets)
+        >>> c[0].item() in (0, 2), c[1].item()
+        (True, -1)
     """
     targets = _as_targets(targets)
     if targets.dim() != 2:
@@ -274,7 +281,11 @@ class DatasetDistractorSampler:
         return _current_rank() if self._rank is None else int(self._rank)
 
     def set_epoch(self, epoch: int) -> None:
-        """Selects the stream of ``epoch`` (call it every epoch, like DistributedSampler's)."""
+        """Selects the stream of ``epoch`` (call it every epoch, like DistributedSampler's).
+
+        Args:
+            epoch (int): the epoch about to start.
+        """
         self.epoch = int(epoch)
 
     def stream_seed(self, worker: Optional[int] = None, epoch: Optional[int] = None, rank: Optional[int] = None) -> int:
@@ -282,6 +293,14 @@ class DatasetDistractorSampler:
 
         ``worker`` is the DataLoader worker id, ``None`` (the default) for the current process:
         the worker id inside a worker, the main process otherwise.
+
+        Args:
+            worker (int, optional): DataLoader worker id (``-1``: the main process).
+            epoch (int, optional): the epoch; :attr:`epoch` when ``None``.
+            rank (int, optional): the process rank; the detected rank when ``None``.
+
+        Returns:
+            int: a seed in ``[0, 2**63)``; equal arguments give equal seeds.
         """
         if worker is None:
             info = get_worker_info()
@@ -295,7 +314,12 @@ class DatasetDistractorSampler:
         return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
 
     def generator(self) -> torch.Generator:
-        """The stream of the current ``(seed, rank, worker, epoch)``, created on first use."""
+        """The stream of the current ``(seed, rank, worker, epoch)``, created on first use.
+
+        Returns:
+            torch.Generator: a CPU generator seeded with :meth:`stream_seed`, reused until the
+            rank, worker or epoch changes.
+        """
         info = get_worker_info()
         key = (self.rank, -1 if info is None else info.id, self.epoch)
         if self._gen is None or self._gen_key != key:
@@ -387,6 +411,11 @@ class DistractorFallback:
     Attributes:
         num_loaded (int): distractor images loaded so far (to report how often the fallback is
             used).
+
+    Examples::
+
+        >>> fallback = DistractorFallback(train_set, DatasetDistractorSampler(train_set.targets))
+        >>> z = fallback(torch.tensor([3, 7]))  # (2, 3, C, H, W), none of class 3 (resp. 7)
     """
 
     def __init__(self, dataset: Dataset, sampler: DatasetDistractorSampler, max_tries: int = 10) -> None:
@@ -398,6 +427,18 @@ class DistractorFallback:
         self.num_loaded = 0
 
     def load(self, index: int, gradcam_target: int) -> Tensor:
+        """Loads ``dataset[index]``, redrawing a distractor of the class while it is undecodable.
+
+        Args:
+            index (int): the data-set index drawn by the sampler.
+            gradcam_target (int): the regularised class (for the redraws).
+
+        Returns:
+            Tensor: the image ``(C, H, W)``.
+
+        Raises:
+            RuntimeError: ``max_tries`` draws in a row were undecodable.
+        """
         for _ in range(self.max_tries):
             sample = self.dataset[index]
             if sample is not None:
@@ -504,6 +545,15 @@ class DatasetWithDistractors(Dataset):
             library's samples) or are ``(image, target)`` tuples.
         sampler (DatasetDistractorSampler): built on ``dataset.targets``.
         max_tries (int): redraws allowed for an undecodable distractor.
+
+    Examples::
+
+        >>> sampler = DatasetDistractorSampler(train_set.targets, seed=0)
+        >>> data = DatasetWithDistractors(train_set, sampler)
+        >>> loader = DataLoader(data, batch_size=64, shuffle=True, num_workers=8,
+        ...     collate_fn=functools.partial(collate_with_distractors, collate_fn=train_set.collate_fn))
+        >>> for batch, distractors, gradcam_targets in loader:
+        ...     out = loss_fn(batch.images, batch.targets, distractors, gradcam_targets=gradcam_targets)
     """
 
     def __init__(self, dataset: Dataset, sampler: DatasetDistractorSampler, max_tries: int = 10) -> None:
@@ -541,7 +591,21 @@ def collate_with_distractors(
     :func:`torch.utils.data.default_collate`); ``None`` items are dropped (and counted by the
     library's collate functions when they are passed through: ``skipped``).
     Use ``functools.partial(collate_with_distractors, collate_fn=train_set.collate_fn)``.
+
+    Args:
+        batch (sequence): items of :class:`DatasetWithDistractors` (``None`` for skipped ones).
+        collate_fn (callable, optional): collates the inner samples.
+
+    Returns:
+        ``(inner, distractors, gradcam_targets)``: the collated samples, the
+        ``(N, 3, C, H, W)`` distractors and the ``(N,)`` int64 regularised classes.
+
+    Examples::
+
+        >>> collate = functools.partial(collate_with_distractors, collate_fn=train_set.collate_fn)
+        >>> batch, distractors, gradcam_targets = collate([data[0], data[1], data[2], data[3]])
     """
+
     kept = [b for b in batch if b is not None]
     if collate_fn is None:
         from torch.utils.data import default_collate
