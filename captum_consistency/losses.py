@@ -27,6 +27,10 @@ class LayerRecorder:
     The GC loss needs the layer's activations of the very forward pass that produced the logits
     (a second forward, as a separate attribution call would do, doubles the cost).
 
+    Args:
+        layer (torch.nn.Module): the module whose output is recorded; it must return a single
+            tensor and run once per forward pass.
+
     Examples::
 
         >>> with LayerRecorder(model.layer4) as rec:
@@ -56,7 +60,14 @@ class LayerRecorder:
             self._handle = None
 
     def pop(self) -> Tensor:
-        """Returns the single recorded output and clears the record."""
+        """Returns the single recorded output and clears the record.
+
+        Returns:
+            Tensor: the layer's output, still attached to the autograd graph.
+
+        Raises:
+            RuntimeError: the layer ran zero or several times since the last :meth:`pop`.
+        """
         outputs, self._outputs = self._outputs, []
         if len(outputs) != 1:
             raise RuntimeError(
@@ -79,7 +90,15 @@ class ConsistencyLossOutput:
         cells: ``(N,)`` cell of each image in its composite.
         saliency: ``(N, 1, h, w)`` normalised map of the single images (detached).
         composite_saliency: ``(N, 1, 2h, 2w)`` normalised map of the composites (detached).
+
+    Examples::
+
+        >>> out = loss_fn(images, labels, distractors)
+        >>> out.loss.backward()
+        >>> top1 = (out.logits.argmax(1) == labels).float().mean()
+        >>> nqh = negative_quadrants_heatmap(out.composite_saliency, out.cells)  # for free
     """
+
 
     loss: Tensor
     classification: Tensor

@@ -27,7 +27,16 @@ ARCHITECTURES = ("resnet", "vgg", "alexnet")
 
 
 def available_attributions() -> List[str]:
-    """The method names accepted by :func:`get_attribution`."""
+    """The method names accepted by :func:`get_attribution`.
+
+    Returns:
+        list of str: ``["gradcam", "elementwise-gradcam", "cmwp", "fullgrad"]``.
+
+    Examples::
+
+        >>> for name in available_attributions():
+        ...     saliency = get_attribution(name, model).attribute(images, labels)
+    """
     return list(METHODS)
 
 
@@ -120,7 +129,15 @@ class SaliencyMethod:
             ``LayerElementwiseGradCam``, ``ContrastiveExcitationBackprop`` or ``FullGrad``).
         layers (dict[str, str]): the layers it uses, by role.
         num_classes (int, optional): the classifier's output size, used to validate targets.
+
+    Examples::
+
+        >>> cmwp = get_attribution("cmwp", torchvision.models.resnet50().eval())
+        >>> cmwp.layers
+        {'layer': 'layer3', 'contrast_layer': 'avgpool', 'classifier_layer': 'fc'}
+        >>> saliency = cmwp(images, target=labels)  # (N, 1, h, w), same as .attribute
     """
+
 
     name: str
     arch: str
