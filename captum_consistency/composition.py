@@ -7,7 +7,7 @@ sits at row ``k // 2`` and column ``k % 2`` of the grid (0 top-left, 1 top-right
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -46,10 +46,22 @@ def _check_cells(cells: Tensor, n: int) -> None:
 
 
 # For each positive cell k, the cell that distractor j (0, 1, 2) goes to: the remaining cells in
-# increasing order. Row k of this table is the permutation "slot -> cell" with slot 0 = positive.
+# increasing order. Row k of this table is the permutation "slot -> cell" with slot 0 = positive;
+# its inverse, "cell -> slot", is what the gather needs.
 _SLOT_TO_CELL = torch.tensor(
     [[k] + [c for c in range(NUM_CELLS) if c != k] for k in range(NUM_CELLS)], dtype=torch.long
 )
+_CELL_TO_SLOT = torch.argsort(_SLOT_TO_CELL, dim=1)
+_CELL_TO_SLOT_ON: Dict[torch.device, Tensor] = {}
+
+
+def _cell_to_slot_table(device: torch.device) -> Tensor:
+    # Cached per device: copying the constant from pageable host memory at every call would
+    # synchronise the CUDA stream in the middle of a training step.
+    table = _CELL_TO_SLOT_ON.get(device)
+    if table is None:
+        table = _CELL_TO_SLOT_ON[device] = _CELL_TO_SLOT.to(device)
+    return table
 
 
 def compose_grid(
@@ -128,7 +140,7 @@ def _compose_checked_cells(positive: Tensor, distractors: Optional[Tensor], cell
     else:
         slots = torch.cat([positive.unsqueeze(1), distractors.to(positive.dtype)], dim=1)
     # Scatter slot s to cell SLOT_TO_CELL[k, s]; a single batched gather, no Python loop over N.
-    cell_to_slot = torch.argsort(_SLOT_TO_CELL.to(cells.device)[cells], dim=1)  # (N, 4)
+    cell_to_slot = _cell_to_slot_table(cells.device)[cells]  # (N, 4)
     index = cell_to_slot.view(n, NUM_CELLS, 1, 1, 1).expand(n, NUM_CELLS, c, h, w)
     ordered = torch.gather(slots, 1, index)  # ordered[:, k] is the content of cell k
     return ordered.view(n, 2, 2, c, h, w).permute(0, 3, 1, 4, 2, 5).reshape(n, c, 2 * h, 2 * w)

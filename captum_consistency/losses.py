@@ -215,8 +215,9 @@ class GradCamConsistencyLoss(nn.Module):
 
     def _maps(self, activations: Tensor, gradients: Tensor) -> Tensor:
         cam = elementwise_grad_cam if self.elementwise else grad_cam
-        # float32 maps even under bf16 autocast: the normalised maps are small numbers.
-        return cam(activations.float(), gradients.float(), relu=True)
+        # float32 maps even under bf16 autocast (the normalised maps are small numbers); the
+        # channel sum accumulates in float32, so the full-size tensors are not cast first.
+        return cam(activations, gradients, relu=True)
 
     def forward(
         self,

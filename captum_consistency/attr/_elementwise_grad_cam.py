@@ -36,7 +36,10 @@ def elementwise_grad_cam(activations: Tensor, gradients: Tensor, relu: bool = Tr
 
         >>> cam = elementwise_grad_cam(acts, grads)  # (N, 1, h, w)
     """
-    cam = torch.sum(gradients * activations, dim=1, keepdim=True)
+    # Accumulate over channels in at least float32: under bf16 autocast this keeps the map
+    # accurate without casting the full-size activations and gradients first.
+    dtype = torch.promote_types(torch.promote_types(gradients.dtype, activations.dtype), torch.float32)
+    cam = torch.sum(gradients * activations, dim=1, keepdim=True, dtype=dtype)
     return F.relu(cam) if relu else cam
 
 
