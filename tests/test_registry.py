@@ -85,10 +85,11 @@ def test_same_as_the_classes_it_configures(models, x):
     torch.testing.assert_close(
         get_attribution("fullgrad", model).attribute(x, target), FullGrad(model).attribute(x, target)
     )
-    # target None: the predicted class, for every method
+    # target None: the predicted class (resolved by the registry for Captum's Grad-CAMs; cmwp
+    # and fullgrad resolve it themselves, tested in their own files)
     with torch.no_grad():
         pred = model(x).argmax(1)
-    for name in NAMES:
+    for name in ("gradcam", "elementwise-gradcam"):
         method = get_attribution(name, model)
         torch.testing.assert_close(method.attribute(x), method.attribute(x, pred))
 

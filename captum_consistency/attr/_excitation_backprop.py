@@ -267,6 +267,7 @@ class ContrastiveExcitationBackprop(LayerAttribution, GradientAttribution):
         LayerAttribution.__init__(self, model, layer)
         GradientAttribution.__init__(self, model)
         self.model = model
+        self._saliency_layer: nn.Module = layer  # ``self.layer``, typed as one module
         self.contrast_layer = contrast
         self.classifier_layer = classifier
         self.ordinary_gradient_modules = extra
@@ -306,7 +307,7 @@ class ContrastiveExcitationBackprop(LayerAttribution, GradientAttribution):
             last_bn = block.bn3 if isinstance(block, Bottleneck) else block.bn2
             record: Dict[str, Tensor] = {}
             # `layer` inside the block: its shortcut may need the signal even if the branch does not
-            inner = any(m is self.layer for m in block.modules() if m is not block)
+            inner = any(m is self._saliency_layer for m in block.modules() if m is not block)
 
             def branch_hook(module: nn.Module, args: Tuple[Any, ...], out: Tensor) -> Optional[Tensor]:
                 record["branch"] = out
@@ -354,7 +355,7 @@ class ContrastiveExcitationBackprop(LayerAttribution, GradientAttribution):
         for module in self.model.modules():
             if isinstance(module, _RESIDUAL_BLOCKS):
                 block_hooks(module)
-        handles.append(cast_module(self.layer).register_forward_hook(capture_hook("saliency", True)))
+        handles.append(self._saliency_layer.register_forward_hook(capture_hook("saliency", True)))
         handles.append(self.contrast_layer.register_forward_hook(capture_hook("contrast", False)))
         handles.append(self.classifier_layer.register_forward_hook(capture_hook("classifier", True)))
         return handles
@@ -453,10 +454,6 @@ class ContrastiveExcitationBackprop(LayerAttribution, GradientAttribution):
         if signal is None:
             raise ValueError("contrast_layer does not depend on layer")
         return signal.sum(dim=1, keepdim=True).clamp(min=0)
-
-
-def cast_module(layer: Any) -> nn.Module:
-    return layer  # LayerAttribution stores `layer` as ModuleOrModuleList; here it is a Module
 
 
 def _one_hot(output: Tensor, target: Union[None, int, Sequence[int], Tensor]) -> Tensor:

@@ -18,7 +18,7 @@ from captum_consistency.attr._excitation_backprop import (
 )
 from captum_consistency.attr._fullgrad import FullGrad
 
-__all__ = ["get_attribution", "available_attributions", "SaliencyMethod", "ARCHITECTURES"]
+__all__ = ["get_attribution", "available_attributions", "default_layers", "SaliencyMethod", "ARCHITECTURES"]
 
 #: Method names accepted by :func:`get_attribution`.
 METHODS = ("gradcam", "elementwise-gradcam", "cmwp", "fullgrad")
@@ -73,23 +73,33 @@ def _last(model: nn.Module, container: str, kind: type, from_end: int = 1) -> st
 def default_layers(model: nn.Module, arch: str) -> Dict[str, str]:
     r"""The layers of the paper's protocol (and TorchRay's benchmark) for each architecture.
 
-    ============  =====================  =========================  ===========================
-    arch          Grad-CAM layer         cMWP saliency layer        cMWP contrast / classifier
-    ============  =====================  =========================  ===========================
-    ``resnet``    ``layer4``             ``layer3``                 ``avgpool`` / ``fc``
-    ``vgg``       last ReLU of           pool4: second-to-last      relu7: last ReLU of
-                  ``features`` (relu5)   max pool of ``features``   ``classifier`` /
-                                                                    ``classifier`` 's last Linear
-    ``alexnet``   last ReLU of           pool2: second-to-last      relu7 / last Linear
-                  ``features`` (conv5)   max pool of ``features``
-    ============  =====================  =========================  ===========================
+    - ``resnet``: Grad-CAM at ``layer4``; cMWP saliency at ``layer3``, contrast at ``avgpool``
+      (the pooled features), classifier ``fc``.
+    - ``vgg``: Grad-CAM at the last ReLU of ``features`` (relu5, before pool5); cMWP saliency
+      at pool4 (the second-to-last max pool of ``features``), contrast at relu7 (the last ReLU
+      of ``classifier``), classifier its last ``Linear``.
+    - ``alexnet``: Grad-CAM at the last ReLU of ``features`` (after conv5, the paper's layer);
+      cMWP saliency at pool2 (the second-to-last max pool, before conv3-5, as pool4 is for
+      VGG), contrast at relu7, classifier the last ``Linear``.
 
     For VGG-16 these are ``features.29``, ``features.23``, ``classifier.4`` and
-    ``classifier.6``, the layers of TorchRay's pointing-game benchmark; the paper's Grad-CAM
-    layer for AlexNet is conv5 (after its ReLU, ``features.11``), and AlexNet's pool2
-    (``features.5``) is its last pooling before the final group of convolutions, as pool4 is
-    for VGG. With global max pooling (``to_global_max_pool``) the ResNet layer ``avgpool`` is
-    the max pool, which cMWP passes with its ordinary gradient.
+    ``classifier.6``, the layers of TorchRay's pointing-game benchmark; for AlexNet
+    ``features.11``, ``features.5``, ``classifier.5`` and ``classifier.6``. With global max
+    pooling (``to_global_max_pool``) the ResNet's ``avgpool`` is the max pool, which cMWP
+    passes with its ordinary gradient.
+
+    Args:
+        model (torch.nn.Module): the model (module names are read from it).
+        arch (str): ``"resnet"``, ``"vgg"`` or ``"alexnet"``.
+
+    Returns:
+        dict with the names of ``layer`` (Grad-CAM), ``saliency_layer``, ``contrast_layer`` and
+        ``classifier_layer`` (cMWP).
+
+    Examples::
+
+        >>> default_layers(torchvision.models.vgg16(), "vgg")["saliency_layer"]
+        'features.23'
     """
     if arch == "resnet":
         return {
@@ -216,18 +226,13 @@ def get_attribution(
 ) -> SaliencyMethod:
     r"""A saliency method by name, configured for a torchvision ResNet, VGG or AlexNet.
 
-    ============================  ===============================================================
-    name                          method
-    ============================  ===============================================================
-    ``"gradcam"``                 Captum's :class:`~captum.attr.LayerGradCam` with
-                                  ``relu_attributions=True`` (Selvaraju et al. 2017)
-    ``"elementwise-gradcam"``     :class:`~captum_consistency.attr.LayerElementwiseGradCam` with
-                                  ``relu_attributions=True`` (the paper's Eq. 3)
-    ``"cmwp"``                    :class:`~captum_consistency.attr.ContrastiveExcitationBackprop`
-                                  (Zhang et al. 2016)
-    ``"fullgrad"``                :class:`~captum_consistency.attr.FullGrad`
-                                  (Srinivas and Fleuret 2019)
-    ============================  ===============================================================
+    - ``"gradcam"``: Captum's :class:`~captum.attr.LayerGradCam` with
+      ``relu_attributions=True`` (Selvaraju et al. 2017);
+    - ``"elementwise-gradcam"``: :class:`~captum_consistency.attr.LayerElementwiseGradCam` with
+      ``relu_attributions=True`` (the paper's Eq. 3);
+    - ``"cmwp"``: :class:`~captum_consistency.attr.ContrastiveExcitationBackprop`
+      (Zhang et al. 2016);
+    - ``"fullgrad"``: :class:`~captum_consistency.attr.FullGrad` (Srinivas and Fleuret 2019).
 
     The layers are those of :func:`default_layers` (ResNet: Grad-CAM at ``layer4``, cMWP at
     ``layer3`` with the contrast at ``avgpool``; VGG/AlexNet: Grad-CAM at the last ReLU of
