@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from captum._utils.common import _format_additional_forward_args, _format_tensor_into_tuples
+from captum._utils.common import _format_additional_forward_args
 from captum.attr._utils.attribution import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
