@@ -39,7 +39,7 @@ EXPECTED_LAYERS = {
     ("resnet", "cmwp"): {"layer": "layer3", "contrast_layer": "avgpool", "classifier_layer": "fc"},
     ("vgg", "gradcam"): {"layer": "features.19"},  # relu5_2, before pool5
     ("vgg", "cmwp"): {"layer": "features.15", "contrast_layer": "classifier.4", "classifier_layer": "classifier.6"},
-    ("alexnet", "gradcam"): {"layer": "features.11"},  # relu after conv5
+    ("alexnet", "gradcam"): {"layer": "features"},  # pool5 output, as the GC loss in training
     ("alexnet", "cmwp"): {"layer": "features.5", "contrast_layer": "classifier.5", "classifier_layer": "classifier.6"},
 }
 SHAPES = {
@@ -47,7 +47,7 @@ SHAPES = {
     ("resnet", "cmwp"): (4, 4),
     ("vgg", "gradcam"): (4, 4),
     ("vgg", "cmwp"): (4, 4),
-    ("alexnet", "gradcam"): (3, 3),
+    ("alexnet", "gradcam"): (1, 1),
     ("alexnet", "cmwp"): (3, 3),
 }
 

@@ -78,13 +78,15 @@ def default_layers(model: nn.Module, arch: str) -> Dict[str, str]:
     - ``vgg``: Grad-CAM at the last ReLU of ``features`` (relu5, before pool5); cMWP saliency
       at pool4 (the second-to-last max pool of ``features``), contrast at relu7 (the last ReLU
       of ``classifier``), classifier its last ``Linear``.
-    - ``alexnet``: Grad-CAM at the last ReLU of ``features`` (after conv5, the paper's layer);
+    - ``alexnet``: Grad-CAM at ``features`` (conv5 after its ReLU and pool5, 6x6 at 224 px:
+      the layer the GC loss regularises in the authors' code and in
+      :func:`captum_consistency.builders.gradcam_layer`, so training and evaluation agree);
       cMWP saliency at pool2 (the second-to-last max pool, before conv3-5, as pool4 is for
       VGG), contrast at relu7, classifier the last ``Linear``.
 
     For VGG-16 these are ``features.29``, ``features.23``, ``classifier.4`` and
     ``classifier.6``, the layers of TorchRay's pointing-game benchmark; for AlexNet
-    ``features.11``, ``features.5``, ``classifier.5`` and ``classifier.6``. With global max
+    ``features``, ``features.5``, ``classifier.5`` and ``classifier.6``. With global max
     pooling (``to_global_max_pool``) the ResNet's ``avgpool`` is the max pool, which cMWP
     passes with its ordinary gradient.
 
@@ -110,7 +112,7 @@ def default_layers(model: nn.Module, arch: str) -> Dict[str, str]:
         }
     if arch in ("vgg", "alexnet"):
         return {
-            "layer": _last(model, "features", nn.ReLU),
+            "layer": "features" if arch == "alexnet" else _last(model, "features", nn.ReLU),
             "saliency_layer": _last(model, "features", nn.MaxPool2d, from_end=2),
             "contrast_layer": _last(model, "classifier", nn.ReLU),
             "classifier_layer": _last(model, "classifier", nn.Linear),
