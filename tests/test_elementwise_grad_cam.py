@@ -145,3 +145,34 @@ def test_layer_not_in_model_is_rejected(resnet):
         LayerElementwiseGradCam(resnet, other)
     with pytest.raises(TypeError, match="layer must be a torch.nn.Module"):
         LayerElementwiseGradCam(resnet, "layer4")
+
+
+def _generic_path(model, layer, x, target):
+    from captum._utils.gradient import compute_layer_gradients_and_eval
+
+    grads, acts = compute_layer_gradients_and_eval(model, layer, (x,), target)
+    return (grads[0] * acts[0]).sum(1, keepdim=True)
+
+
+def test_cut_graph_path_equals_captum_generic_path_and_skips_the_backbone_graph():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).train()  # BN in batch-statistics mode
+    x = torch.randn(2, 3, 64, 64)
+    target = torch.tensor([1, 4])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ours = LayerElementwiseGradCam(model, model.layer3).attribute(x, target=target)
+    model.load_state_dict(state)  # same running statistics for the generic path
+    torch.testing.assert_close(ours, _generic_path(model, model.layer3, x, target), rtol=1e-5, atol=1e-6)
+    # The map of a plain attribution has no graph below the layer: no parameter gets a gradient.
+    ours.sum().backward()
+    assert all(p.grad is None for p in model.conv1.parameters())
+
+
+def test_layer_output_modified_in_place_falls_back_to_the_generic_path():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    )
+    x = torch.randn(2, 3, 6, 6)
+    ours = LayerElementwiseGradCam(net, net[0]).attribute(x, target=2)
+    torch.testing.assert_close(ours, _generic_path(net, net[0], x, 2))

@@ -10,6 +10,7 @@ from captum._utils.common import (
     _format_additional_forward_args,
     _format_output,
     _format_tensor_into_tuples,
+    _run_forward,
 )
 from captum._utils.gradient import compute_layer_gradients_and_eval
 from captum._utils.typing import TargetType
@@ -156,6 +157,12 @@ class LayerElementwiseGradCam(LayerAttribution, GradientAttribution):
         """
         inputs = _format_tensor_into_tuples(inputs)
         additional_forward_args = _format_additional_forward_args(additional_forward_args)
+        fast = self._cut_graph_layer_eval(
+            inputs, target, additional_forward_args, attribute_to_layer_input, grad_kwargs
+        )
+        if fast is not None:
+            acts, grads = fast
+            return elementwise_grad_cam(acts, grads, relu=relu_attributions)
         layer_gradients, layer_evals = compute_layer_gradients_and_eval(
             self.forward_func,
             cast(Module, self.layer),
@@ -171,3 +178,61 @@ class LayerElementwiseGradCam(LayerAttribution, GradientAttribution):
             for layer_grad, layer_eval in zip(layer_gradients, layer_evals)
         )
         return _format_output(len(cams) > 1, cams)
+
+    def _cut_graph_layer_eval(
+        self,
+        inputs: Tuple[Tensor, ...],
+        target: TargetType,
+        additional_forward_args: Any,
+        attribute_to_layer_input: bool,
+        grad_kwargs: Optional[Dict[str, Any]],
+    ) -> Optional[Tuple[Tensor, Tensor]]:
+        """Layer output and its gradient, recording the autograd graph from the layer on only.
+
+        The map needs ``dy/dA`` and ``A``, nothing below the layer. Captum's generic path
+        records the whole forward; here the part below the layer runs under ``no_grad`` and
+        recording starts at the layer's output, which makes a plain (non-differentiable)
+        attribution cost about one inference forward pass. Returns ``None`` when the generic
+        path is needed: a differentiable map (``create_graph`` or inputs that require grad),
+        ``DataParallel`` device ids, the layer's input, a layer output that is not one tensor,
+        or a layer output modified in place further on.
+        """
+        if (
+            self.device_ids is not None
+            or attribute_to_layer_input
+            or (grad_kwargs and grad_kwargs.get("create_graph"))
+            or not torch.is_grad_enabled()
+            or any(isinstance(x, Tensor) and x.requires_grad for x in inputs)
+        ):
+            return None
+        recorded: List[Tensor] = []
+
+        def start_recording(module: Module, _inputs: Any, output: Any) -> Any:
+            if not isinstance(output, Tensor) or recorded:
+                raise _FallBack()
+            leaf = output.detach().requires_grad_()
+            recorded.append(leaf)
+            torch.set_grad_enabled(True)  # the rest of the forward (the head) is recorded
+            return leaf
+
+        handle = cast(Module, self.layer).register_forward_hook(start_recording)
+        try:
+            with torch.no_grad():
+                output = _run_forward(self.forward_func, inputs, target, additional_forward_args)
+        except _FallBack:
+            return None
+        except RuntimeError as error:
+            if "leaf Variable that requires grad" in str(error):  # an in-place op on A
+                return None
+            raise
+        finally:
+            handle.remove()
+        if not recorded or not isinstance(output, Tensor) or not output.requires_grad:
+            return None
+        kwargs = dict(grad_kwargs or {})
+        (grads,) = torch.autograd.grad(torch.unbind(output), recorded, **kwargs)
+        return recorded[0], grads
+
+
+class _FallBack(Exception):
+    """Raised inside the forward hook to leave the fast path."""
