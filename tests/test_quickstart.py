@@ -1,0 +1,212 @@
+"""recipes/quickstart.py (the README's main command) and captum_consistency.quickstart.
+
+The recipe runs ``--fast`` in-process through ``main(argv)``: every file, key and value range is
+checked; bad arguments must fail before any training; an interrupted run must leave its
+finished variants on disk.
+"""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models.resnet import ResNet
+
+from captum_consistency import to_global_max_pool
+from captum_consistency.quickstart import (
+    SmallResNet,
+    gradcam_panel,
+    panel_size,
+    summarize_seeds,
+    table1_markdown,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("_recipe_quickstart", ROOT / "recipes" / "quickstart.py")
+quickstart = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(quickstart)
+
+KEYS = ("top1", "top1_consistent", "top1_conflicting", "pg", "spg_mean", "spg_std", "ch", "nqh",
+        "cue_mass", "follows_cue")
+
+
+def _check_entry(entry, num_seeds):
+    assert entry["num_seeds"] == num_seeds and len(entry["per_seed"]) == num_seeds
+    for key in KEYS:
+        value = entry[key]
+        assert isinstance(value, float) and 0.0 <= value <= 1.0, (key, value)
+        assert entry["spread"][key] == 0.0  # one seed: no spread
+    assert -1.0 <= entry["cue_gap"] <= 1.0
+    assert math.isclose(entry["cue_gap"], entry["top1_consistent"] - entry["top1_conflicting"],
+                        abs_tol=1e-9)
+    assert set(entry["fgsm"]) == {"0", "1"}
+    assert all(0.0 <= v <= 1.0 for v in entry["fgsm"].values())
+    # epsilon 0 is the clean accuracy, measured by a different code path
+    assert math.isclose(entry["fgsm"]["0"], entry["top1"], abs_tol=1e-9)
+    run = entry["per_seed"][0]
+    assert run["seed"] == 0 and run["train_time_s"] > 0
+    assert math.isfinite(run["train_last_epoch"]["loss"])
+
+
+def test_fast_end_to_end(tmp_path):
+    out = tmp_path / "qs"
+    done = []
+    rc = quickstart.main(["--output-dir", str(out), "--fast", "--no-progress"],
+                         on_run_done=lambda v, s: done.append((v, s)))
+    assert rc == 0
+    assert done == [("baseline", 0), ("gc", 0), ("gmp", 0), ("gmp_gc", 0)]
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "complete"
+    assert list(results["variants"]) == ["baseline", "gc", "gmp", "gmp_gc"]
+    for entry in results["variants"].values():
+        _check_entry(entry, num_seeds=1)
+    # the GC variants were trained with the consistency term, the others without
+    for v, gc in (("baseline", False), ("gc", True), ("gmp", False), ("gmp_gc", True)):
+        last = results["variants"][v]["per_seed"][0]["train_last_epoch"]
+        assert ("consistency" in last) == gc
+        if gc:
+            assert 0.0 <= last["consistency"] <= 2.0  # L1 of two sum-1 maps, averaged
+    assert results["config"]["fast"] is True and results["config"]["seeds"] == 1
+
+    report = (out / "report.md").read_text()
+    assert "| Model | Top-1 Acc (%) | PG | SPG |" in report
+    for name in ("Baseline", "GC", "GMP", "GMP + GC"):
+        assert f"| ResNet {name} |" in report
+    assert "gradcam.png" in report and "claim" in report
+
+    with Image.open(out / "gradcam.png") as img:
+        img.load()
+        assert img.format == "PNG" and img.mode == "RGB"
+        # 2 images (rows) x (input + 4 variants), tiles of 4 x 32 px
+        assert img.size == panel_size(2, 4, 4 * 32)
+        pixels = np.asarray(img)
+    assert pixels.std() > 10  # not a blank canvas
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--classes", "1"], "--classes"),
+        (["--classes", "11"], "--classes"),
+        (["--image-size", "16"], "--image-size"),  # layer4 would be 2x2 but the data needs 32
+        (["--image-size", "36"], "--image-size"),  # not a multiple of the stride 8
+        (["--cue-strength", "1.5"], "--cue-strength"),
+        (["--variants", "baseline,nope"], "--variants"),
+        (["--fgsm-eps", "-1"], "--fgsm-eps"),
+    ],
+)
+def test_bad_arguments_fail_before_training(tmp_path, monkeypatch, capsys, argv, message):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(quickstart, "train_model", no_training)
+    monkeypatch.setattr(quickstart, "_render", no_training)
+    with pytest.raises(SystemExit) as e:
+        quickstart.main(["--output-dir", str(tmp_path / "bad"), "--fast", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bad_arguments_command_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--classes", "1",
+         "--output-dir", str(tmp_path / "x")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "--classes must be between 2 and 10" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_interrupt_keeps_finished_variants(tmp_path, capsys):
+    out = tmp_path / "qs"
+
+    def interrupt(variant, seed):  # Ctrl-C right after the first variant is written
+        raise KeyboardInterrupt
+
+    rc = quickstart.main(["--output-dir", str(out), "--fast", "--no-progress",
+                          "--variants", "baseline,gc"], on_run_done=interrupt)
+    assert rc == 130
+    assert "interrupted" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "interrupted"
+    assert list(results["variants"]) == ["baseline"]
+    _check_entry(results["variants"]["baseline"], num_seeds=1)
+    report = (out / "report.md").read_text()
+    assert "interrupted" in report and "| ResNet Baseline |" in report
+    assert "| ResNet GC |" not in report
+
+
+# ------------------------------------------------------------------------ library pieces
+
+
+def test_small_resnet_is_a_torchvision_resnet_with_stride_8():
+    torch.manual_seed(0)
+    model = SmallResNet(num_classes=3)
+    assert isinstance(model, ResNet)
+    x = torch.rand(2, 3, 32, 32)
+    feats = {}
+    model.layer4.register_forward_hook(lambda m, i, o: feats.setdefault("a", o))
+    assert model(x).shape == (2, 3)
+    assert feats["a"].shape == (2, 128, 4, 4)  # 32 / 8
+    # its forward is torchvision's: same output as ResNet.forward's stages by hand
+    with torch.no_grad():
+        model.eval()
+        h = model.relu(model.bn1(model.conv1(x)))
+        h = model.layer4(model.layer3(model.layer2(model.layer1(h))))
+        ref = model.fc(torch.flatten(model.avgpool(h), 1))
+        torch.testing.assert_close(model(x), ref)
+    to_global_max_pool(model)
+    with torch.no_grad():
+        h = model.layer4(model.layer3(model.layer2(model.layer1(model.relu(model.bn1(model.conv1(x)))))))
+        torch.testing.assert_close(model(x), model.fc(h.amax(dim=(2, 3))))
+    with pytest.raises(ValueError, match="num_classes"):
+        SmallResNet(num_classes=1)
+    with pytest.raises(ValueError, match="widths"):
+        SmallResNet(num_classes=2, widths=(8, 16, 32))
+
+
+def test_summarize_seeds_hand_computed():
+    s = summarize_seeds([
+        {"seed": 0, "top1": 0.5, "nqh": None, "fgsm": {"1": 0.2}, "name": "x"},
+        {"seed": 1, "top1": 0.7, "nqh": 0.4, "fgsm": {"1": 0.4}, "name": "x"},
+        {"seed": 2, "top1": 0.9, "nqh": 0.2, "fgsm": {"1": 0.6}, "name": "x"},
+    ])
+    assert math.isclose(s["top1"], 0.7) and math.isclose(s["spread"]["top1"], 0.2)  # ddof 1
+    assert math.isclose(s["nqh"], 0.3) and math.isclose(s["spread"]["nqh"], math.sqrt(0.02))
+    assert math.isclose(s["fgsm"]["1"], 0.4) and math.isclose(s["spread"]["fgsm"]["1"], 0.2)
+    assert "name" not in s and s["num_seeds"] == 3 and len(s["per_seed"]) == 3
+
+
+def test_table1_markdown_rows():
+    s = summarize_seeds([{"top1": 0.5, "pg": 0.6, "spg_mean": 0.3, "spg_std": 0.01, "ch": 0.4,
+                          "nqh": 0.25}, {"top1": 0.7, "pg": 0.6, "spg_mean": 0.3,
+                                         "spg_std": 0.01, "ch": 0.4, "nqh": 0.25}])
+    table = table1_markdown({"Baseline": s})
+    lines = table.strip().splitlines()
+    assert len(lines) == 3 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
+    assert lines[2].startswith("| ResNet Baseline | 60.0 ± 14.1 | 60.0 ± 0.0 | 30.0 ± 0.0 | 1.00 |")
+    assert "n/a" in lines[2]  # cue columns absent
+
+
+def test_gradcam_panel_layout_and_overlay():
+    images = np.full((3, 16, 16, 3), 0.5, dtype=np.float32)
+    maps = torch.zeros(3, 1, 2, 2)
+    maps[:, 0, 0, 0] = 1.0  # all the mass in the top-left quarter
+    panel = gradcam_panel(images, {"A": maps, "B": maps * 2}, titles=["a", "b", "c"], tile=32,
+                          header=10, pad=2)
+    assert panel.size == panel_size(3, 2, 32, header=10, pad=2) == (2 + 3 * 34, 10 + 2 + 3 * 34)
+    arr = np.asarray(panel).astype(np.float64)
+    tile_a = arr[12:44, 36:68]  # first row, column "A"
+    # the JET colormap: red (hot) top-left, blue (cold) bottom-right
+    assert tile_a[2, 2, 0] > tile_a[2, 2, 2] and tile_a[-3, -3, 2] > tile_a[-3, -3, 0]
+    np.testing.assert_array_equal(arr[12:44, 36:68], arr[12:44, 70:102])  # scale-free
+    with pytest.raises(ValueError, match="maps"):
+        gradcam_panel(images, {"A": maps[:2]}, tile=32)
