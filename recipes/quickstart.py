@@ -120,7 +120,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--cue-strength", type=float, default=0.9,
                    help="training P(cue class = object class)")
     g.add_argument("--clutter", type=float, default=0.5, help="background clutter in [0, 1]")
-    g.add_argument("--train-size", type=_positive_int, default=3000, help="training images")
+    g.add_argument("--train-size", type=_positive_int, default=2500, help="training images")
     g.add_argument("--test-size", type=_positive_int, default=1000,
                    help="test images (cue independent of the class)")
     g.add_argument("--data-seed", type=int, default=0, help="generator seed (shared by all runs)")
@@ -132,6 +132,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=0.05)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--lam", type=float, default=8.0, help="GC weight lambda (see the docstring)")
+    g.add_argument("--layer", default="layer4", choices=("layer3", "layer4"),
+                   help="Grad-CAM layer of the GC loss and of the evaluation (the paper: layer4)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--fgsm-eps", type=_epsilons, default=[0.0, 1.0, 2.0, 4.0, 8.0],
                    help="FGSM epsilons on the 0-255 scale")
@@ -229,7 +231,7 @@ def train_model(args, variant: str, seed: int, train_images, train_labels, devic
     generator = torch.Generator().manual_seed(rank_seed(seed, 0, 3))
     loss_fn = make_distractors = None
     if gc:
-        loss_fn = GradCamConsistencyLoss(model, model.layer4, lam=args.lam)
+        loss_fn = GradCamConsistencyLoss(model, getattr(model, args.layer), lam=args.lam)
         fallback = DistractorFallback(
             train_set, DatasetDistractorSampler(train_labels, seed=rank_seed(seed, 0, 4),
                                                 num_classes=args.classes))
@@ -255,10 +257,10 @@ def train_model(args, variant: str, seed: int, train_images, train_labels, devic
 
 
 @torch.no_grad()
-def cue_statistics(model, loader, device) -> Dict[str, float]:
+def cue_statistics(model, loader, device, layer) -> Dict[str, float]:
     """Top-1 on cue-consistent / cue-conflicting test images, how often a conflicting image is
     classified as its cue's class, and the element-wise Grad-CAM mass on the cue."""
-    explainer = SaliencyExplainer(model, "elementwise-gradcam", layer=model.layer4)
+    explainer = SaliencyExplainer(model, "elementwise-gradcam", layer=layer)
     sums = torch.zeros(6, dtype=torch.float64)  # correct/count consistent, conflicting, cue-follow, cue mass sum/count
     cue_mass_sum, cue_mass_n = 0.0, 0
     for batch in loader:
@@ -304,10 +306,11 @@ def evaluate_model(args, model, seed: int, test: SpuriousContextShapes, device) 
         model, "elementwise-gradcam", whole_loader, crop_loader, device,
         num_classes=args.classes, make_distractors=make_distractors, generator=generator,
         spg_generator=torch.Generator(device=device).manual_seed(rank_seed(seed, 0, 7)),
-        tolerance=15.0 * args.image_size / 224, progress=progress, layer=model.layer4,
+        tolerance=15.0 * args.image_size / 224, progress=progress,
+        layer=getattr(model, args.layer),
     )
     out = {k: m[k] for k in ("top1", "pg", "spg_mean", "spg_std", "ch", "nqh", "skipped")}
-    out.update(cue_statistics(model, whole_loader, device))
+    out.update(cue_statistics(model, whole_loader, device, getattr(model, args.layer)))
     if out["top1_consistent"] is not None and out["top1_conflicting"] is not None:
         out["cue_gap"] = out["top1_consistent"] - out["top1_conflicting"]
     fgsm = fgsm_accuracy(model, crop_loader, epsilons=args.fgsm_eps, mean=test.mean,
@@ -348,7 +351,7 @@ def _claims(summaries: Dict[str, dict]) -> List[str]:
         if a.get("cue_gap") is not None and b.get("cue_gap") is not None:
             lines.append(f"  - cue-consistent minus cue-conflicting top-1: {100 * b['cue_gap']:.1f} -> "
                          f"{100 * a['cue_gap']:.1f} points (claim: narrowed: "
-                         f"{ok(a['cue_gap'] < b['cue_gap'])}); Grad-CAM mass on the cue "
+                         f"{ok(abs(a['cue_gap']) < abs(b['cue_gap']))}); Grad-CAM mass on the cue "
                          f"{100 * b['cue_mass']:.1f}% -> {100 * a['cue_mass']:.1f}%; conflicting "
                          f"images classified as their cue's class {100 * b['follows_cue']:.1f}% -> "
                          f"{100 * a['follows_cue']:.1f}%")
@@ -385,6 +388,7 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
             cells.append("n/a" if mean is None else f"{100 * mean:.1f} ± {100 * (sd or 0):.1f}")
         fgsm_rows.append(f"| ResNet {s['name']} | " + " | ".join(cells) + " |")
     claims = _claims(summaries)
+    side = 2 * args.image_size // (8 if args.layer == "layer4" else 4)  # composite map side
     n_seeds = max((s["num_seeds"] for s in summaries.values()), default=0)
     lines = [
         "# Quickstart: Grad-CAM consistency on SpuriousContextShapes",
@@ -415,7 +419,7 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
                   "Rows: test images (cue-conflicting and cue-consistent, alternating; caption: "
                   "object / cue class); green box: object, red box: context cue. Columns: the "
                   "first seed's model of each variant, element-wise Grad-CAM of the object's "
-                  "class at layer4.", ""]
+                  f"class at {args.layer}.", ""]
     lines += [
         "## Set-up",
         "",
@@ -426,9 +430,10 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
         f"- Model: {config['model']}; GMP: `to_global_max_pool`.",
         f"- Training: {args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9 (Nesterov), "
         f"weight decay {args.weight_decay:g}, lr {args.lr:g} with 5% linear warm-up and cosine "
-        f"decay per step; GC lambda {args.lam:g} (the paper's 25 scaled by the number of "
-        "composite-map locations, 64 vs 196), in-batch distractors.",
-        "- Evaluation: `evaluate_interpretations(method='elementwise-gradcam')` at layer4; "
+        f"decay per step; GC lambda {args.lam:g} (the paper's 25 on ImageNet's 14x14 composite "
+        f"map is {25 * side * side / 196:.1f} for this {side}x{side} one: the consistency term "
+        "is a mean over the map's locations), in-batch distractors.",
+        f"- Evaluation: `evaluate_interpretations(method='elementwise-gradcam')` at {args.layer}; "
         "`fgsm_accuracy`.",
         "",
     ]
@@ -452,7 +457,7 @@ def make_figure(args, models: Dict[str, torch.nn.Module], test: SpuriousContextS
     labels = torch.tensor([s.label for s in samples], device=device)
     maps = {}
     for v, model in models.items():
-        explainer = SaliencyExplainer(model, "elementwise-gradcam", layer=model.layer4)
+        explainer = SaliencyExplainer(model, "elementwise-gradcam", layer=getattr(model, args.layer))
         with torch.no_grad():
             maps[VARIANTS[v][0]] = explainer(images, torch.arange(len(picks), device=device), labels)
     rgb = torch.from_numpy(__import__("numpy").stack([test.rgb(i) for i in picks]))
