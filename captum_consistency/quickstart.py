@@ -168,13 +168,13 @@ def table1_markdown(summaries: Mapping[str, Mapping[str, object]], model: str = 
 
     Columns: top-1 accuracy, PG, SPG (mean over seeds of the 5-run mean, ``±`` the spread over
     seeds; the paper's within-run SPG std is its own column), CH, NQH (lower is better), then
-    top-1 on cue-consistent and cue-conflicting test images, their gap, and the Grad-CAM mass
-    on the context cue. All in percent, ``mean ± spread``.
+    top-1 on cue-consistent and cue-conflicting test images, their gap, the Grad-CAM mass
+    on the context cue and the share of all-zero maps (left out of PG, SPG, CH and NQH). All in percent, ``mean ± spread``.
 
     Args:
         summaries (mapping): variant name -> :func:`summarize_seeds` output with the keys
             ``top1``, ``pg``, ``spg_mean``, ``spg_std``, ``ch``, ``nqh`` (and optionally
-            ``top1_consistent``, ``top1_conflicting``, ``cue_gap``, ``cue_mass``).
+            ``top1_consistent``, ``top1_conflicting``, ``cue_gap``, ``cue_mass``, ``zero_maps``).
         model (str): the model's name, for the first column.
 
     Returns:
@@ -186,7 +186,7 @@ def table1_markdown(summaries: Mapping[str, Mapping[str, object]], model: str = 
     """
     head = ("| Model | Top-1 Acc (%) | PG | SPG | SPG run std | CH (%) | NQH (%) | "
             "Top-1 cue-consistent (%) | Top-1 cue-conflicting (%) | Gap (points) | "
-            "Cue mass (%) | Seeds |")
+            "Cue mass (%) | Zero maps (%) | Seeds |")
     sep = "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"
     rows = [head, sep]
     for name, s in summaries.items():
@@ -199,7 +199,7 @@ def table1_markdown(summaries: Mapping[str, Mapping[str, object]], model: str = 
             f"| {model} {name} | {cell('top1')} | {cell('pg')} | {cell('spg_mean')} | "
             f"{_pct(s.get('spg_std'), digits=2)} | {cell('ch')} | {cell('nqh')} | "
             f"{cell('top1_consistent')} | {cell('top1_conflicting')} | {cell('cue_gap')} | "
-            f"{cell('cue_mass')} | {s.get('num_seeds', 1)} |"
+            f"{cell('cue_mass')} | {cell('zero_maps')} | {s.get('num_seeds', 1)} |"
         )
     return "\n".join(rows) + "\n"
 

@@ -132,6 +132,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=0.05)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--lam", type=float, default=8.0, help="GC weight lambda (see the docstring)")
+    g.add_argument("--detach-target", action="store_true",
+                   help="stop the gradient through the single image's map in the GC loss "
+                   "(the paper and the authors' code do not)")
     g.add_argument("--layer", default="layer4", choices=("layer3", "layer4"),
                    help="Grad-CAM layer of the GC loss and of the evaluation (the paper: layer4)")
     g = p.add_argument_group("evaluation")
@@ -231,7 +234,8 @@ def train_model(args, variant: str, seed: int, train_images, train_labels, devic
     generator = torch.Generator().manual_seed(rank_seed(seed, 0, 3))
     loss_fn = make_distractors = None
     if gc:
-        loss_fn = GradCamConsistencyLoss(model, getattr(model, args.layer), lam=args.lam)
+        loss_fn = GradCamConsistencyLoss(model, getattr(model, args.layer), lam=args.lam,
+                                         detach_target=args.detach_target)
         fallback = DistractorFallback(
             train_set, DatasetDistractorSampler(train_labels, seed=rank_seed(seed, 0, 4),
                                                 num_classes=args.classes))
@@ -310,6 +314,12 @@ def evaluate_model(args, model, seed: int, test: SpuriousContextShapes, device) 
         layer=getattr(model, args.layer),
     )
     out = {k: m[k] for k in ("top1", "pg", "spg_mean", "spg_std", "ch", "nqh", "skipped")}
+    # All-zero maps (the ReLU'd element-wise Grad-CAM of the class is <= 0 everywhere) are left
+    # out of PG/SPG/CH/NQH, as in the paper's metrics; how often they occur is reported here.
+    zero_img = m["skipped_detail"]["degenerate_maps_or_masks"]  # synthetic masks are never empty
+    zero_cmp = m["skipped_detail"]["degenerate_composites"]
+    out["zero_maps"] = zero_img / max(1, zero_img + m["num_images"])
+    out["zero_maps_composite"] = zero_cmp / max(1, zero_cmp + m["num_composites"])
     out.update(cue_statistics(model, whole_loader, device, getattr(model, args.layer)))
     if out["top1_consistent"] is not None and out["top1_conflicting"] is not None:
         out["cue_gap"] = out["top1_consistent"] - out["top1_conflicting"]
@@ -401,7 +411,9 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
         f"Mean ± standard deviation over training seeds, in percent. SPG: mean over 5 runs of 100 "
         f"draws; *SPG run std* is the paper's within-run standard deviation. PG/SPG margin "
         f"{15 * args.image_size / 224:.2f} px (15 px at 224 px). NQH: lower is better. "
-        f"*Cue mass*: share of the element-wise Grad-CAM on the context-cue patch.",
+        f"*Cue mass*: share of the element-wise Grad-CAM on the context-cue patch. *Zero maps*: "
+        f"test images whose map is all zero after the ReLU (left out of PG, SPG, CH and NQH, as "
+        f"in the paper's metrics; read CH and NQH together with it).",
         "",
         table,
         f"FGSM top-1 (%), epsilon on the 0-255 scale ({eps}):",

@@ -33,7 +33,7 @@ quickstart = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(quickstart)
 
 KEYS = ("top1", "top1_consistent", "top1_conflicting", "pg", "spg_mean", "spg_std", "ch", "nqh",
-        "cue_mass", "follows_cue")
+        "cue_mass", "follows_cue", "zero_maps", "zero_maps_composite")
 
 
 def _check_entry(entry, num_seeds):
