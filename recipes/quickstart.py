@@ -425,6 +425,26 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
         *(claims or ["- (not enough variants finished to compare)"]),
         "",
     ]
+    # What the GC loss can act on here (a property of the loss and the data, not of a run).
+    k, cs, sp = args.classes, args.cue_strength, 0.25  # stray_cue_prob: the generator's default
+    p_train = (1 - cs) / (k - 1) + sp / k  # a distractor (class != y) carries y's cue (approx.)
+    p_test = 1 / k + sp / k
+    lines += [
+        "## What GC can act on in this data",
+        "",
+        "The GC loss compares the class's element-wise Grad-CAM on an image with its map on a 2x2 "
+        "composite and penalises mass in the three distractor cells only. The context cue lies "
+        "next to the object, inside the same cell: a model that reads the cue gives the same map "
+        "on the image and in its cell, so the loss has no term against using the adjacent cue and "
+        "no direct reason to narrow the cue-consistent / cue-conflicting gap. Its handle on the "
+        "cue is a distractor that carries the class's cue (its own cue or a stray one): about "
+        f"{100 * p_train:.0f}% of training distractors ({100 * (1 - (1 - p_train) ** 3):.0f}% of "
+        f"training composites) against about {100 * p_test:.0f}% of test distractors "
+        f"({100 * (1 - (1 - p_test) ** 3):.0f}% of test composites), where the cue is independent "
+        "of the class; a cue-reliant model puts class evidence on those test distractors, which "
+        "NQH counts. A uniform map has NQH 75% and CH equal to the object's share of the image.",
+        "",
+    ]
     if figure:
         lines += ["## Figure 2", "",
                   f"![Element-wise Grad-CAM per variant]({os.path.basename(figure)})", "",
