@@ -404,7 +404,7 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
         "# Quickstart: Grad-CAM consistency on SpuriousContextShapes",
         "",
         f"Status: **{status}** ({len(summaries)} of {len(args.variants)} variants, up to {n_seeds} "
-        f"of {args.seeds} seeds), {elapsed / 60:.1f} min on {torch.get_num_threads()} CPU threads.",
+        f"of {args.seeds} seeds), {elapsed / 60:.1f} min with {torch.get_num_threads()} CPU thread(s).",
         "",
         "## Table 1 (test split: cue independent of the class)",
         "",
