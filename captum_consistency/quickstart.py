@@ -237,7 +237,8 @@ def gradcam_panel(
     Each overlay is :func:`pytorch_grad_cam.utils.image.show_cam_on_image` of the image and
     the map, bilinearly resized to the tile and scaled to ``[0, 1]`` by its maximum (as
     pytorch-grad-cam displays maps). The first column shows the image with the object's box
-    (green) and the context cue's box (red), when given.
+    (green) and the context cue's box (red), when given. An all-zero map is labelled as such
+    (it would otherwise look like a uniformly cold map).
 
     Args:
         images (numpy.ndarray): ``(N, H, W, 3)`` float32 RGB in ``[0, 1]``.
@@ -276,10 +277,14 @@ def gradcam_panel(
         if m.shape[0] != n:
             raise ValueError(f"maps[{name!r}] has {m.shape[0]} maps for {n} images")
         m = F.interpolate(m.clamp(min=0), size=(tile, tile), mode="bilinear", align_corners=False)
-        m = m[:, 0] / m.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
+        peak = m.flatten(1).amax(1)
+        m = m[:, 0] / peak.clamp(min=1e-12)[:, None, None]
         for i in range(n):
             overlay = show_cam_on_image(big[i], m[i].numpy(), use_rgb=True)
-            canvas.paste(Image.fromarray(overlay), (pad + c * (tile + pad), header + pad + i * (tile + pad)))
+            x0, y0 = pad + c * (tile + pad), header + pad + i * (tile + pad)
+            canvas.paste(Image.fromarray(overlay), (x0, y0))
+            if peak[i] <= 0:  # the class's map is zero everywhere after the ReLU
+                draw.text((x0 + 3, y0 + 3), "all-zero map", fill=(255, 255, 255))
     for i in range(n):
         x0, y0 = pad, header + pad + i * (tile + pad)
         canvas.paste(Image.fromarray((big[i] * 255 + 0.5).astype(np.uint8)), (x0, y0))

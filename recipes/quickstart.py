@@ -451,7 +451,8 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
                   "Rows: test images (cue-conflicting and cue-consistent, alternating; caption: "
                   "object / cue class); green box: object, red box: context cue. Columns: the "
                   "first seed's model of each variant, element-wise Grad-CAM of the object's "
-                  f"class at {args.layer}.", ""]
+                  f"class at {args.layer} (a uniformly blue tile, or one labelled *all-zero map*, is "
+                  "a map that is zero everywhere after the ReLU).", ""]
     lines += [
         "## Set-up",
         "",
