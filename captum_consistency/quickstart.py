@@ -245,8 +245,9 @@ def gradcam_panel(
         maps (mapping): column title -> ``(N, 1, h, w)`` or ``(N, h, w)`` non-negative maps.
         titles (sequence of str, optional): a caption per row, drawn on the input tile.
         tile (int): side of a tile in pixels (images are enlarged with nearest neighbours).
-        object_boxes, cue_boxes (Tensor, optional): ``(N, 4)`` ``(x1, y1, x2, y2)`` inclusive
-            boxes in image pixels.
+        object_boxes (Tensor, optional): ``(N, 4)`` ``(x1, y1, x2, y2)`` inclusive object
+            boxes in image pixels, drawn in green.
+        cue_boxes (Tensor, optional): ``(N, 4)`` boxes of the context cues, drawn in red.
         header (int): height of the column titles.
         pad (int): gap between tiles.
 

@@ -34,6 +34,7 @@ DOCUMENTED_MODULES = (
     "captum_consistency.robust",
     "captum_consistency.engine",
     "captum_consistency.builders",
+    "captum_consistency.quickstart",
 )
 
 #: Modules whose own docstring the API reference renders (``:::`` with ``members: false``),
