@@ -79,34 +79,10 @@ def _authors_mask(boxes, size):
     return mask
 
 
-class _TorchRayPointingGame:
-    """TorchRay's ``PointingGame`` (hits and misses per class, brute-force tolerance disk)."""
-
-    def __init__(self, num_classes, tolerance=15):
-        self.tolerance = tolerance
-        self.hits = torch.zeros(num_classes, dtype=torch.float64)
-        self.misses = torch.zeros(num_classes, dtype=torch.float64)
-
-    def evaluate(self, mask, point):
-        v, u = torch.meshgrid((torch.arange(mask.shape[0], dtype=torch.float32) - point[1]) ** 2,
-                              (torch.arange(mask.shape[1], dtype=torch.float32) - point[0]) ** 2,
-                              indexing="ij")
-        return +1 if bool((mask & ((v + u) < self.tolerance**2)).view(-1).any()) else -1
-
-    def aggregate(self, hit, class_id):
-        (self.hits if hit == 1 else self.misses)[class_id] += 1
-
-    @property
-    def accuracy(self):
-        return (self.hits / (self.hits + self.misses).clamp(min=1)).mean()
-
-
 def authors_protocol(model, dataset, num_classes, device, spg_runs=5, seed=0) -> Dict:
     """Three scripts, batch size 1, as the authors run them; returns their numbers."""
-    try:
-        from torchray.benchmark.pointing_game import PointingGame
-    except ImportError:  # e.g. on a GPU image without TorchRay: the same test, copied
-        PointingGame = _TorchRayPointingGame
+    # The peer is TorchRay itself (a test dependency); on a machine without it, carry its wheel.
+    from torchray.benchmark.pointing_game import PointingGame
 
     layer = model.layer4
     rng = np.random.default_rng(seed)
