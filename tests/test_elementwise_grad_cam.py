@@ -168,6 +168,45 @@ def test_cut_graph_path_equals_captum_generic_path_and_skips_the_backbone_graph(
     assert all(p.grad is None for p in model.conv1.parameters())
 
 
+def test_eval_model_on_cpu_runs_channels_last_with_the_values_of_the_nchw_generic_path():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    x = torch.randn(3, 3, 64, 64)
+    seen = []
+    model.conv1.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    target = torch.tensor([0, 2, 4])
+    ours = LayerElementwiseGradCam(model, model.layer4).attribute(x, target=target)
+    assert seen == [True]  # the fast path converted the batch
+    assert x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)  # caller's tensor untouched
+    torch.testing.assert_close(ours, _generic_path(model, model.layer4, x, target), rtol=1e-4, atol=1e-6)
+    assert ours.shape == (3, 1, 2, 2)
+
+
+class _ViewHead(nn.Module):
+    """A model whose head ``.view``s a conv output: that fails on channels-last activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        a = self.conv(x) * 1.0  # a new activation in the input's memory format
+        return self.fc(a.view(a.shape[0], -1))
+
+
+def test_model_that_needs_nchw_activations_still_gets_its_map():
+    torch.manual_seed(0)
+    net = _ViewHead().eval()
+    x = torch.randn(2, 3, 5, 5)
+    with pytest.raises(RuntimeError, match="view"):
+        net(x.contiguous(memory_format=torch.channels_last))  # the failure the fast path survives
+    ours = LayerElementwiseGradCam(net, net.conv).attribute(x, target=1)
+    torch.testing.assert_close(ours, _generic_path(net, net.conv, x, 1))
+
+
 def test_layer_output_modified_in_place_falls_back_to_the_generic_path():
     torch.manual_seed(0)
     net = nn.Sequential(

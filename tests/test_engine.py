@@ -431,7 +431,8 @@ def test_saliency_explainer_matches_captum_for_every_pair():
         got = SaliencyExplainer(model, method)(x, index, classes)
         ref = ref_cls(model, model.layer4).attribute(x[index], target=classes, relu_attributions=True)
         assert got.shape == ref.shape == (6, 1, 2, 3)
-        torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-7)
+        # rtol 1e-4: LayerElementwiseGradCam runs eval models channels-last on the CPU.
+        torch.testing.assert_close(got, ref.detach(), rtol=1e-4, atol=1e-6)
     g = SaliencyExplainer(model, "gradcam")(x, index, classes)
     e = SaliencyExplainer(model, "elementwise-gradcam")(x, index, classes)
     assert not torch.allclose(g, e)
