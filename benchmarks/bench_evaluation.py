@@ -17,7 +17,7 @@ sizes), same metrics:
   is the authors' element-wise Grad-CAM without their ``+ 1e-8`` offset (it moves CH by about
   1e-6 and would hide the comparison below).
 
-Checks: PG identical, CH equal to 1e-6, same number of scored images (strict float32: TF32
+Ours is timed three times (median), the peer once. Checks: PG identical, CH equal to 1e-6, same number of scored images (strict float32: TF32
 convolutions are switched off on CUDA, as ``recipes/evaluate.py`` does by default). A second row times our
 code at batch size 1 (the gain of batching alone, informational). Target: ours at least 10x
 the authors' loop in images per second.
@@ -50,6 +50,7 @@ from captum_consistency.data import SizeGroupedBatchSampler  # noqa: E402
 from captum_consistency.engine.datasets import build_dataset  # noqa: E402
 from captum_consistency.engine.evaluation import evaluate_interpretations  # noqa: E402
 from captum_consistency.losses import LayerRecorder  # noqa: E402
+from captum_consistency.models import fold_batch_norm  # noqa: E402
 
 PHOTO_SIZES = ((375, 500), (500, 375), (333, 500))
 
@@ -151,7 +152,9 @@ def main(argv=None) -> List[Dict]:
                               boxes=fx.boxes_dirs["val"])
         n = len(whole.dataset)
 
-        ours_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        # As recipes/evaluate.py runs it: batch norm folded into the convolutions (same function,
+        # no normalisation pass over every activation) and channels-last.
+        ours_model = fold_batch_norm(copy.deepcopy(model)).to(memory_format=torch.channels_last)
 
         def ours(batch_size):
             sampler = SizeGroupedBatchSampler(whole.dataset.original_sizes(), batch_size, short_side=None)
@@ -167,11 +170,14 @@ def main(argv=None) -> List[Dict]:
             return res, time.perf_counter() - start
 
         ours(args.batch_size)  # warm-up (allocator, kernels)
-        res, t_ours = ours(args.batch_size)
+        # Ours takes ~1 s, the peer ~10 s: the median of three runs of ours, one before and two
+        # after the peer, keeps a one-off hiccup of the machine from deciding the ratio.
+        res, t_first = ours(args.batch_size)
         res1, t_ours1 = ours(1)
         start = time.perf_counter()
         ref = authors_protocol(model, whole.dataset, 3, device)
         t_ref = time.perf_counter() - start
+        t_ours = sorted([t_first, ours(args.batch_size)[1], ours(args.batch_size)[1]])[1]
 
     same = (res["pg"] == ref["pg"] and abs(res["ch"] - ref["ch"]) <= 1e-6
             and res["num_images"] == ref["num_images"])

@@ -8,7 +8,7 @@ metrics, and transfer evaluation with other attribution methods.
 
 from captum_consistency.composition import cell_mask, compose_grid, split_grid
 from captum_consistency.losses import ConsistencyLossOutput, GradCamConsistencyLoss, LayerRecorder
-from captum_consistency.models import to_global_max_pool
+from captum_consistency.models import fold_batch_norm, to_global_max_pool
 from captum_consistency.saliency import normalize_saliency
 
 __version__ = "0.1.0"
@@ -22,5 +22,6 @@ __all__ = [
     "ConsistencyLossOutput",
     "LayerRecorder",
     "to_global_max_pool",
+    "fold_batch_norm",
     "__version__",
 ]

@@ -54,6 +54,7 @@ from captum_consistency.engine.datasets import (
     resolve_data_args,
 )
 from captum_consistency.engine.evaluation import METHODS, evaluate_interpretations
+from captum_consistency import fold_batch_norm
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -79,6 +80,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--workers", "-j", default=8, type=int)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the forward passes")
+    p.add_argument("--no-fold-bn", action="store_true",
+                   help="keep batch norm as separate layers (by default it is folded into the "
+                        "preceding convolutions for the Grad-CAM methods: same maps, faster)")
     p.add_argument("--tf32", action="store_true",
                    help="allow TF32 convolutions on CUDA (faster; moves CH/SPG by about 1e-3, "
                    "so the default is strict float32)")
@@ -135,6 +139,11 @@ def _main(args, info) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
     model, ckpt = load_model_from_checkpoint(args.checkpoint, device)
     data, data_root, image_size, split, synthetic = resolve_data_args(args, ckpt)
+    if args.method in ("gradcam", "elementwise-gradcam") and not args.no_fold_bn:
+        # The same function without a normalisation pass over every activation (~12% of a
+        # ResNet forward on the CPU). Grad-CAM at a block output is invariant to folding;
+        # FullGrad's bias terms and excitation backprop's rules are not, so they keep it.
+        fold_batch_norm(model)
     # Channels-last convolutions are faster on CUDA and, with oneDNN, on the CPU (~1.4x).
     channels_last = True
     model.to(memory_format=torch.channels_last)
