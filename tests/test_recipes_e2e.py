@@ -136,6 +136,13 @@ def test_imagenet_train_kill_resume_evaluate_robustness(imagenet, tmp_path, one_
     assert table[0] == "| Model | Top-1 Acc (%) | PG | SPG | CH (%) | NQH (%) |"
     assert table[2].startswith("| ResNet18 GC (elementwise-gradcam) | ")
     assert f"{100 * saved['pg']:.2f}" in table[2] and "±" in table[2]
+    # Batch norm was folded into the convolutions (the default); unfolded, the numbers agree.
+    unfolded = _run(evaluate, ["--checkpoint", ckpt, "--boxes", fx.boxes_dirs["val"], "--device", "cpu",
+                               "--workers", "0", "--batch-size", "4", "--output-dir", tmp_path / "eval-bn",
+                               "--no-progress", "--no-fold-bn", "--no-nqh"])
+    for key in ("top1", "pg", "spg_mean", "spg_std", "num_images"):
+        assert unfolded[key] == metrics[key], key
+    assert unfolded["ch"] == pytest.approx(metrics["ch"], abs=1e-6)
 
     # 4. Robustness (Table 6): accuracy under FGSM for the paper's epsilons.
     rob = _run(robustness, ["--checkpoint", ckpt, "--device", "cpu", "--workers", "0",
