@@ -79,7 +79,9 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     element-wise Grad-CAM map at a block output such as ``layer4``, and every prediction are
     unchanged, while the forward pass no longer reads and writes each activation once more for
     the normalisation (about 12% of a ResNet-18 forward pass on the CPU). Module names and
-    nesting are kept: ``model.layer4`` is the same object and hooks on it still fire.
+    nesting are kept: ``model.layer4`` is the same object and hooks on it still fire. The
+    folded convolutions and batch norms themselves are replaced by new modules, so take
+    references to *those* (for hooks or attribution layers) after folding.
 
     Use it for evaluation only. Attributions that give the batch norm's bias a role of its own
     (FullGrad's bias terms, excitation backprop's per-layer rules) are *not* invariant to
@@ -97,8 +99,8 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
         The same model object, modified in place.
 
     Raises:
-        ValueError: the model (or one of its batch norms) is in training mode, where batch norm
-            uses batch statistics and cannot be folded.
+        ValueError: one of the model's convolutions or batch norms is in training mode, where
+            batch norm uses batch statistics and cannot be folded.
 
     Examples::
 
@@ -109,7 +111,7 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     training = [n or type(model).__name__ for n, m in model.named_modules()
-                if isinstance(m, _BATCH_NORMS) and m.training]
+                if isinstance(m, _BATCH_NORMS + _CONVS) and m.training]
     if training:
         raise ValueError(
             f"fold_batch_norm needs a model in eval mode; {training[0]} is in training mode "

@@ -33,6 +33,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
+from captum_consistency import fold_batch_norm
 from captum_consistency.data import (
     DatasetDistractorSampler,
     DistractorFallback,
@@ -54,7 +55,6 @@ from captum_consistency.engine.datasets import (
     resolve_data_args,
 )
 from captum_consistency.engine.evaluation import METHODS, evaluate_interpretations
-from captum_consistency import fold_batch_norm
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

@@ -79,7 +79,11 @@ def test_batch_norm_whose_conv_output_is_used_elsewhere_is_kept():
 
 def test_training_mode_is_refused_with_the_module_named():
     model = torchvision.models.resnet18(num_classes=3).train()
-    with pytest.raises(ValueError, match=r"eval mode.*bn1"):
+    with pytest.raises(ValueError, match=r"eval mode; conv1 is in training mode"):
+        fold_batch_norm(model)
+    model.eval()
+    model.layer2[0].bn1.train()  # one batch norm left in training mode is enough to refuse
+    with pytest.raises(ValueError, match=r"layer2\.0\.bn1 is in training mode"):
         fold_batch_norm(model)
     with pytest.raises(TypeError, match="torch.nn.Module"):
         fold_batch_norm(lambda x: x)
