@@ -45,22 +45,20 @@ def _check_cells(cells: Tensor, n: int) -> None:
         )
 
 
-# For each positive cell k, the cell that distractor j (0, 1, 2) goes to: the remaining cells in
-# increasing order. Row k of this table is the permutation "slot -> cell" with slot 0 = positive;
-# its inverse, "cell -> slot", is what the gather needs.
+# For each positive cell k, the cell that each slot goes to: slot 0 is the positive image, slots
+# 1..3 are distractors 0..2 in order, filling the remaining cells in increasing order.
 _SLOT_TO_CELL = torch.tensor(
     [[k] + [c for c in range(NUM_CELLS) if c != k] for k in range(NUM_CELLS)], dtype=torch.long
 )
-_CELL_TO_SLOT = torch.argsort(_SLOT_TO_CELL, dim=1)
-_CELL_TO_SLOT_ON: Dict[torch.device, Tensor] = {}
+_SLOT_TO_CELL_ON: Dict[torch.device, Tensor] = {}
 
 
-def _cell_to_slot_table(device: torch.device) -> Tensor:
+def _slot_to_cell_table(device: torch.device) -> Tensor:
     # Cached per device: copying the constant from pageable host memory at every call would
     # synchronise the CUDA stream in the middle of a training step.
-    table = _CELL_TO_SLOT_ON.get(device)
+    table = _SLOT_TO_CELL_ON.get(device)
     if table is None:
-        table = _CELL_TO_SLOT_ON[device] = _CELL_TO_SLOT.to(device)
+        table = _SLOT_TO_CELL_ON[device] = _SLOT_TO_CELL.to(device)
     return table
 
 
@@ -89,7 +87,10 @@ def compose_grid(
         return_cells (bool): also return the cells used.
 
     Returns:
-        The grid ``(N, C, 2H, 2W)``, or ``(grid, cells)`` when ``return_cells`` is True.
+        The grid ``(N, C, 2H, 2W)`` in ``positive``'s memory format (channels-last in,
+        channels-last out), or ``(grid, cells)`` when ``return_cells`` is True. Every source
+        is written once, straight into its cell (no intermediate copy); differentiable with
+        respect to ``positive`` and ``distractors``.
 
     Examples::
 
@@ -132,18 +133,31 @@ def compose_grid(
 
 
 def _compose_checked_cells(positive: Tensor, distractors: Optional[Tensor], cells: Tensor) -> Tensor:
-    """:func:`compose_grid` on inputs already checked (cells on ``positive.device``)."""
+    """:func:`compose_grid` on inputs already checked (cells on ``positive.device``).
+
+    Each source image is written once, straight to its cell of the output: four batched
+    ``index_put_`` (one per slot, over the whole batch) into a ``(N, 2, 2, C, H, W)`` view of
+    the grid, so the composite costs one read of the sources and one write of the grid, with
+    no intermediate copy. The grid keeps ``positive``'s memory format (channels-last stays
+    channels-last, as the model expects it). Differentiable with respect to every source.
+    """
     n, c, h, w = positive.shape
+    channels_last = positive.is_contiguous(memory_format=torch.channels_last) and not positive.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    grid = torch.empty((n, c, 2 * h, 2 * w), dtype=positive.dtype, device=positive.device, memory_format=fmt)
     if distractors is None:
-        slots = positive.new_zeros(n, NUM_CELLS, c, h, w)
-        slots[:, 0] = positive
-    else:
-        slots = torch.cat([positive.unsqueeze(1), distractors.to(positive.dtype)], dim=1)
-    # Scatter slot s to cell SLOT_TO_CELL[k, s]; a single batched gather, no Python loop over N.
-    cell_to_slot = _cell_to_slot_table(cells.device)[cells]  # (N, 4)
-    index = cell_to_slot.view(n, NUM_CELLS, 1, 1, 1).expand(n, NUM_CELLS, c, h, w)
-    ordered = torch.gather(slots, 1, index)  # ordered[:, k] is the content of cell k
-    return ordered.view(n, 2, 2, c, h, w).permute(0, 3, 1, 4, 2, 5).reshape(n, c, 2 * h, 2 * w)
+        grid.zero_()  # zero-padding: the other three cells stay empty
+    # view() only splits the two spatial dimensions, which works in either memory format.
+    by_cell = grid.view(n, c, 2, h, 2, w).permute(0, 2, 4, 1, 3, 5)  # [:, row, col] is a cell
+    rows = torch.arange(n, device=positive.device)
+    slot_to_cell = _slot_to_cell_table(positive.device)[cells]  # (N, 4)
+    sources = [positive]
+    if distractors is not None:
+        sources += [distractors[:, j].to(positive.dtype) for j in range(NUM_DISTRACTORS)]
+    for slot, source in enumerate(sources):
+        cell = slot_to_cell[:, slot]
+        by_cell[rows, cell // 2, cell % 2] = source
+    return grid
 
 
 def split_grid(grid: Tensor) -> Tensor:

@@ -81,6 +81,33 @@ def test_gradient_flows_through_composition():
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
+def test_composition_is_differentiable_twice_in_every_source():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 2, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    z = torch.rand(3, 3, 2, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    cells = torch.tensor([2, 0, 3])
+    weights = torch.rand(3, 2, 4, 6, generator=g, dtype=torch.float64)  # a non-uniform readout
+
+    def f(x, z):
+        return (compose_grid(x, z, cells=cells) * weights).square()
+
+    assert torch.autograd.gradcheck(f, (x, z))
+    assert torch.autograd.gradgradcheck(f, (x, z))
+    assert torch.autograd.gradgradcheck(lambda x: compose_grid(x, cells=cells).square(), (x,))
+
+
+@settings(max_examples=40, deadline=None)
+@given(batches())
+def test_channels_last_batch_gives_a_channels_last_grid_with_the_same_values(batch):
+    x, z, cells = batch
+    xc = x.contiguous(memory_format=torch.channels_last)
+    grid = compose_grid(xc, z, cells=cells)
+    assert torch.equal(grid, compose_grid(x, z, cells=cells))
+    if not xc.is_contiguous():  # (with C = 1 or H = W = 1 both formats are one layout)
+        assert grid.is_contiguous(memory_format=torch.channels_last) and not grid.is_contiguous()
+    assert torch.equal(compose_grid(xc, cells=cells), compose_grid(x, cells=cells))
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
