@@ -6,7 +6,7 @@ sizes), same metrics:
 
 * **ours** -- :func:`captum_consistency.engine.evaluation.evaluate_interpretations` as
   ``recipes/evaluate.py`` runs it: whole images (short side ``2S``) batched by identical
-  original size, channels-last, one forward and one backward through the head per batch, element-wise Grad-CAM resized to the original size, PG, SPG
+  original size, batch norm folded, channels-last, one forward and one backward through the head per batch, element-wise Grad-CAM resized to the original size, PG, SPG
   (100 draws x 5 runs) and CH computed batched on the tensors.
 * **peer** -- the authors' protocol (their TorchRay scripts, ``-b 1``): one script per metric
   (``evaluate_imagenet_gradcam_pointinggame.py``, ``..._energy_inside_bbox.py``,
@@ -17,9 +17,9 @@ sizes), same metrics:
   is the authors' element-wise Grad-CAM without their ``+ 1e-8`` offset (it moves CH by about
   1e-6 and would hide the comparison below).
 
-Ours is timed three times (median), the peer once. Checks: PG identical, CH equal to 1e-6, same number of scored images (strict float32: TF32
-convolutions are switched off on CUDA, as ``recipes/evaluate.py`` does by default). A second row times our
-code at batch size 1 (the gain of batching alone, informational). Target: ours at least 10x
+Ours is timed three times (median), the peer once. Checks: PG identical, CH equal to 1e-6,
+same number of scored images (strict float32: TF32 convolutions are switched off on CUDA, as
+``recipes/evaluate.py`` does by default). A second row times our code at batch size 1 (the gain of batching alone, informational). Target: ours at least 10x
 the authors' loop in images per second.
 
 Run: ``python benchmarks/bench_evaluation.py [--quick] [--device cuda] [--images N]``.
