@@ -6,8 +6,9 @@ sizes), same metrics:
 
 * **ours** -- :func:`captum_consistency.engine.evaluation.evaluate_interpretations` as
   ``recipes/evaluate.py`` runs it: whole images (short side ``2S``) batched by identical
-  original size, batch norm folded, channels-last, one forward and one backward through the head per batch, element-wise Grad-CAM resized to the original size, PG, SPG
-  (100 draws x 5 runs) and CH computed batched on the tensors.
+  original size, batch norm folded, channels-last, one forward and one backward through the
+  head per batch, element-wise Grad-CAM resized to the original size, PG, SPG (100 draws x 5
+  runs) and CH computed batched on the tensors.
 * **peer** -- the authors' protocol (their TorchRay scripts, ``-b 1``): one script per metric
   (``evaluate_imagenet_gradcam_pointinggame.py``, ``..._energy_inside_bbox.py``,
   ``..._stochastic_pointinggame.py``, the last run 5 times for the mean and std), each decoding
