@@ -87,7 +87,10 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     (FullGrad's bias terms, excitation backprop's per-layer rules) are *not* invariant to
     folding; the evaluation recipe folds only for the Grad-CAM methods.
 
-    The pairs are found with :func:`torch.fx.symbolic_trace`: a batch norm is folded when its
+    Unlike :func:`torch.fx.experimental.optimization.fuse`, which returns a new
+    ``GraphModule`` without the model's submodules, this keeps the model object, so the Grad-CAM
+    layer of the evaluation (and any hook on it) is still there. The pairs are found with
+    :func:`torch.fx.symbolic_trace`: a batch norm is folded when its
     input is the output of a convolution called once, used by nothing else, and the batch
     norm keeps running statistics. A model that cannot be traced is returned unchanged, with a
     warning.

@@ -21,7 +21,6 @@ import io
 import json
 import os
 import pickle
-import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -31,7 +30,7 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from captum_consistency.data.imagenet import CorruptImageError, load_rgb
+from captum_consistency.data.imagenet import _load_or_skip, load_rgb
 from captum_consistency.data.transforms import _stack_images
 
 __all__ = ["CocoMultiLabel", "CocoSample", "CocoBatch", "collate_coco_samples", "segmentation_to_rle"]
@@ -387,13 +386,9 @@ class CocoMultiLabel(Dataset):
 
     def __getitem__(self, index: int) -> Optional[CocoSample]:
         path = os.path.join(self.images_dir, self.file_names[index])
-        try:
-            img = self.loader(path)
-        except CorruptImageError as e:
-            if self.on_corrupt == "skip":
-                warnings.warn(f"skipping undecodable image (on_corrupt='skip'): {e}", stacklevel=2)
-                return None
-            raise
+        img = _load_or_skip(self.loader, path, self.on_corrupt)
+        if img is None:
+            return None
         size = (int(self._sizes[index, 0]), int(self._sizes[index, 1]))
         if (img.height, img.width) != size:
             raise ValueError(

@@ -98,6 +98,17 @@ def load_rgb(path: Union[str, os.PathLike]) -> Image.Image:
         raise CorruptImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
 
 
+def _load_or_skip(loader: Callable[[str], Image.Image], path: str, on_corrupt: str) -> Optional[Image.Image]:
+    """``loader(path)``; with ``on_corrupt="skip"`` an undecodable file warns and gives ``None``."""
+    try:
+        return loader(path)
+    except CorruptImageError as e:
+        if on_corrupt == "skip":
+            warnings.warn(f"skipping undecodable image (on_corrupt='skip'): {e}", stacklevel=3)
+            return None
+        raise
+
+
 class VocObject(NamedTuple):
     """One ``<object>`` of a PASCAL VOC / ILSVRC XML file."""
 
@@ -485,13 +496,9 @@ class ImageNetWithBoxes(ImageFolder):
 
     def __getitem__(self, index: int) -> Optional[ImageSample]:  # type: ignore[override]
         path, target = self.samples[index]
-        try:
-            img = self.loader(path)
-        except CorruptImageError as e:
-            if self.on_corrupt == "skip":
-                warnings.warn(f"skipping undecodable image (on_corrupt='skip'): {e}", stacklevel=2)
-                return None
-            raise
+        img = _load_or_skip(self.loader, path, self.on_corrupt)
+        if img is None:
+            return None
         size = (img.height, img.width)
         boxes, difficult = self.boxes(index)
         xml_size = tuple(int(v) for v in self._xml_sizes[index])
