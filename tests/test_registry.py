@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torchvision
-from captum.attr import LayerGradCam
+from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
 from captum_consistency import to_global_max_pool
@@ -55,31 +55,36 @@ SHAPES = {
 @pytest.mark.parametrize("arch", ["resnet", "vgg", "alexnet"])
 def test_every_method_every_arch(models, x, arch):
     model = models[arch]
-    assert available_attributions() == NAMES
+    assert available_attributions()[:4] == NAMES
+    assert available_attributions("captum-consistency") == NAMES
     for name in NAMES:
         method = get_attribution(name, model)
+        native = method.attribute(x, [1, 7], upsample=False)
         sal = method.attribute(x, [1, 7])
         assert method.arch == arch and method.num_classes == 10
         key = (arch, "gradcam" if name == "elementwise-gradcam" else name)
         size = SHAPES.get(key, (64, 64))
-        assert sal.shape == (2, 1) + size, (name, sal.shape)
+        assert native.shape == (2, 1) + size, (name, native.shape)
         assert not sal.requires_grad and (sal >= 0).all() and (sal > 0).any(), name
         assert method.layers == EXPECTED_LAYERS.get(key, {})
+        # at the input size by default: the layer map upsampled bilinearly (Captum's interpolate)
+        assert sal.shape == (2, 1, 64, 64)
+        torch.testing.assert_close(sal, LayerAttribution.interpolate(native, (64, 64), "bilinear"))
 
 
 def test_same_as_the_classes_it_configures(models, x):
     model = models["resnet"]
     target = torch.tensor([3, 4])
     torch.testing.assert_close(
-        get_attribution("gradcam", model).attribute(x, target),
+        get_attribution("gradcam", model).attribute(x, target, upsample=False),
         LayerGradCam(model, model.layer4).attribute(x, target, relu_attributions=True).detach(),
     )
     torch.testing.assert_close(
-        get_attribution("Elementwise_GradCAM", model).attribute(x, target),
+        get_attribution("Elementwise_GradCAM", model).attribute(x, target, upsample=False),
         LayerElementwiseGradCam(model, model.layer4).attribute(x, target, relu_attributions=True).detach(),
     )
     torch.testing.assert_close(
-        get_attribution("cmwp", model).attribute(x, target),
+        get_attribution("cmwp", model).attribute(x, target, upsample=False),
         ContrastiveExcitationBackprop(model, model.layer3, model.avgpool, model.fc).attribute(x, target),
     )
     torch.testing.assert_close(
@@ -107,11 +112,11 @@ def test_vgg16_defaults_are_torchrays_benchmark_layers():
 
 def test_overrides_and_gmp(models, x):
     model = to_global_max_pool(torchvision.models.resnet18(weights=None, num_classes=10).eval())
-    sal = get_attribution("cmwp", model).attribute(x, 3)
+    sal = get_attribution("cmwp", model).attribute(x, 3, upsample=False)
     assert sal.shape == (2, 1, 4, 4) and (sal >= 0).all()
     method = get_attribution("gradcam", models["resnet"], layer="layer3")
     assert method.layers == {"layer": "layer3"}
-    assert method.attribute(x, 3).shape == (2, 1, 4, 4)
+    assert method.attribute(x, 3, upsample=False).shape == (2, 1, 4, 4)
     # a model with ResNet module names but another class, with arch=
     class MyResNet(nn.Module):
         forward = torchvision.models.ResNet._forward_impl
@@ -122,7 +127,7 @@ def test_overrides_and_gmp(models, x):
                 self.add_module(name, child)
 
     wrapped = MyResNet(model)
-    with pytest.raises(ValueError, match="no default layers for MyResNet"):
+    with pytest.raises(ValueError, match="cmwp has default layers for resnet, vgg, alexnet.*for MyResNet pass layer="):
         get_attribution("cmwp", wrapped)
     method = get_attribution("cmwp", wrapped, arch="resnet")
     torch.testing.assert_close(method.attribute(x, 3), get_attribution("cmwp", model).attribute(x, 3))
@@ -130,12 +135,12 @@ def test_overrides_and_gmp(models, x):
 
 def test_errors(models, x):
     model = models["resnet"]
-    with pytest.raises(ValueError, match="unknown attribution 'lime'; valid: gradcam, elementwise-gradcam, cmwp, fullgrad"):
+    with pytest.raises(ValueError, match="unknown attribution 'lime'; valid: gradcam, elementwise-gradcam, cmwp, fullgrad, captum:saliency, .*pgc:gradcam, .*pgc:ablationcam"):
         get_attribution("lime", model)
-    with pytest.raises(ValueError, match="no default layers for Sequential.*resnet, vgg, alexnet"):
+    with pytest.raises(ValueError, match="gradcam needs a target layer and Sequential is not a torchvision family.*pass layer="):
         get_attribution("gradcam", nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2)))
-    with pytest.raises(ValueError, match="unknown arch 'vit'; valid: resnet, vgg, alexnet"):
-        get_attribution("gradcam", model, arch="vit")
+    with pytest.raises(ValueError, match="unknown arch 'swin'; valid: resnet, vgg, alexnet, convnext, efficientnet, mobilenetv3, densenet, regnet, vit"):
+        get_attribution("gradcam", model, arch="swin")
     with pytest.raises(ValueError, match="layer='layer9' is not a submodule"):
         get_attribution("gradcam", model, layer="layer9")
     with pytest.raises(ValueError, match="contrast_layer.*not a submodule"):

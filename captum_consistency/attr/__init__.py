@@ -1,5 +1,11 @@
-"""Attribution methods, Captum style: element-wise Grad-CAM and the transfer methods."""
+"""Attribution methods, Captum style: element-wise Grad-CAM, the transfer methods, and one
+registry over them, Captum's attributions and pytorch-grad-cam's CAMs."""
 
+from captum_consistency.attr._adapters import (
+    CaptumAttribution,
+    PytorchGradCamAttribution,
+    vit_reshape_transform,
+)
 from captum_consistency.attr._elementwise_grad_cam import (
     LayerElementwiseGradCam,
     elementwise_grad_cam,
@@ -7,7 +13,13 @@ from captum_consistency.attr._elementwise_grad_cam import (
 )
 from captum_consistency.attr._excitation_backprop import ContrastiveExcitationBackprop
 from captum_consistency.attr._fullgrad import FullGrad, FullGradDecomposition
-from captum_consistency.attr._registry import SaliencyMethod, available_attributions, get_attribution
+from captum_consistency.attr._registry import (
+    SaliencyMethod,
+    available_attributions,
+    default_layers,
+    detect_architecture,
+    get_attribution,
+)
 
 __all__ = [
     "LayerElementwiseGradCam",
@@ -19,4 +31,9 @@ __all__ = [
     "get_attribution",
     "available_attributions",
     "SaliencyMethod",
+    "default_layers",
+    "detect_architecture",
+    "CaptumAttribution",
+    "PytorchGradCamAttribution",
+    "vit_reshape_transform",
 ]

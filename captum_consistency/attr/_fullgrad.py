@@ -280,6 +280,14 @@ class FullGrad(GradientAttribution):
             def forward_hook(module: nn.Module, args: Any, out: Tensor) -> None:
                 if not isinstance(out, Tensor) or not out.requires_grad:
                     return
+                if isinstance(module, nn.Linear) and out.dim() > 2:
+                    raise ValueError(
+                        f"FullGrad: {name!r} (Linear) adds its bias on the last dimension of a "
+                        f"{tuple(out.shape)} tensor (channels last, as in ConvNeXt and ViT "
+                        "blocks); FullGrad's terms put channels on dimension 1, and its "
+                        "decomposition is exact only for piecewise-linear models (ConvNeXt and "
+                        "ViT use GELU and LayerNorm)"
+                    )
                 bias = biases[name].view((1, -1) + (1,) * (out.dim() - 2))
 
                 # registered before any in-place op (ReLU) on `out`, so it sees the gradient at
