@@ -1,43 +1,69 @@
-"""Model builders for the paper's architectures and their Grad-CAM layers.
+"""Model builders for the recipes' architectures and their Grad-CAM layers.
 
 The paper (Pillai & Pirsiavash, AAAI 2021, Sec. 4.4) trains torchvision's AlexNet, ResNet-18
-and ResNet-50, optionally with global max pooling (GMP, ResNets only). The Grad-CAM layer is
-the output of the last convolutional block: ``layer4`` for ResNets and the whole ``features``
-stack for AlexNet (conv5 after its ReLU and max pooling, as in the authors' code).
+and ResNet-50, optionally with global max pooling (GMP). The recipes also build every
+torchvision model of the ResNet (with ResNeXt and Wide ResNet), VGG, ConvNeXt, EfficientNet,
+MobileNetV3, DenseNet and RegNet families: their classifiers pool globally (or, VGG and
+AlexNet, adaptively), so they take the ``2S x 2S`` composites of the GC loss. The Grad-CAM layer
+is the family's default CAM layer (:func:`captum_consistency.attr.default_layers`): ``layer4``
+for ResNets, the whole ``features`` stack for AlexNet (conv5 after its ReLU and max pooling, as
+in the authors' code), the last stage for the others. Vision transformers are refused: their
+position embeddings are fixed to one input size, so a ViT cannot take a composite twice as
+large.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Tuple
 
+import torch
 import torchvision
 from torch import nn
 
+from captum_consistency.attr._registry import default_layers, detect_architecture
 from captum_consistency.models import to_global_max_pool
 
 __all__ = ["ARCHITECTURES", "build_model", "gradcam_layer", "gradcam_layer_name", "unwrap_model"]
 
-#: Architectures the recipes can build.
-ARCHITECTURES: Tuple[str, ...] = ("resnet18", "resnet50", "alexnet")
-"""Architectures that :func:`build_model` (and ``recipes/train.py --arch``) can build."""
+_FAMILY_PREFIXES = (
+    "resnet", "resnext", "wide_resnet", "vgg", "alexnet", "convnext_", "efficientnet_",
+    "mobilenet_v3_", "densenet", "regnet_",
+)
 
-_LAYER_NAMES: Dict[str, str] = {"resnet18": "layer4", "resnet50": "layer4", "alexnet": "features"}
+#: Architectures the recipes can build.
+ARCHITECTURES: Tuple[str, ...] = tuple(
+    sorted(n for n in torchvision.models.list_models(module=torchvision.models)
+           if n.startswith(_FAMILY_PREFIXES))
+)
+"""Architectures that :func:`build_model` (and ``recipes/train.py --arch``) can build: every
+torchvision classification model of the ResNet (``resnet*``, ``resnext*``, ``wide_resnet*``),
+VGG, AlexNet, ConvNeXt, EfficientNet (B0-B7, V2), MobileNetV3, DenseNet and RegNet families."""
+
+_VIT_REFUSAL = (
+    "vision transformers cannot be trained with the GC loss: their position embeddings fix the "
+    "input size, so a ViT cannot take the 2S x 2S composite of S x S images (and a composite "
+    "resized to S would no longer tile the single image's token map); evaluate a ViT with the "
+    "pgc: methods of captum_consistency.attr.get_attribution instead"
+)
 
 
 def build_model(arch: str, num_classes: int, gmp: bool = False) -> nn.Module:
     """Builds a randomly initialised torchvision classifier (``weights=None``).
 
     Args:
-        arch (str): one of ``"resnet18"``, ``"resnet50"``, ``"alexnet"``.
+        arch (str): one of :data:`ARCHITECTURES` (e.g. ``"resnet18"``, ``"convnext_tiny"``).
         num_classes (int): size of the classifier's output (from the data, never hard-coded).
         gmp (bool): replace the global average pooling with global max pooling
-            (:func:`captum_consistency.to_global_max_pool`); ResNets only.
+            (:func:`captum_consistency.to_global_max_pool`): ResNet, ConvNeXt, EfficientNet,
+            MobileNetV3 and RegNet; VGG and AlexNet pool to 7x7 / 6x6 and DenseNet pools inside
+            ``forward()``, so they are refused.
 
     Returns:
         torch.nn.Module: the model, in training mode, on the CPU.
 
     Raises:
-        ValueError: unknown ``arch``, ``num_classes < 1`` or ``gmp`` with AlexNet.
+        ValueError: unknown ``arch`` (a ViT with the reason), ``num_classes < 1``, or ``gmp``
+            with a model without a global average pooling module.
 
     Examples::
 
@@ -45,28 +71,38 @@ def build_model(arch: str, num_classes: int, gmp: bool = False) -> nn.Module:
         >>> model.avgpool
         AdaptiveMaxPool2d(output_size=1)
     """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
+    _check_arch(arch)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if gmp and not arch.startswith("resnet"):
-        raise ValueError(
-            f"gmp=True needs a ResNet (global average pooling to replace); {arch} pools to 6x6"
-        )
     model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     if gmp:
-        to_global_max_pool(model)
+        try:
+            to_global_max_pool(model)
+        except ValueError as error:
+            raise ValueError(f"gmp=True needs a global average pooling to replace: {error}") from None
     return model
 
 
+def _check_arch(arch: str) -> None:
+    if arch in ARCHITECTURES:
+        return
+    if isinstance(arch, str) and arch.startswith("vit_"):
+        raise ValueError(f"arch {arch!r}: {_VIT_REFUSAL}")
+    raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
+
+
 def gradcam_layer_name(arch: str) -> str:
-    """Name of the Grad-CAM layer of ``arch``: ``"layer4"`` (ResNets) or ``"features"`` (AlexNet).
+    """Name of the Grad-CAM layer of ``arch`` (:func:`captum_consistency.attr.default_layers`).
+
+    ``"layer4"`` for ResNets, ``"features"`` for AlexNet, ConvNeXt, EfficientNet and
+    MobileNetV3, the last ReLU of ``features`` for VGG, ``"features.denseblock4"`` for DenseNet
+    and ``"trunk_output"`` for RegNet.
 
     Args:
         arch (str): one of :data:`ARCHITECTURES`.
 
     Returns:
-        str: the attribute name of the layer on the model.
+        str: the name of the layer in ``model.named_modules()`` (for ``model.get_submodule``).
 
     Raises:
         ValueError: unknown ``arch``.
@@ -75,10 +111,16 @@ def gradcam_layer_name(arch: str) -> str:
 
         >>> gradcam_layer_name("alexnet")
         'features'
+        >>> gradcam_layer_name("vgg16")
+        'features.29'
     """
-    if arch not in _LAYER_NAMES:
-        raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
-    return _LAYER_NAMES[arch]
+    _check_arch(arch)
+    if arch.startswith("regnet_"):
+        # RegNet's builder computes its widths with tensor ops, which the meta device refuses.
+        return "trunk_output"
+    with torch.device("meta"):  # module names only: no memory, no initialisation cost
+        model = getattr(torchvision.models, arch)(weights=None)
+    return default_layers(model)["layer"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -104,16 +146,18 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def gradcam_layer(model: nn.Module) -> nn.Module:
     """The Grad-CAM layer of a model built by :func:`build_model` (wrappers are looked through).
 
-    ``model.layer4`` when the model has one (ResNets), else ``model.features`` (AlexNet).
+    The family's default CAM layer (:func:`captum_consistency.attr.default_layers`); for a model
+    of no torchvision family, ``model.layer4`` or else ``model.features`` when it has one.
 
     Args:
-        model (torch.nn.Module): a ResNet or AlexNet, possibly wrapped in DDP.
+        model (torch.nn.Module): a model of :data:`ARCHITECTURES`, possibly wrapped in DDP.
 
     Returns:
         torch.nn.Module: the layer, a submodule of the unwrapped model.
 
     Raises:
-        ValueError: the model has neither ``layer4`` nor ``features``.
+        ValueError: a vision transformer (refused: see :func:`build_model`), or a model of no
+            known family with neither ``layer4`` nor ``features``.
 
     Examples::
 
@@ -122,11 +166,17 @@ def gradcam_layer(model: nn.Module) -> nn.Module:
         True
     """
     inner = unwrap_model(model)
+    arch = detect_architecture(inner)
+    if arch == "vit":
+        raise ValueError(f"no Grad-CAM layer for the GC loss: {_VIT_REFUSAL}")
+    if arch is not None:
+        return inner.get_submodule(default_layers(inner, arch)["layer"])
     for name in ("layer4", "features"):
         layer = getattr(inner, name, None)
         if isinstance(layer, nn.Module):
             return layer
     raise ValueError(
-        f"cannot find the Grad-CAM layer of {type(inner).__name__}: expected a ResNet "
-        "(model.layer4) or AlexNet (model.features)"
+        f"cannot find the Grad-CAM layer of {type(inner).__name__}: not a torchvision family of "
+        "captum_consistency.attr.default_layers, and no model.layer4 or model.features; pass the "
+        "layer to GradCamConsistencyLoss explicitly"
     )

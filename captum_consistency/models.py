@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import Counter, OrderedDict
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -14,7 +14,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 __all__ = ["to_global_max_pool", "fold_batch_norm"]
 
 
-def _is_global_avg_pool(module: nn.Module) -> bool:
+def _is_global_avg_pool(module: Optional[nn.Module]) -> bool:
     if not isinstance(module, nn.AdaptiveAvgPool2d):
         return False
     size = module.output_size
@@ -28,19 +28,22 @@ def to_global_max_pool(model: nn.Module) -> nn.Module:
     The "GMP" model of the paper (Pillai & Pirsiavash, AAAI 2021, Sec. 3): global average
     pooling spreads a decision over the whole image, the spatial analogue of Grad-CAM's gradient
     averaging; ``AdaptiveMaxPool2d(1)`` makes the model collect evidence from selective
-    locations and gives sharper element-wise Grad-CAM maps. The last ``AdaptiveAvgPool2d`` with
-    a 1x1 output (``model.avgpool`` in torchvision ResNets) is replaced in place. Pooling has no
-    parameters, so the state dict is unchanged and torchvision weights still load.
+    locations and gives sharper element-wise Grad-CAM maps. The head's ``AdaptiveAvgPool2d``
+    with a 1x1 output is replaced in place: ``model.avgpool`` when it is one (torchvision
+    ResNet, ConvNeXt, EfficientNet, MobileNetV3, RegNet), else the last such module outside a
+    squeeze-and-excitation block (whose pooling is channel attention, not the head's). Pooling
+    has no parameters, so the state dict is unchanged and torchvision weights still load.
 
     Args:
-        model (torch.nn.Module): e.g. ``torchvision.models.resnet50()``.
+        model (torch.nn.Module): e.g. ``torchvision.models.resnet50()`` or ``convnext_tiny()``.
 
     Returns:
         The same model object, modified in place.
 
     Raises:
-        ValueError: the model has no global average pooling to 1x1 (e.g. AlexNet, whose
-            pooling is to 6x6).
+        ValueError: the model has no global average pooling module to replace: VGG and AlexNet
+            pool to 7x7 / 6x6 before their classifier, DenseNet and MobileNetV2 pool with
+            ``F.adaptive_avg_pool2d`` inside ``forward()``, a ViT classifies its class token.
 
     Examples::
 
@@ -50,15 +53,24 @@ def to_global_max_pool(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from torchvision.ops import SqueezeExcitation
+
+    if _is_global_avg_pool(getattr(model, "avgpool", None)):
+        model.avgpool = nn.AdaptiveMaxPool2d(1)
+        return model
     found: List[Tuple[nn.Module, str]] = []
     for parent in model.modules():
+        if isinstance(parent, SqueezeExcitation):
+            continue
         for name, child in parent.named_children():
             if _is_global_avg_pool(child):
                 found.append((parent, name))
     if not found:
         raise ValueError(
-            f"{type(model).__name__} has no global average pooling (nn.AdaptiveAvgPool2d to 1x1) "
-            "to replace; to_global_max_pool expects a ResNet-like model"
+            f"{type(model).__name__} has no global average pooling module (nn.AdaptiveAvgPool2d "
+            "to 1x1) before its classifier to replace (VGG and AlexNet pool to 7x7 / 6x6, "
+            "DenseNet and MobileNetV2 pool with F.adaptive_avg_pool2d inside forward(), a ViT "
+            "classifies its class token)"
         )
     parent, name = found[-1]  # the one closest to the classifier in module order
     setattr(parent, name, nn.AdaptiveMaxPool2d(1))
