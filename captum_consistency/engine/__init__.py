@@ -44,6 +44,7 @@ from captum_consistency.engine.training import (
     sample_positive_class,
     train_one_epoch,
 )
+from captum_consistency.engine.transfer import TRANSFER_METHODS, evaluate_transfer
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -79,4 +80,6 @@ __all__ = [
     "autocast",
     "train_one_epoch",
     "evaluate_classification",
+    "evaluate_transfer",
+    "TRANSFER_METHODS",
 ]

@@ -7,7 +7,8 @@ Protocol (Pillai & Pirsiavash, AAAI 2021, Sec. 4.3; the authors' TorchRay script
   present, for COCO) is resized bilinearly to the image's *original* size and compared with the
   union of that class's boxes (ImageNet, VOC corners, 1-based as TorchRay reads them) or masks
   (COCO). An ImageNet image whose boxes of its class are all ``difficult`` is skipped, as in the
-  authors' script; all-zero maps are skipped by the metrics. Every skip is counted.
+  authors' script; all-zero maps are skipped by the metrics (so are maps that a peer library
+  returned with NaN or infinity, which the registry zeroes). Every skip is counted.
 * **NQH** -- each validation image, as a fixed-size ``S x S`` crop, is placed in a random cell
   of a ``2S x 2S`` composite with three distractors that do not contain its class (taken from
   the batch, :func:`~captum_consistency.data.gather_distractors`, with a data-set fallback);
@@ -35,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_consistency.attr import elementwise_grad_cam, grad_cam
+from captum_consistency.attr import elementwise_grad_cam, get_attribution, grad_cam
+from captum_consistency.attr._registry import METHODS, canonical_name, uses_cam_layer
 from captum_consistency.builders import gradcam_layer, unwrap_model
 from captum_consistency.composition import compose_grid, random_cells
 from captum_consistency.engine.distributed import all_reduce_sum, is_main_process
@@ -51,8 +53,6 @@ __all__ = [
     "evaluate_interpretations",
 ]
 
-METHODS = ("gradcam", "elementwise-gradcam", "cmwp", "fullgrad")
-
 
 class SaliencyExplainer:
     """Saliency maps ``(P, 1, h, w)`` for (image, class) pairs of a batch, for every method.
@@ -62,34 +62,38 @@ class SaliencyExplainer:
     every image), so a multi-label batch costs one forward. The maps are the ReLU'd Grad-CAM
     (Eqs. 1-2) or element-wise Grad-CAM (Eq. 3) at the layer's resolution: numerically Captum's
     ``LayerGradCam`` and :class:`~captum_consistency.attr.LayerElementwiseGradCam` with
-    ``relu_attributions=True``. ``cmwp`` and ``fullgrad`` use
-    :func:`captum_consistency.attr.get_attribution` on the images repeated once per pair.
+    ``relu_attributions=True``. Every other name of
+    :func:`captum_consistency.attr.available_attributions` (``cmwp``, ``fullgrad``,
+    ``captum:*``, ``pgc:*``) uses :func:`captum_consistency.attr.get_attribution` on the images
+    repeated once per pair, at the method's own resolution (``upsample=False``: the caller
+    resizes once).
 
     Args:
         model (torch.nn.Module): the classifier in eval mode.
-        method (str): one of :data:`METHODS`.
-        layer (torch.nn.Module, optional): the Grad-CAM layer (default
-            :func:`~captum_consistency.builders.gradcam_layer`).
-        amp (bool): bf16 autocast for the forward pass (maps are computed in float32).
+        method (str): one of :data:`METHODS` (the registry's names).
+        layer (torch.nn.Module, optional): the Grad-CAM / CAM layer (default: the family's,
+            :func:`~captum_consistency.builders.gradcam_layer`); cMWP and methods without a
+            layer ignore it.
+        amp (bool): bf16 autocast for the forward pass of the Grad-CAM methods (maps are
+            computed in float32).
+        options (dict, optional): the method's options (:func:`~captum_consistency.attr.get_attribution`).
     """
 
     def __init__(self, model: nn.Module, method: str, layer: Optional[nn.Module] = None,
-                 amp: bool = False) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+                 amp: bool = False, options: Optional[Dict[str, Any]] = None) -> None:
+        method = canonical_name(method)
         self.model = model
         self.method = method
-        self.layer = layer if layer is not None else gradcam_layer(model)
         self.amp = amp
         self._attribution = None
-        if method in ("cmwp", "fullgrad"):
-            try:
-                from captum_consistency.attr import get_attribution
-            except ImportError as e:  # the transfer attributions are an optional part
-                raise ImportError(
-                    f"--method {method} needs captum_consistency.attr.get_attribution"
-                ) from e
-            self._attribution = get_attribution(method, unwrap_model(model))
+        if method in ("gradcam", "elementwise-gradcam") and not options:
+            self.layer = layer if layer is not None else gradcam_layer(model)
+        else:
+            kwargs: Dict[str, Any] = dict(options or {})
+            if layer is not None and uses_cam_layer(method):
+                kwargs["layer"] = layer
+            self.layer = layer
+            self._attribution = get_attribution(method, unwrap_model(model), **kwargs)
 
     def __call__(self, images: Tensor, image_index: Tensor, classes: Tensor) -> Tensor:
         """Maps of ``classes[p]`` for image ``image_index[p]``.
@@ -105,8 +109,7 @@ class SaliencyExplainer:
         if image_index.numel() == 0:
             return images.new_zeros(0, 1, 1, 1)
         if self._attribution is not None:
-            with torch.enable_grad():
-                maps = self._attribution.attribute(images[image_index], target=classes)
+            maps = self._attribution.attribute(images[image_index], target=classes, upsample=False)
             return maps.detach().float().clamp_(min=0)
         return self._grad_cam(images, image_index, classes)
 
@@ -238,12 +241,15 @@ def evaluate_interpretations(
     progress: bool = True,
     layer: Optional[nn.Module] = None,
     distractor_ok: Optional[Tensor] = None,
+    method_options: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Accuracy, PG, SPG (mean and std over ``num_runs``), CH and NQH of ``model``.
 
     Args:
         model (torch.nn.Module): the classifier (it is put in eval mode).
-        method (str): ``"gradcam"``, ``"elementwise-gradcam"``, ``"cmwp"`` or ``"fullgrad"``.
+        method (str): a name of :func:`captum_consistency.attr.available_attributions`:
+            ``"gradcam"``, ``"elementwise-gradcam"``, ``"cmwp"``, ``"fullgrad"``, ``"captum:*"``
+            or ``"pgc:*"``.
         whole_loader (Iterable, optional): whole images grouped by original size (PG, SPG, CH).
         crop_loader (Iterable, optional): fixed-size ``S x S`` images (accuracy and NQH).
         device (torch.device): where to compute.
@@ -257,10 +263,12 @@ def evaluate_interpretations(
         amp (bool): bf16 autocast for forward passes.
         channels_last (bool): channels-last inputs (CUDA).
         progress (bool): tqdm bars on rank 0.
-        layer (torch.nn.Module, optional): Grad-CAM layer override.
+        layer (torch.nn.Module, optional): Grad-CAM / CAM layer override.
         distractor_ok (Tensor, optional): ``(num_classes,)`` bool, False for the classes that
             fewer than three images of the data set lack (no valid composite exists); their
             samples are left out of NQH and counted in ``skipped``.
+        method_options (dict, optional): options of the method
+            (:func:`captum_consistency.attr.get_attribution`, e.g. ``{"n_steps": 16}``).
 
     Returns:
         dict with ``top1`` (or ``f1_per_class``, ``f1_overall``), ``pg``, ``spg_mean``,
@@ -271,7 +279,7 @@ def evaluate_interpretations(
     from tqdm.auto import tqdm
 
     model.eval()
-    explainer = SaliencyExplainer(model, method, layer=layer, amp=amp)
+    explainer = SaliencyExplainer(model, method, layer=layer, amp=amp, options=method_options)
     metrics = InterpretationMetrics(
         num_classes=num_classes, tolerance=tolerance, num_samples=num_samples,
         num_runs=num_runs, generator=spg_generator, device=device,
