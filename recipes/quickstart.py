@@ -108,7 +108,7 @@ VARIANTS: Dict[str, tuple] = {
 BENCHMARKS: Dict[str, Dict[str, Any]] = {
     "shapes": {
         "variants": "baseline,gc", "cue_prob": 0.0, "stray_cue_prob": 0.0, "cue_strength": 0.25,
-        "object_size": (0.2, 0.3), "width": 8, "epochs": 8, "lambda_sweep": "0,0.25,1,4",
+        "object_size": (0.2, 0.3), "width": 8, "epochs": 10, "lambda_sweep": "0,0.25,1,4",
     },
     "spurious-cue": {
         "variants": "baseline,gc,gmp,gmp_gc", "cue_prob": 1.0, "stray_cue_prob": 0.25,
@@ -211,7 +211,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--fgsm-eps", type=_epsilons, default=[0.0, 1.0, 2.0, 4.0, 8.0],
                    help="FGSM epsilons on the 0-255 scale")
     g.add_argument("--figure-images", type=_positive_int, default=6, help="rows of gradcam.png")
-    g.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
+    g.add_argument("--workers", type=_positive_int, default=min(4, os.cpu_count() or 1),
+                   help="models trained at once, each in its own process (a small network "
+                   "keeps one core busy, not two: two one-thread workers on two cores train "
+                   "about twice as many models per minute as one two-thread process)")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads per worker (default: 1 with several workers, "
+                   "else all cores)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -264,17 +270,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if not variants or unknown:
         parser.error(f"--variants must be a subset of {', '.join(VARIANTS)}, got {args.variants!r}")
     args.variants = variants
+    if args.threads is None:
+        args.threads = 1 if args.workers > 1 else (os.cpu_count() or 1)
     return args
 
 
 # ------------------------------------------------------------------------------------ pieces
 
 
-def _render(dataset: SpuriousContextShapes, progress: bool, desc: str):
+def _render(dataset: SpuriousContextShapes, progress: bool, desc: str, workers: int = 0):
     """Renders a split once into ``(images, labels)`` tensors (shared by all runs)."""
     from tqdm.auto import tqdm
 
-    loader = DataLoader(dataset, batch_size=256)
+    loader = DataLoader(dataset, batch_size=256, num_workers=workers if workers > 1 else 0)
     images, labels = [], []
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images.append(x)
@@ -753,6 +761,68 @@ def _jobs(args) -> List[Tuple[str, int, float, Optional[float]]]:
     return jobs
 
 
+def _data_sets(args) -> Tuple[SpuriousContextShapes, SpuriousContextShapes]:
+    data = dict(num_classes=args.classes, image_size=args.image_size, clutter=args.clutter,
+                seed=args.data_seed, cue_prob=args.cue_prob, stray_cue_prob=args.stray_cue_prob,
+                object_size=args.object_size)
+    train = SpuriousContextShapes("train", cue_strength=args.cue_strength,
+                                  length=args.train_size, **data)
+    test = SpuriousContextShapes("test", length=args.test_size, cache=True, **data)
+    return train, test
+
+
+#: What a worker process keeps between its jobs: the rendered training set and the test set.
+_WORKER: Dict[str, Any] = {}
+
+
+def _init_worker(args, train_images: Tensor, train_labels: Tensor) -> None:
+    torch.set_num_threads(args.threads)
+    _WORKER.update(args=args, train=(train_images, train_labels), test=_data_sets(args)[1])
+
+
+def run_job(job: Tuple[str, int, float, Optional[float]]) -> Tuple[tuple, Dict[str, Any], Dict[str, Tensor]]:
+    """Trains and evaluates one ``(variant, seed, lam, sweep factor)`` job with the data of
+    :func:`_init_worker`; returns the job, its metrics and the model's ``state_dict``."""
+    args, (train_images, train_labels), test = _WORKER["args"], _WORKER["train"], _WORKER["test"]
+    v, seed, lam, _ = job
+    device = torch.device("cpu")
+    trained = train_model(args, v, seed, train_images, train_labels, device, lam=lam)
+    t_eval = time.perf_counter()
+    metrics = evaluate_model(args, trained["model"], seed, test, device)
+    metrics.update(seed=seed, train_time_s=round(trained["train_time_s"], 2),
+                   eval_time_s=round(time.perf_counter() - t_eval, 2),
+                   train_last_epoch=trained["history"][-1])
+    return job, metrics, trained["model"].state_dict()
+
+
+def _results(args, train_images: Tensor, train_labels: Tensor):
+    """Yields ``run_job``'s results, in this process (``--workers 1``) or from a pool of
+    ``--workers`` processes (in the order they finish)."""
+    jobs = _jobs(args)
+    if args.workers == 1:
+        _init_worker(args, train_images, train_labels)
+        for job in jobs:
+            yield run_job(job)
+        return
+    import multiprocessing
+
+    # spawn, not fork: the parent has used torch's thread pool, which a forked child inherits
+    # in an undefined state. Workers show no progress bars of their own (the parent's counts runs).
+    worker_args = argparse.Namespace(**dict(vars(args), no_progress=True))
+    pool = multiprocessing.get_context("spawn").Pool(
+        min(args.workers, len(jobs)), initializer=_init_worker,
+        initargs=(worker_args, train_images, train_labels))
+    try:
+        yield from pool.imap_unordered(run_job, jobs)
+    except BaseException:  # an interrupt (or the consumer's close()) stops the models in training
+        pool.terminate()
+        raise
+    else:
+        pool.close()
+    finally:
+        pool.join()
+
+
 def run(args: argparse.Namespace, on_run_done: Optional[Callable[[str, int], None]] = None) -> Dict[str, Any]:
     """Trains and evaluates every (variant, seed) and the lambda sweep; raises
     KeyboardInterrupt after writing what was finished. ``on_run_done(variant, seed)`` is called
@@ -764,35 +834,28 @@ def run(args: argparse.Namespace, on_run_done: Optional[Callable[[str, int], Non
     progress = not args.no_progress
     t0 = time.perf_counter()
     # Data sets first: their constructors validate every knob before anything is trained.
-    data = dict(num_classes=args.classes, image_size=args.image_size, clutter=args.clutter,
-                seed=args.data_seed, cue_prob=args.cue_prob, stray_cue_prob=args.stray_cue_prob,
-                object_size=args.object_size)
-    train_ds = SpuriousContextShapes("train", cue_strength=args.cue_strength,
-                                     length=args.train_size, **data)
-    test = SpuriousContextShapes("test", length=args.test_size, cache=True, **data)
+    train_ds, test = _data_sets(args)
     os.makedirs(args.output_dir, exist_ok=True)
     runs: Dict[str, List[dict]] = {v: [] for v in args.variants}
     sweep_runs: Dict[float, dict] = {}
     figure_models: Dict[str, torch.nn.Module] = {}
     status = "running"
     write_outputs(args.output_dir, args, runs, status, 0.0, sweep_runs=sweep_runs)
-    figure = None
+    finished = None
     try:
-        train_images, train_labels = _render(train_ds, progress, "render train")
-        bar = tqdm(_jobs(args), desc="runs", disable=not progress, dynamic_ncols=True)
-        for v, seed, lam, factor in bar:
-            label = VARIANTS[v][0] if factor is None else f"lambda {lam:g}"
-            bar.set_postfix_str(f"{label}, seed {seed}")
-            trained = train_model(args, v, seed, train_images, train_labels, device, lam=lam)
-            t_eval = time.perf_counter()
-            metrics = evaluate_model(args, trained["model"], seed, test, device)
-            metrics.update(seed=seed, train_time_s=round(trained["train_time_s"], 2),
-                           eval_time_s=round(time.perf_counter() - t_eval, 2),
-                           train_last_epoch=trained["history"][-1])
+        train_images, train_labels = _render(train_ds, progress, "render train", args.workers)
+        bar = tqdm(total=len(_jobs(args)), desc="runs", disable=not progress, dynamic_ncols=True)
+        finished = _results(args, train_images, train_labels)
+        for (v, seed, lam, factor), metrics, state in finished:
+            bar.update()
+            bar.set_postfix_str(f"{VARIANTS[v][0] if factor is None else f'lambda {lam:g}'}, seed {seed}")
             if factor is None:
                 runs[v].append(metrics)
+                runs[v].sort(key=lambda r: r["seed"])
                 if seed == 0:
-                    figure_models[v] = trained["model"]
+                    model = build_model(args.classes, args.width, VARIANTS[v][1])
+                    model.load_state_dict(state)
+                    figure_models[v] = model.eval()
                     for f in args.lambda_sweep:
                         if (f == 0 and v == "baseline") or (f == 1 and v == "gc"):
                             sweep_runs[f] = dict(metrics, source=f"{VARIANTS[v][0]}, seed 0")
@@ -802,11 +865,16 @@ def run(args: argparse.Namespace, on_run_done: Optional[Callable[[str, int], Non
                           sweep_runs=sweep_runs)
             if on_run_done is not None:
                 on_run_done(v if factor is None else f"sweep:{factor:g}", seed)
+        bar.close()
         status = "complete"
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
+        if finished is not None:
+            finished.close()  # stops the workers now, not when the traceback is freed
+        # the figure's columns in the order of --variants, whatever order the runs finished in
+        figure_models = {v: figure_models[v] for v in args.variants if v in figure_models}
         figure = make_figure(args, figure_models, test, args.output_dir, device)
         results = write_outputs(args.output_dir, args, runs, status, time.perf_counter() - t0,
                                 figure, sweep_runs=sweep_runs)

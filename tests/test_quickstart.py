@@ -70,7 +70,7 @@ def _check_gc_trained(results):
 def test_fast_end_to_end_default_benchmark(tmp_path):
     out = tmp_path / "qs"
     done = []
-    rc = quickstart.main(["--output-dir", str(out), "--fast", "--no-progress"],
+    rc = quickstart.main(["--output-dir", str(out), "--fast", "--no-progress", "--workers", "1"],
                          on_run_done=lambda v, s: done.append((v, s)))
     assert rc == 0
     # the default: Baseline and GC, then the sweep points their seed-0 runs do not give
@@ -125,7 +125,7 @@ def test_fast_end_to_end_spurious_cue_benchmark(tmp_path):
     out = tmp_path / "qs"
     done = []
     rc = quickstart.main(["--output-dir", str(out), "--fast", "--no-progress",
-                          "--benchmark", "spurious-cue"],
+                          "--benchmark", "spurious-cue", "--workers", "1"],
                          on_run_done=lambda v, s: done.append((v, s)))
     assert rc == 0
     assert done == [("baseline", 0), ("gc", 0), ("gmp", 0), ("gmp_gc", 0)]  # no sweep
@@ -150,6 +150,74 @@ def test_fast_end_to_end_spurious_cue_benchmark(tmp_path):
         assert img.size == panel_size(2, 4, 4 * 32)
 
 
+def test_worker_processes_give_the_same_numbers_as_one_process(tmp_path):
+    """--workers 2 (spawned processes, jobs finishing in any order) reports exactly what the
+    sequential in-process run reports, run by run."""
+    common = ["--fast", "--no-progress", "--threads", "1", "--variants", "baseline,gc",
+              "--lambda-sweep", "0,1,4"]
+    rc = quickstart.main(["--output-dir", str(tmp_path / "one"), "--workers", "1", *common])
+    assert rc == 0
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--output-dir",
+         str(tmp_path / "two"), "--workers", "2", *common],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "leaked" not in proc.stderr
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["status"] == "complete" and two["config"]["workers"] == 2
+    for v in ("baseline", "gc"):
+        a, b = one["variants"][v]["per_seed"][0], two["variants"][v]["per_seed"][0]
+        for key in ("top1", "pg", "spg_mean", "ch", "nqh", "zero_maps", "fgsm"):
+            assert a[key] == b[key], (v, key)
+    assert [p["nqh"] for p in one["lambda_sweep"]] == [p["nqh"] for p in two["lambda_sweep"]]
+    with Image.open(tmp_path / "one" / "gradcam.png") as a, Image.open(tmp_path / "two" / "gradcam.png") as b:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # columns in --variants order
+
+
+def test_interrupting_worker_processes_keeps_finished_runs(tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "qs"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--output-dir", str(out),
+         "--fast", "--no-progress", "--workers", "2", "--seeds", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:  # wait for the first finished run
+            try:
+                if json.loads((out / "results.json").read_text())["variants"]:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "interrupted"
+    finished = sum(e["num_seeds"] for e in results["variants"].values())
+    assert 1 <= finished < 6
+    # no worker outlives the run (multiprocessing's resource tracker exits once it sees the
+    # parent's pipe close: give it a moment)
+    for _ in range(50):
+        alive = subprocess.run(["pgrep", "-a", "-g", str(proc.pid)], capture_output=True,
+                               text=True).stdout.strip()
+        if not alive:
+            break
+        time.sleep(0.2)
+    assert alive == ""
+
+
 def test_all_zero_maps_get_a_row_not_a_crash(tmp_path, monkeypatch):
     """A variant whose Grad-CAM maps are all zero is reported with its zero share and n/a
     metrics: no crash, and no NaN written as a number."""
@@ -167,7 +235,7 @@ def test_all_zero_maps_get_a_row_not_a_crash(tmp_path, monkeypatch):
     monkeypatch.setattr(quickstart, "train_model", train_then_zero_layer4)
     out = tmp_path / "qs"
     rc = quickstart.main(["--output-dir", str(out), "--fast", "--no-progress",
-                          "--lambda-sweep", "none"])
+                          "--lambda-sweep", "none", "--workers", "1"])
     assert rc == 0
     text = (out / "results.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
@@ -229,7 +297,7 @@ def test_interrupt_keeps_finished_variants(tmp_path, capsys):
         raise KeyboardInterrupt
 
     rc = quickstart.main(["--output-dir", str(out), "--fast", "--no-progress",
-                          "--variants", "baseline,gc"], on_run_done=interrupt)
+                          "--variants", "baseline,gc", "--workers", "1"], on_run_done=interrupt)
     assert rc == 130
     assert "interrupted" in capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
