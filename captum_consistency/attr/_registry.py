@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from captum._utils.gradient import _forward_layer_eval
 from captum.attr import LayerGradCam
 from torch import Tensor, nn
 from torchvision.models import VGG, AlexNet, ResNet
@@ -177,7 +178,8 @@ class SaliencyMethod:
             additional_forward_args (Any, optional): extra arguments for the model.
 
         Returns:
-            Tensor ``(N, 1, h, w)``, detached, ``>= 0``.
+            Tensor ``(N, 1, h, w)``, detached, ``>= 0``; empty maps ``(0, 1, h, w)`` for an
+            empty batch.
 
         Raises:
             ValueError: a target outside ``[0, num_classes)``.
@@ -199,6 +201,12 @@ class SaliencyMethod:
                         f"target {target[bad].tolist()} outside the classifier's range "
                         f"[0, {self.num_classes})"
                     )
+        if n == 0 and self.name == "gradcam":
+            # Captum's LayerGradCam indexes the first sample; the layer's output gives the shape.
+            (acts,) = _forward_layer_eval(
+                self.model, inputs, self.method.layer, additional_forward_args
+            )
+            return acts.new_zeros((0, 1) + tuple(acts.shape[2:])).detach()
         if self.name in ("gradcam", "elementwise-gradcam"):
             out = self.method.attribute(
                 inputs, target=target, additional_forward_args=additional_forward_args,

@@ -448,7 +448,10 @@ class DistractorFallback:
         raise RuntimeError(f"no decodable distractor found in {self.max_tries} draws (class {gradcam_target})")
 
     def __call__(self, gradcam_targets: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        g = torch.as_tensor(gradcam_targets).cpu().long()
+        g = torch.as_tensor(gradcam_targets)
+        if g.dtype == torch.bool or g.is_floating_point() or g.is_complex():
+            raise TypeError(f"gradcam_targets must hold integer class ids, got dtype {g.dtype}")
+        g = g.cpu().long()
         index = self.sampler.sample(g, generator)
         images = [
             self.load(int(i), int(c))
