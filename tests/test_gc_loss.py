@@ -245,3 +245,57 @@ def test_to_global_max_pool_keeps_weights_and_rejects_alexnet():
         to_global_max_pool(torchvision.models.alexnet())
     with pytest.raises(TypeError):
         to_global_max_pool("resnet18")
+
+
+# Issue 14: inputs that used to give silent wrong numbers or unhelpful errors.
+
+
+def test_per_image_mode_requires_distractors():
+    # Without distractors the composites' other cells used to be zeros, silently.
+    model = resnet()
+    x, y, _ = batch()
+    loss_fn = GradCamConsistencyLoss(model, model.layer4)
+    with pytest.raises(ValueError, match=r"distractors \(N, 3, C, H, W\) are required .* composites='shared'"):
+        loss_fn(x, y, None)
+    with pytest.raises(ValueError, match="are required"):
+        loss_fn(x, y)
+
+
+def test_lam_may_be_a_zero_dim_tensor():
+    model = resnet().eval()
+    x, y, z = batch()
+    cells = torch.tensor([0, 3, 1, 2])
+    ref = GradCamConsistencyLoss(model, model.layer4, lam=25.0)(x, y, z, cells=cells)
+    for lam in (torch.tensor(25.0), torch.tensor(25), torch.tensor(25.0, dtype=torch.float64)):
+        loss_fn = GradCamConsistencyLoss(model, model.layer4, lam=lam)
+        assert loss_fn.lam == 25.0 and type(loss_fn.lam) is float
+        torch.testing.assert_close(loss_fn(x, y, z, cells=cells).loss, ref.loss)
+    with pytest.raises(TypeError, match="0-d real tensor, got a tensor of shape \\(1,\\)"):
+        GradCamConsistencyLoss(model, model.layer4, lam=torch.tensor([25.0]))
+    with pytest.raises(TypeError, match="a float"):
+        GradCamConsistencyLoss(model, model.layer4, lam="25")
+    with pytest.raises(TypeError, match="a float"):
+        GradCamConsistencyLoss(model, model.layer4, lam=True)
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        GradCamConsistencyLoss(model, model.layer4, lam=torch.tensor(float("inf")))
+
+
+@pytest.mark.parametrize("composites", ["per-image", "shared"])
+def test_empty_batch_is_a_clear_error(composites):
+    model = resnet()
+    loss_fn = GradCamConsistencyLoss(model, model.layer4, composites=composites)
+    with pytest.raises(ValueError, match=r"empty batch \(0 images\)"):
+        loss_fn(torch.zeros(0, 3, 64, 64), torch.zeros(0, dtype=torch.long), torch.zeros(0, 3, 3, 64, 64))
+
+
+def test_bool_gradcam_targets_are_refused():
+    # A boolean mask was read as classes 0 and 1.
+    model = resnet(num_classes=5)
+    x, y, z = batch()
+    loss_fn = GradCamConsistencyLoss(model, model.layer4)
+    with pytest.raises(ValueError, match="gradcam_targets must be an integer tensor .* torch.bool"):
+        loss_fn(x, y, z, gradcam_targets=torch.tensor([True, False, True, False]))
+    multi_hot = torch.zeros(4, 5)
+    multi_hot[torch.arange(4), torch.tensor([0, 1, 2, 3])] = 1
+    with pytest.raises(ValueError, match="gradcam_targets must be an integer tensor"):
+        loss_fn(x, multi_hot, z, gradcam_targets=multi_hot[:, 0].bool())

@@ -16,6 +16,7 @@ Everything per step stays on the device: running sums are tensors, read on the h
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -466,9 +467,13 @@ def train_one_epoch(
         criterion (Callable): classification loss, used when ``loss_fn`` is None.
         loss_fn (Callable, optional): a :class:`~captum_consistency.GradCamConsistencyLoss`
             over the same model; ``None`` trains the baseline (no composite forward at all).
+            With ``composites="shared"`` the batch is grouped on the CPU
+            (:func:`~captum_consistency.data.shared_composite_groups`, with ``generator``) and
+            the groups are passed to the loss.
         make_distractors (Callable, optional): ``(images, targets, gradcam_targets) ->
             (N, 3, C, S, S)`` distractors whose labels exclude ``gradcam_targets``; required
-            with ``loss_fn``.
+            with a per-image ``loss_fn``. With shared composites it is called only for a
+            batch that leaves images ungrouped (without it, those draw from the batch).
         multilabel (bool): multi-hot targets; the regularised class is drawn among the
             positives (:func:`sample_positive_class`) and F1 is reported instead of top-1.
         amp (bool): bf16 autocast.
@@ -489,7 +494,9 @@ def train_one_epoch(
         ``top1`` (or ``f1_per_class``, ``f1_overall``, ``exact_match``), ``samples``,
         ``steps``, ``global_step``, ``skipped`` (undecodable images dropped) and
         ``skipped_steps`` (steps that no rank took because some rank's batch was smaller
-        than ``min_batch_size``; counted once, not per rank).
+        than ``min_batch_size``; counted once, not per rank); with shared composites also
+        ``ungrouped``, the images of the epoch that got a composite of their own (also written
+        to TensorBoard as ``train/ungrouped`` per logged step).
 
     Examples::
 
@@ -503,7 +510,10 @@ def train_one_epoch(
         ...     make_distractors=lambda x, y, g: gather_distractors(x, y, g))
         >>> stats["top1"], stats["consistency"]
     """
-    if loss_fn is not None and make_distractors is None and not _loader_brings_distractors(loader):
+    shared = getattr(loss_fn, "composites", "per-image") == "shared"
+    if shared:
+        from captum_consistency.data.distractors import shared_composite_groups
+    elif loss_fn is not None and make_distractors is None and not _loader_brings_distractors(loader):
         raise ValueError("make_distractors is required when loss_fn (the GC loss) is given")
     if isinstance(min_batch_size, bool) or not isinstance(min_batch_size, int) or min_batch_size < 1:
         raise ValueError(f"min_batch_size must be an int >= 1, got {min_batch_size!r}")
@@ -521,6 +531,7 @@ def train_one_epoch(
     steps = skipped_steps = 0
     skipped = 0
     vote = get_world_size() > 1
+    ungrouped = 0  # shared composites: images that got a composite of their own
     for raw in bar:
         batch = as_train_batch(raw)
         skipped += batch.skipped
@@ -547,13 +558,26 @@ def train_one_epoch(
                     gc_cpu = sample_positive_class(batch.targets, generator)
                 else:
                     gc_cpu = batch.targets
-                if batch.distractors is not None:
-                    distractors = batch.distractors.to(device, non_blocking=True)
-                else:
-                    distractors = make_distractors(images, batch.targets, gc_cpu)
                 gc_targets = gc_cpu.to(device, non_blocking=True)
-                cells = random_cells(n, generator=generator)
-                out = loss_fn(images, targets, distractors, cells=cells, gradcam_targets=gc_targets)
+                if shared:
+                    # The grouping runs on the CPU labels; only the images it leaves over need
+                    # distractors, so they are made (or copied) lazily, when some are left.
+                    groups, cells = shared_composite_groups(batch.targets, gc_cpu, generator)
+                    distractors = None
+                    if batch.distractors is not None:
+                        distractors = functools.partial(batch.distractors.to, device, non_blocking=True)
+                    elif make_distractors is not None:
+                        distractors = functools.partial(make_distractors, images, batch.targets, gc_cpu)
+                    out = loss_fn(images, targets, distractors, cells=cells, gradcam_targets=gc_targets,
+                                  groups=groups)
+                    ungrouped += out.num_ungrouped
+                else:
+                    if batch.distractors is not None:
+                        distractors = batch.distractors.to(device, non_blocking=True)
+                    else:
+                        distractors = make_distractors(images, batch.targets, gc_cpu)
+                    cells = random_cells(n, generator=generator)
+                    out = loss_fn(images, targets, distractors, cells=cells, gradcam_targets=gc_targets)
                 logits, loss = out.logits, out.loss
                 classification, consistency = out.classification, out.consistency
         optimizer.zero_grad(set_to_none=True)
@@ -570,6 +594,8 @@ def train_one_epoch(
             }
             if consistency is not None:
                 values["loss/consistency"] = float(consistency.detach())
+            if shared:
+                values["train/ungrouped"] = float(out.num_ungrouped)
             if not multilabel:
                 values["train/top1_batch"] = float((logits.argmax(1) == targets).float().mean())
             if not all(math.isfinite(v) for v in values.values()):
@@ -589,6 +615,8 @@ def train_one_epoch(
     result["skipped_steps"] = skipped_steps
     result["global_step"] = global_step
     result["skipped"] = int(all_reduce_sum(torch.tensor([skipped], device=device))[0])
+    if shared:
+        result["ungrouped"] = int(all_reduce_sum(torch.tensor([ungrouped], device=device))[0])
     return result
 
 
