@@ -317,14 +317,23 @@ def test_torchrun_skip_corrupt_rank_with_an_empty_batch_does_not_hang(imagenet, 
            str(RECIPES / "train.py"), *map(str, _inet_train_args(imagenet, out, 1)),
            "--data-root", str(root), "--batch-size", "1", "--gc-lambda", "0", "--skip-corrupt",
            "--no-val"]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        output = proc.communicate(timeout=240)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
-        output = proc.communicate()[0]
-        pytest.fail("torchrun did not finish: a rank is waiting for a step another skipped\n" + output[-3000:])
+    log = tmp_path / "torchrun.log"  # a file, not a pipe: a hung rank would hold a pipe open
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, env=_env(), stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            # SIGTERM: torchrun stops its ranks (each in a session of its own) before exiting.
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            pytest.fail("torchrun did not finish: a rank waits for a step another skipped\n"
+                        + log.read_text()[-3000:])
+    output = log.read_text()
     assert proc.returncode == 0, output[-3000:]
     record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     train_stats = record["train"]
