@@ -414,8 +414,10 @@ class GradCamConsistencyLoss(nn.Module):
             # Maps that do not tile exactly (AlexNet's pooled features): compare at pixel size.
             map_x = F.interpolate(map_x, size=images.shape[-2:], mode="bilinear", align_corners=False)
             map_c = F.interpolate(map_c, size=composite.shape[-2:], mode="bilinear", align_corners=False)
-        g_x = normalize_saliency(map_x, self.eps)
-        g_c = normalize_saliency(map_c, self.eps)
+        # The maps come out of the ReLU of Eq. 3: the sign check (a host-device sync on a GPU)
+        # is skipped.
+        g_x = normalize_saliency(map_x, self.eps, check=False)
+        g_c = normalize_saliency(map_c, self.eps, check=False)
         target = _compose_checked_cells(g_x, None, cells)  # Eq. 4: zero-padded into cell k
         per_image = (g_c - target).abs().flatten(1).mean(dim=1)
         consistency = per_image.mean()
