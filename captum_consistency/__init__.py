@@ -6,6 +6,7 @@ Grad-CAM consistency (GC) loss, global max pooling for ResNets, the paper's inte
 metrics, and transfer evaluation with other attribution methods.
 """
 
+from captum_consistency._warnings import CaptumConsistencyWarning, SkippedImageWarning
 from captum_consistency.composition import cell_mask, compose_grid, split_grid
 from captum_consistency.losses import ConsistencyLossOutput, GradCamConsistencyLoss, LayerRecorder
 from captum_consistency.models import fold_batch_norm, to_global_max_pool
@@ -23,5 +24,7 @@ __all__ = [
     "LayerRecorder",
     "to_global_max_pool",
     "fold_batch_norm",
+    "CaptumConsistencyWarning",
+    "SkippedImageWarning",
     "__version__",
 ]

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from captum_consistency._warnings import CaptumConsistencyWarning
+
 __all__ = ["to_global_max_pool", "fold_batch_norm"]
 
 
@@ -137,7 +139,8 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
             graph = torch.fx.symbolic_trace(model).graph
     except Exception as error:  # noqa: BLE001 -- any tracing failure: leave the model as it is
         warnings.warn(f"fold_batch_norm: {type(model).__name__} cannot be traced by torch.fx "
-                      f"({type(error).__name__}: {error}); no batch norm folded", stacklevel=2)
+                      f"({type(error).__name__}: {error}); no batch norm folded",
+                      CaptumConsistencyWarning, stacklevel=2)
         return model
     modules: Dict[str, nn.Module] = dict(model.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")

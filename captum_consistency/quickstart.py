@@ -28,6 +28,7 @@ __all__ = [
     "SmallResNet",
     "summarize_seeds",
     "table1_markdown",
+    "lambda_sweep_plot",
     "panel_size",
     "gradcam_panel",
 ]
@@ -145,8 +146,9 @@ def summarize_seeds(per_seed: Sequence[Mapping[str, object]]) -> Dict[str, objec
         keys += [k for k in r if k not in keys]
     for key in keys:
         values = [r.get(key) for r in per_seed]
-        if all(isinstance(v, (str, bool)) for v in values if v is not None):
-            continue
+        present = [v for v in values if v is not None]
+        if present and all(isinstance(v, (str, bool)) for v in present):
+            continue  # labels and flags are not averaged (a metric None everywhere stays None)
         out[key], spread[key] = reduce(values)
     out["spread"] = spread
     out["num_seeds"] = len(per_seed)
@@ -163,19 +165,23 @@ def _pct(value: Optional[float], spread: Optional[float] = None, digits: int = 1
     return text
 
 
-def table1_markdown(summaries: Mapping[str, Mapping[str, object]], model: str = "ResNet") -> str:
+def table1_markdown(
+    summaries: Mapping[str, Mapping[str, object]], model: str = "ResNet", cue: bool = True
+) -> str:
     """Markdown table in the form of the paper's Table 1, with the spread over seeds.
 
     Columns: top-1 accuracy, PG, SPG (mean over seeds of the 5-run mean, ``±`` the spread over
-    seeds; the paper's within-run SPG std is its own column), CH, NQH (lower is better), then
-    top-1 on cue-consistent and cue-conflicting test images, their gap, the Grad-CAM mass
-    on the context cue and the share of all-zero maps (left out of PG, SPG, CH and NQH). All in percent, ``mean ± spread``.
+    seeds; the paper's within-run SPG std is its own column), CH, NQH (lower is better), with
+    ``cue=True`` top-1 on cue-consistent and cue-conflicting test images, their gap and the
+    Grad-CAM mass on the context cue, then the share of all-zero maps (left out of PG, SPG, CH
+    and NQH). All in percent, ``mean ± spread``.
 
     Args:
         summaries (mapping): variant name -> :func:`summarize_seeds` output with the keys
             ``top1``, ``pg``, ``spg_mean``, ``spg_std``, ``ch``, ``nqh`` (and optionally
             ``top1_consistent``, ``top1_conflicting``, ``cue_gap``, ``cue_mass``, ``zero_maps``).
         model (str): the model's name, for the first column.
+        cue (bool): include the context-cue columns (data sets with a cue).
 
     Returns:
         str: the table (header, separator, one row per variant), newline-terminated.
@@ -184,24 +190,66 @@ def table1_markdown(summaries: Mapping[str, Mapping[str, object]], model: str = 
 
         >>> print(table1_markdown({"Baseline": summarize_seeds([metrics_seed0, metrics_seed1])}))
     """
-    head = ("| Model | Top-1 Acc (%) | PG | SPG | SPG run std | CH (%) | NQH (%) | "
-            "Top-1 cue-consistent (%) | Top-1 cue-conflicting (%) | Gap (points) | "
-            "Cue mass (%) | Zero maps (%) | Seeds |")
-    sep = "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"
+    columns = [("Top-1 Acc (%)", "top1"), ("PG", "pg"), ("SPG", "spg_mean"),
+               ("SPG run std", None), ("CH (%)", "ch"), ("NQH (%)", "nqh")]
+    if cue:
+        columns += [("Top-1 cue-consistent (%)", "top1_consistent"),
+                    ("Top-1 cue-conflicting (%)", "top1_conflicting"), ("Gap (points)", "cue_gap"),
+                    ("Cue mass (%)", "cue_mass")]
+    columns += [("Zero maps (%)", "zero_maps")]
+    head = "| Model | " + " | ".join(title for title, _ in columns) + " | Seeds |"
+    sep = "|" + "|".join("---" for _ in range(len(columns) + 2)) + "|"
     rows = [head, sep]
     for name, s in summaries.items():
         spread = s.get("spread", {}) or {}
-
-        def cell(key: str, digits: int = 1) -> str:
-            return _pct(s.get(key), spread.get(key), digits)
-
-        rows.append(
-            f"| {model} {name} | {cell('top1')} | {cell('pg')} | {cell('spg_mean')} | "
-            f"{_pct(s.get('spg_std'), digits=2)} | {cell('ch')} | {cell('nqh')} | "
-            f"{cell('top1_consistent')} | {cell('top1_conflicting')} | {cell('cue_gap')} | "
-            f"{cell('cue_mass')} | {cell('zero_maps')} | {s.get('num_seeds', 1)} |"
-        )
+        cells = [_pct(s.get(key), spread.get(key)) if key else _pct(s.get("spg_std"), digits=2)
+                 for _, key in columns]
+        rows.append(f"| {model} {name} | " + " | ".join(cells) + f" | {s.get('num_seeds', 1)} |")
     return "\n".join(rows) + "\n"
+
+
+def lambda_sweep_plot(points: Sequence[Mapping[str, object]], path: str, title: str = "") -> str:
+    """Draws NQH, CH and top-1 against the GC weight ``lambda`` and saves it as a PNG.
+
+    ``lambda`` is drawn on a symmetric-log axis, so that ``lambda = 0`` (the baseline) sits
+    beside the positive values. Missing metrics (``None``: e.g. every map all zero) are gaps.
+
+    Args:
+        points (sequence of dict): one per ``lambda``, with the keys ``lam``, ``nqh``, ``ch``
+            and ``top1`` (fractions in [0, 1] or ``None``).
+        path (str): output PNG file.
+        title (str): figure title.
+
+    Returns:
+        str: ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted(points, key=lambda p: float(p["lam"]))
+    lams = [float(p["lam"]) for p in points]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    for key, label, style in (("nqh", "NQH (lower is better)", "o-"), ("ch", "CH", "s-"),
+                              ("top1", "top-1", "^-")):
+        values = [100.0 * p[key] if p.get(key) is not None else float("nan") for p in points]
+        ax.plot(lams, values, style, label=label)
+    positive = [v for v in lams if v > 0]
+    ax.set_xscale("symlog", linthresh=min(positive) if positive else 1.0)
+    ax.set_xticks(lams)
+    ax.set_xticklabels([f"{v:g}" for v in lams])
+    ax.set_xlabel("GC weight lambda (0 = baseline)")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def panel_size(num_images: int, num_variants: int, tile: int, header: int = 24,

@@ -47,8 +47,8 @@ from captum_consistency.engine import (
     init_distributed,
     rank_seed,
 )
+from captum_consistency.engine.cli import add_data_arguments, check_input_size
 from captum_consistency.engine.datasets import (
-    DATA_KINDS,
     build_dataset,
     load_model_from_checkpoint,
     model_name,
@@ -65,13 +65,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint.pth written by recipes/train.py")
-    p.add_argument("--data", default=None, choices=DATA_KINDS, help="default: the checkpoint's")
-    p.add_argument("--data-root", default=None, help="default: the checkpoint's")
-    p.add_argument("--boxes", default=None, help="ImageNet: folder of the split's bounding-box XMLs")
-    p.add_argument("--ann-file", default=None,
-                   help="COCO: annotations of the split (default <root>/annotations/instances_<split>.json)")
-    p.add_argument("--split", default=None,
-                   help="evaluated split (imagenet: val, coco: val2014, synthetic: test)")
     p.add_argument("--method", default="elementwise-gradcam", choices=METHODS,
                    help="explanation method (the paper's main tables: element-wise Grad-CAM)")
     p.add_argument("--image-size", default=None, type=int,
@@ -92,12 +85,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    "since its images are S x S and not resized)")
     p.add_argument("--spg-samples", default=100, type=int, help="SPG draws per map")
     p.add_argument("--spg-runs", default=5, type=int, help="SPG runs (mean and std)")
-    p.add_argument("--skip-corrupt", action="store_true", help="skip and count undecodable images")
-    p.add_argument("--skip-missing-boxes", action="store_true",
-                   help="skip and count ImageNet images without a usable XML (default: error)")
     p.add_argument("--no-nqh", action="store_true", help="do not compute NQH")
     p.add_argument("--output-dir", required=True, help="metrics.json and table.md go here")
     p.add_argument("--no-progress", action="store_true")
+    add_data_arguments(p, "evaluate")
     return p
 
 
@@ -139,6 +130,7 @@ def _main(args, info) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
     model, ckpt = load_model_from_checkpoint(args.checkpoint, device)
     data, data_root, image_size, split, synthetic = resolve_data_args(args, ckpt)
+    check_input_size(ckpt["arch"], image_size, train=False, gmp=bool(ckpt.get("gmp")))
     if args.method in ("gradcam", "elementwise-gradcam") and not args.no_fold_bn:
         # The same function without a normalisation pass over every activation (~12% of a
         # ResNet forward on the CPU). Grad-CAM at a block output is invariant to folding;
@@ -149,7 +141,7 @@ def _main(args, info) -> dict:
     model.to(memory_format=torch.channels_last)
     classes = ckpt.get("classes")
     common = dict(data_root=data_root, ann_file=args.ann_file, skip_corrupt=args.skip_corrupt,
-                  synthetic=synthetic)
+                  synthetic=synthetic, allow_empty=args.allow_empty_classes)
     whole = build_dataset(data, split, "whole", image_size, boxes=args.boxes,
                           classes=classes if data == "imagenet" else None,
                           skip_missing_boxes=args.skip_missing_boxes, **common)

@@ -4,31 +4,48 @@ Pillai & Pirsiavash, "Explainable Models with Consistent Interpretations", AAAI 
 
     python recipes/quickstart.py --output-dir runs/quickstart          # make quickstart
     python recipes/quickstart.py --output-dir runs/qs_fast --fast      # under a minute
+    python recipes/quickstart.py --benchmark spurious-cue              # what GC does not fix
 
-Trains the paper's four variants, Baseline, GC, GMP and GMP + GC, as small ResNets
-(:class:`captum_consistency.quickstart.SmallResNet`: torchvision ``ResNet`` with
-``BasicBlock`` x [1, 1, 1, 1], a CIFAR-style stride-1 stem and widths 16..128, so ``layer4``
-is 4x4 at 32 px) on :class:`~captum_consistency.data.SpuriousContextShapes`, a procedural data
-set whose training images put a class-correlated context cue next to the object (the cue of the
-object's class with probability ``--cue-strength``) and whose test images draw the cue
-independently of the class. Every variant is trained with ``--seeds`` seeds, evaluated with
-:func:`captum_consistency.engine.evaluation.evaluate_interpretations` (element-wise Grad-CAM at
-``layer4``: PG, SPG mean and std over 5 runs, CH against the exact object masks, NQH on 2x2
-composites, top-1), top-1 on cue-consistent and cue-conflicting test images, the Grad-CAM mass
-on the cue, and FGSM accuracy (:func:`captum_consistency.robust.fgsm_accuracy`).
+Trains the paper's variants, Baseline and GC by default (GMP and GMP + GC with ``--variants``),
+as small ResNets (:class:`captum_consistency.quickstart.SmallResNet`: torchvision ``ResNet``
+with ``BasicBlock`` x [1, 1, 1, 1] and a stride-1 stem, so ``layer4`` is 4x4 at 32 px), with
+``--seeds`` seeds each, on one of two procedural benchmarks of
+:class:`~captum_consistency.data.SpuriousContextShapes` (exact object masks):
+
+* ``shapes`` (default): one shape of 4 classes per image on a cluttered background, no context
+  cue. What the paper claims is measured on it: explanations confined to the image that holds
+  the object (NQH on 2x2 composites of test images) and on the object (CH, PG against the exact
+  masks). Objects have a circumradius of 20-30% of the image side, so that the shapes are
+  resolvable at 32 px and the baseline learns them (test top-1 above 90%, checked and printed
+  before any claim), and a 2x2 composite's ``layer4`` map has 4x4 locations per cell.
+  A lambda sweep (``--lambda-sweep``: 0, lambda/4, lambda, 4 lambda, seed 0) is drawn as a plot.
+* ``spurious-cue``: the same shapes with a class-correlated striped cue beside the object in
+  training (``--cue-strength``) and a class-independent cue in test. It shows what GC does not
+  fix: a cue inside the object's own cell is out of reach of Eq. 5. The report adds top-1 on
+  cue-consistent / cue-conflicting test images and the Grad-CAM mass on the cue.
+
+Every flag of the data and training groups overrides the benchmark's default. Evaluation:
+:func:`captum_consistency.engine.evaluation.evaluate_interpretations` (element-wise Grad-CAM
+at ``--layer``: PG, SPG mean and std over 5 runs, CH against the exact object masks, NQH on 2x2
+composites, the share of all-zero maps, top-1) and FGSM accuracy
+(:func:`captum_consistency.robust.fgsm_accuracy`).
 
 Writes to ``--output-dir``:
 
 * ``results.json``: ``variants`` -> one entry per variant (``baseline``, ``gc``, ``gmp``,
-  ``gmp_gc``) with the means over seeds of ``top1``, ``top1_consistent``,
-  ``top1_conflicting``, ``cue_gap``, ``follows_cue``, ``pg``, ``spg_mean``, ``spg_std``,
-  ``ch``, ``nqh``, ``cue_mass``, ``fgsm`` (epsilon -> accuracy), ``spread`` (their standard
-  deviation over seeds), ``per_seed`` and ``num_seeds``; plus ``config`` and ``status``.
-  Rewritten after every trained model, so an interrupted run keeps what it finished.
-* ``report.md``: a table in the form of the paper's Table 1 (mean ± spread over seeds), the
-  paper's claims checked on these numbers, and the set-up.
-* ``gradcam.png``: Figure-2-style panel, the same test images (cue-conflicting and
-  cue-consistent) and their element-wise Grad-CAM overlays for each variant (first seed).
+  ``gmp_gc``) with the means over seeds of ``top1``, ``pg``, ``spg_mean``, ``spg_std``,
+  ``ch``, ``nqh``, ``zero_maps``, ``fgsm`` (epsilon -> accuracy), ``train_time_s`` (and on
+  ``spurious-cue`` ``top1_consistent``, ``top1_conflicting``, ``cue_gap``, ``follows_cue``,
+  ``cue_mass``), ``spread`` (their standard deviation over seeds), ``per_seed`` and
+  ``num_seeds``; ``lambda_sweep`` (one point per lambda); ``claims`` (the paper's claims checked
+  on the means); ``config``, ``machine``, ``elapsed_s`` and ``status``. Rewritten after every
+  trained model, so an interrupted run keeps what it finished.
+* ``report.md``: whether the baseline learned the object, a table in the form of the paper's
+  Table 1 (mean ± spread over seeds), the claims, the lambda sweep and the set-up.
+* ``gradcam.png``: Figure-2-style panel (first seed of each variant): on ``shapes`` test 2x2
+  composites and the Grad-CAM of the class of the image in the green box; on ``spurious-cue``
+  single test images with their object and cue boxes.
+* ``lambda_sweep.png``: NQH, CH and top-1 against lambda.
 
 Training: SGD (momentum 0.9, Nesterov, weight decay 5e-4), batch 64, learning rate 0.05 with a
 linear warm-up over the first 5% of the steps then a cosine decay to 0, stepped per batch;
@@ -45,15 +62,18 @@ import argparse
 import json
 import math
 import os
+import platform
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
 
-from captum_consistency import GradCamConsistencyLoss, to_global_max_pool
+from captum_consistency import GradCamConsistencyLoss, compose_grid, to_global_max_pool
 from captum_consistency.data import (
     SHAPES,
     DatasetDistractorSampler,
@@ -65,7 +85,13 @@ from captum_consistency.data.synthetic import MIN_IMAGE_SIZE
 from captum_consistency.engine import rank_seed, train_one_epoch
 from captum_consistency.engine.evaluation import SaliencyExplainer, evaluate_interpretations
 from captum_consistency.metrics import content_heatmap
-from captum_consistency.quickstart import SmallResNet, gradcam_panel, summarize_seeds, table1_markdown
+from captum_consistency.quickstart import (
+    SmallResNet,
+    gradcam_panel,
+    lambda_sweep_plot,
+    summarize_seeds,
+    table1_markdown,
+)
 from captum_consistency.robust import fgsm_accuracy
 
 #: slug -> (display name, global max pooling, GC loss)
@@ -76,11 +102,30 @@ VARIANTS: Dict[str, tuple] = {
     "gmp_gc": ("GMP + GC", True, True),
 }
 
+#: The two benchmarks: their defaults of the data and training flags (a flag given on the
+#: command line wins). ``shapes`` measures the paper's claim; ``spurious-cue`` (the
+#: quickstart's set-up before 0.2) shows what GC does not fix.
+BENCHMARKS: Dict[str, Dict[str, Any]] = {
+    "shapes": {
+        "variants": "baseline,gc", "cue_prob": 0.0, "stray_cue_prob": 0.0, "cue_strength": 0.25,
+        "object_size": (0.2, 0.3), "width": 8, "epochs": 14, "lambda_sweep": "0,0.25,1,4",
+        "composites": "shared",
+    },
+    "spurious-cue": {
+        "variants": "baseline,gc,gmp,gmp_gc", "cue_prob": 1.0, "stray_cue_prob": 0.25,
+        "cue_strength": 0.9, "object_size": (0.13, 0.25), "width": 16, "epochs": 4,
+        "lambda_sweep": "none", "composites": "per-image",
+    },
+}
+
 #: What ``--fast`` caps (a smoke run of every code path, not a meaningful experiment).
 FAST = {
     "seeds": 1, "train_size": 96, "epochs": 1, "batch_size": 32, "test_size": 48,
     "figure_images": 2, "width": 8,
 }
+
+#: The baseline test top-1 below which the report says the object was not learned.
+LEARNED_TOP1 = 0.90
 
 
 def _positive_int(text: str) -> int:
@@ -100,38 +145,67 @@ def _epsilons(text: str) -> List[float]:
     return values
 
 
+def _sweep_factors(text: str) -> List[float]:
+    if text.strip().lower() in ("", "none", "off"):
+        return []
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers or 'none', got {text!r}") from None
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"lambda factors must be non-negative numbers, got {text!r}")
+    return sorted(set(values))
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Train Baseline, GC, GMP and GMP + GC small ResNets on SpuriousContextShapes "
-        "on the CPU and report the paper's metrics (Table 1) and Grad-CAM overlays (Figure 2).",
+        description="Train Baseline and GC (and GMP, GMP + GC) small ResNets on a procedural "
+        "shapes benchmark on the CPU and report the paper's metrics (Table 1), a lambda sweep "
+        "and Grad-CAM overlays (Figure 2). Flags marked 'benchmark' default to the values of "
+        "--benchmark.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--output-dir", default="runs/quickstart", help="where results go")
+    p.add_argument("--benchmark", default="shapes", choices=tuple(BENCHMARKS),
+                   help="shapes: the paper's claim (no context cue); spurious-cue: what GC "
+                   "does not fix (a class-correlated cue beside the object)")
     p.add_argument("--fast", action="store_true",
                    help=f"tiny smoke run (under a minute): overrides {', '.join(FAST)}")
     p.add_argument("--seeds", type=_positive_int, default=3, help="training seeds per variant")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=None,
+                   help=f"benchmark; comma-separated subset of {', '.join(VARIANTS)}")
+    p.add_argument("--lambda-sweep", type=_sweep_factors, default=None, metavar="FACTORS",
+                   help="benchmark; multiples of --lam trained with seed 0 and plotted "
+                   "(0 = the baseline, 1 = GC: their seed-0 runs are reused), or 'none'")
     g = p.add_argument_group("data")
     g.add_argument("--classes", type=int, default=4, help=f"object classes (2..{len(SHAPES)})")
     g.add_argument("--image-size", type=int, default=32,
                    help=f"image side; a multiple of {SmallResNet.stride} (the network's stride), "
                    f"at least {MIN_IMAGE_SIZE}")
-    g.add_argument("--cue-strength", type=float, default=0.9,
-                   help="training P(cue class = object class)")
+    g.add_argument("--cue-prob", type=float, default=None,
+                   help="benchmark; P(an image has a context cue beside the object)")
+    g.add_argument("--cue-strength", type=float, default=None,
+                   help="benchmark; training P(cue class = object class)")
+    g.add_argument("--stray-cue-prob", type=float, default=None,
+                   help="benchmark; P(an extra cue of a random class away from the object)")
+    g.add_argument("--object-size", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="benchmark; object circumradius range, as a fraction of the image side")
     g.add_argument("--clutter", type=float, default=0.5, help="background clutter in [0, 1]")
     g.add_argument("--train-size", type=_positive_int, default=2500, help="training images")
     g.add_argument("--test-size", type=_positive_int, default=1000,
                    help="test images (cue independent of the class)")
     g.add_argument("--data-seed", type=int, default=0, help="generator seed (shared by all runs)")
     g = p.add_argument_group("training")
-    g.add_argument("--width", type=_positive_int, default=16,
-                   help="channels of layer1 (doubled at each stage)")
-    g.add_argument("--epochs", type=_positive_int, default=4)
+    g.add_argument("--width", type=_positive_int, default=None,
+                   help="benchmark; channels of layer1 (doubled at each stage)")
+    g.add_argument("--epochs", type=_positive_int, default=None, help="benchmark")
     g.add_argument("--batch-size", type=_positive_int, default=64)
     g.add_argument("--lr", type=float, default=0.05)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--lam", type=float, default=8.0, help="GC weight lambda (see the docstring)")
+    g.add_argument("--composites", default=None, choices=("shared", "per-image"),
+                   help="benchmark; GC composites: one per image (the paper's scheme) or shared "
+                   "by the four images they hold (GradCamConsistencyLoss(composites=...))")
     g.add_argument("--detach-target", action="store_true",
                    help="stop the gradient through the single image's map in the GC loss "
                    "(the paper and the authors' code do not)")
@@ -141,7 +215,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--fgsm-eps", type=_epsilons, default=[0.0, 1.0, 2.0, 4.0, 8.0],
                    help="FGSM epsilons on the 0-255 scale")
     g.add_argument("--figure-images", type=_positive_int, default=6, help="rows of gradcam.png")
-    g.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
+    g.add_argument("--workers", type=_positive_int, default=min(4, os.cpu_count() or 1),
+                   help="models trained at once, each in its own process (a small network "
+                   "keeps one core busy, not two: two one-thread workers on two cores train "
+                   "about twice as many models per minute as one two-thread process)")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads per worker (default: 1 with several workers, "
+                   "else all cores)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -151,6 +231,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     before anything is trained."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    for key, value in BENCHMARKS[args.benchmark].items():
+        if getattr(args, key) is None:
+            setattr(args, key, _sweep_factors(value) if key == "lambda_sweep" else value)
+    args.object_size = tuple(args.object_size)
     if args.fast:
         for key, value in FAST.items():
             setattr(args, key, min(getattr(args, key), value))
@@ -164,10 +248,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             f"{max(MIN_IMAGE_SIZE, 2 * stride)} (layer4 maps of at least 2x2; the generator "
             f"draws at least {MIN_IMAGE_SIZE} px), got {args.image_size}"
         )
-    if not 0.0 <= args.cue_strength <= 1.0:
-        parser.error(f"--cue-strength must be in [0, 1], got {args.cue_strength}")
-    if not 0.0 <= args.clutter <= 1.0:
-        parser.error(f"--clutter must be in [0, 1], got {args.clutter}")
+    for flag in ("cue_prob", "cue_strength", "stray_cue_prob", "clutter"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            parser.error(f"--{flag.replace('_', '-')} must be in [0, 1], got {getattr(args, flag)}")
+    lo, hi = args.object_size
+    if not 0.05 <= lo <= hi <= 0.45:
+        parser.error(f"--object-size must satisfy 0.05 <= MIN <= MAX <= 0.45, got {lo:g} {hi:g}")
+    if args.cue_prob > 0 and hi > 0.25:
+        parser.error(f"--object-size MAX {hi:g} leaves no room for the context cue: use at most "
+                     "0.25 or --cue-prob 0")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         parser.error(f"--lr must be a positive number, got {args.lr}")
     if not (args.lam >= 0 and math.isfinite(args.lam)):
@@ -185,17 +274,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if not variants or unknown:
         parser.error(f"--variants must be a subset of {', '.join(VARIANTS)}, got {args.variants!r}")
     args.variants = variants
+    if args.threads is None:
+        args.threads = 1 if args.workers > 1 else (os.cpu_count() or 1)
     return args
 
 
 # ------------------------------------------------------------------------------------ pieces
 
 
-def _render(dataset: SpuriousContextShapes, progress: bool, desc: str):
+def _render(dataset: SpuriousContextShapes, progress: bool, desc: str, workers: int = 0):
     """Renders a split once into ``(images, labels)`` tensors (shared by all runs)."""
     from tqdm.auto import tqdm
 
-    loader = DataLoader(dataset, batch_size=256)
+    loader = DataLoader(dataset, batch_size=256, num_workers=workers if workers > 1 else 0)
     images, labels = [], []
     for x, y in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images.append(x)
@@ -210,9 +301,12 @@ def build_model(num_classes: int, width: int, gmp: bool) -> SmallResNet:
     return model
 
 
-def train_model(args, variant: str, seed: int, train_images, train_labels, device) -> Dict[str, Any]:
-    """Trains one variant with one seed; returns the model and training statistics."""
+def train_model(args, variant: str, seed: int, train_images, train_labels, device,
+                lam: Optional[float] = None) -> Dict[str, Any]:
+    """Trains one variant with one seed (GC weight ``lam``, default ``args.lam``); returns the
+    model and training statistics."""
     _, gmp, gc = VARIANTS[variant]
+    lam = args.lam if lam is None else lam
     torch.manual_seed(rank_seed(seed, 0, 1))
     model = build_model(args.classes, args.width, gmp).to(device)
     train_set = TensorDataset(train_images, train_labels)
@@ -234,7 +328,7 @@ def train_model(args, variant: str, seed: int, train_images, train_labels, devic
     generator = torch.Generator().manual_seed(rank_seed(seed, 0, 3))
     loss_fn = make_distractors = None
     if gc:
-        loss_fn = GradCamConsistencyLoss(model, getattr(model, args.layer), lam=args.lam,
+        loss_fn = GradCamConsistencyLoss(model, getattr(model, args.layer), lam=lam, composites=args.composites,
                                          detach_target=args.detach_target)
         fallback = DistractorFallback(
             train_set, DatasetDistractorSampler(train_labels, seed=rank_seed(seed, 0, 4),
@@ -320,9 +414,10 @@ def evaluate_model(args, model, seed: int, test: SpuriousContextShapes, device) 
     zero_cmp = m["skipped_detail"]["degenerate_composites"]
     out["zero_maps"] = zero_img / max(1, zero_img + m["num_images"])
     out["zero_maps_composite"] = zero_cmp / max(1, zero_cmp + m["num_composites"])
-    out.update(cue_statistics(model, whole_loader, device, getattr(model, args.layer)))
-    if out["top1_consistent"] is not None and out["top1_conflicting"] is not None:
-        out["cue_gap"] = out["top1_consistent"] - out["top1_conflicting"]
+    if args.cue_prob > 0:
+        out.update(cue_statistics(model, whole_loader, device, getattr(model, args.layer)))
+        if out["top1_consistent"] is not None and out["top1_conflicting"] is not None:
+            out["cue_gap"] = out["top1_consistent"] - out["top1_conflicting"]
     fgsm = fgsm_accuracy(model, crop_loader, epsilons=args.fgsm_eps, mean=test.mean,
                          std=test.std, device=device, progress=progress)
     out["fgsm"] = {f"{eps:g}": acc for eps, acc in fgsm.items()}
@@ -339,38 +434,111 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _claims(summaries: Dict[str, dict]) -> List[str]:
-    """The paper's claims on this data, checked on the means over seeds."""
-    lines = []
-    pairs = [("gc", "baseline"), ("gmp_gc", "gmp")]
-    for new, ref in pairs:
+def _relative_drop(new: float, ref: float) -> Optional[float]:
+    return (ref - new) / ref if ref > 0 else None
+
+
+def check_claims(summaries: Dict[str, dict]) -> List[Dict[str, Any]]:
+    """The paper's claims for GC, checked on the means over seeds: NQH at least 30% lower than
+    without GC (the paper's ResNet-18: 24.35 -> 7.62), CH and PG not lower, top-1 within 3
+    points (GC vs Baseline, GMP + GC vs GMP)."""
+    claims = []
+    for new, ref in (("gc", "baseline"), ("gmp_gc", "gmp")):
         if new not in summaries or ref not in summaries:
             continue
         a, b = summaries[new], summaries[ref]
-        na, nb = VARIANTS[new][0], VARIANTS[ref][0]
-        if None in (a.get("nqh"), b.get("nqh"), a.get("ch"), b.get("ch"), a.get("top1"), b.get("top1")):
+        if any(x.get(k) is None for x in (a, b) for k in ("nqh", "ch", "pg", "top1")):
+            claims.append({"pair": [new, ref], "comparable": False})
             continue
-        rel = (b["nqh"] - a["nqh"]) / b["nqh"] if b["nqh"] > 0 else float("nan")
-        ok = lambda c: "**yes**" if c else "**no**"  # noqa: E731
-        lines.append(f"- {na} vs {nb}: NQH {100 * b['nqh']:.1f} -> {100 * a['nqh']:.1f} "
-                     f"({100 * rel:+.0f}% relative reduction; claim >= 30%: {ok(rel >= 0.30)}); "
-                     f"CH {100 * b['ch']:.1f} -> {100 * a['ch']:.1f} (claim: raised: "
-                     f"{ok(a['ch'] > b['ch'])}); top-1 {100 * b['top1']:.1f} -> "
-                     f"{100 * a['top1']:.1f} (claim: within 3 points: "
-                     f"{ok(abs(a['top1'] - b['top1']) <= 0.03)})")
+        drop = _relative_drop(a["nqh"], b["nqh"])
+        checks = {
+            "nqh_30pct_lower": drop is not None and drop >= 0.30,
+            "ch_not_lower": a["ch"] >= b["ch"],
+            "pg_not_lower": a["pg"] >= b["pg"],
+            "top1_within_3_points": a["top1"] >= b["top1"] - 0.03,
+        }
+        claims.append({"pair": [new, ref], "comparable": True, "nqh_relative_drop": drop,
+                       "checks": checks, "all_hold": all(checks.values())})
+    return claims
+
+
+def _claims_markdown(claims: List[Dict[str, Any]], summaries: Dict[str, dict]) -> List[str]:
+    ok = lambda c: "**yes**" if c else "**no**"  # noqa: E731
+    lines = []
+    for c in claims:
+        new, ref = c["pair"]
+        na, nb = VARIANTS[new][0], VARIANTS[ref][0]
+        if not c["comparable"]:
+            lines.append(f"- {na} vs {nb}: not comparable (a metric is missing: every map all zero?)")
+            continue
+        a, b, k = summaries[new], summaries[ref], c["checks"]
+        drop = c["nqh_relative_drop"]
+        lines.append(
+            f"- {na} vs {nb}: NQH {100 * b['nqh']:.1f} -> {100 * a['nqh']:.1f} "
+            f"({'n/a' if drop is None else f'{100 * drop:.0f}%'} lower; claim >= 30%: "
+            f"{ok(k['nqh_30pct_lower'])}); CH {100 * b['ch']:.1f} -> {100 * a['ch']:.1f} (not "
+            f"lower: {ok(k['ch_not_lower'])}); PG {100 * b['pg']:.1f} -> {100 * a['pg']:.1f} "
+            f"(not lower: {ok(k['pg_not_lower'])}); top-1 {100 * b['top1']:.1f} -> "
+            f"{100 * a['top1']:.1f} (within 3 points: {ok(k['top1_within_3_points'])})")
         if a.get("cue_gap") is not None and b.get("cue_gap") is not None:
             lines.append(f"  - cue-consistent minus cue-conflicting top-1: {100 * b['cue_gap']:.1f} -> "
-                         f"{100 * a['cue_gap']:.1f} points (claim: narrowed: "
-                         f"{ok(abs(a['cue_gap']) < abs(b['cue_gap']))}); Grad-CAM mass on the cue "
+                         f"{100 * a['cue_gap']:.1f} points; Grad-CAM mass on the cue "
                          f"{100 * b['cue_mass']:.1f}% -> {100 * a['cue_mass']:.1f}%; conflicting "
                          f"images classified as their cue's class {100 * b['follows_cue']:.1f}% -> "
                          f"{100 * a['follows_cue']:.1f}%")
     return lines
 
 
+def _learned_markdown(summaries: Dict[str, dict]) -> List[str]:
+    """Whether the models learned the object, stated before any claim is read."""
+    lines = []
+    for v, s in summaries.items():
+        top1 = s.get("top1")
+        if top1 is None:
+            continue
+        worst = min((r["top1"] for r in s["per_seed"] if r.get("top1") is not None), default=top1)
+        verdict = ("learned" if worst >= LEARNED_TOP1 else
+                   f"**not learned** (below {100 * LEARNED_TOP1:.0f}%: the comparison below "
+                   "says little about the method)")
+        lines.append(f"- {s['name']}: test top-1 {100 * top1:.1f}% (worst seed "
+                     f"{100 * worst:.1f}%): {verdict}")
+    return lines
+
+
+def _sweep_points(args, runs: Dict[str, List[dict]], sweep_runs: Dict[float, dict]) -> List[dict]:
+    """One point per lambda of the sweep that has finished (seed 0)."""
+    points = []
+    for factor in args.lambda_sweep:
+        run_ = sweep_runs.get(factor)
+        if run_ is None:
+            continue
+        point = {"factor": factor, "lam": factor * args.lam, "source": run_["source"]}
+        point.update({k: run_.get(k) for k in ("top1", "pg", "spg_mean", "ch", "nqh", "zero_maps")})
+        points.append(point)
+    return points
+
+
+def _sweep_markdown(points: List[dict]) -> List[str]:
+    rows = ["| lambda | trained as | Top-1 (%) | PG | CH (%) | NQH (%) | Zero maps (%) |",
+            "|---|---|---|---|---|---|---|"]
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    for p in points:
+        rows.append(f"| {p['lam']:g} | {p['source']} | {pct(p['top1'])} | {pct(p['pg'])} | "
+                    f"{pct(p['ch'])} | {pct(p['nqh'])} | {pct(p['zero_maps'])} |")
+    return rows
+
+
+def machine_info(args) -> Dict[str, Any]:
+    return {"workers": args.workers, "threads_per_worker": args.threads, "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "torch": torch.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
+
+
 def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
-                  elapsed: float, figure: Optional[str] = None) -> Dict[str, Any]:
-    """Writes results.json and report.md from the finished runs (atomic rewrites)."""
+                  elapsed: float, figure: Optional[str] = None,
+                  sweep_runs: Optional[Dict[float, dict]] = None) -> Dict[str, Any]:
+    """Writes results.json, report.md and lambda_sweep.png from the finished runs (atomic
+    rewrites)."""
     summaries = {}
     for v in args.variants:
         if runs.get(v):
@@ -381,11 +549,19 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
     config = {k: v for k, v in vars(args).items()}
     config["model"] = (f"SmallResNet(BasicBlock x [1,1,1,1], widths {args.width}..{8 * args.width}, "
                        f"stem 3x3 stride 1, layer4 {args.image_size // 8}x{args.image_size // 8})")
-    results = {"status": status, "elapsed_s": round(elapsed, 1), "config": config,
-               "variants": summaries}
+    claims = check_claims(summaries)
+    points = _sweep_points(args, runs, sweep_runs or {})
+    plot = None
+    if len(points) >= 2:
+        plot = lambda_sweep_plot(points, os.path.join(out_dir, "lambda_sweep.png"),
+                                 title=f"{args.benchmark}: seed 0, {args.epochs} epochs")
+    results = {"status": status, "benchmark": args.benchmark, "elapsed_s": round(elapsed, 1),
+               "machine": machine_info(args), "config": config, "variants": summaries,
+               "claims": claims, "lambda_sweep": points}
     _atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2) + "\n")
 
-    table = table1_markdown({s["name"]: s for s in summaries.values()}, model="ResNet")
+    cue = args.cue_prob > 0
+    table = table1_markdown({s["name"]: s for s in summaries.values()}, model="ResNet", cue=cue)
     eps = ", ".join(f"{e:g}" for e in args.fgsm_eps)
     fgsm_rows = ["| Model | " + " | ".join(f"eps {e:g}" for e in args.fgsm_eps) + " |",
                  "|---|" + "---|" * len(args.fgsm_eps)]
@@ -397,23 +573,33 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
             sd = ((s.get("spread") or {}).get("fgsm") or {}).get(key)
             cells.append("n/a" if mean is None else f"{100 * mean:.1f} ± {100 * (sd or 0):.1f}")
         fgsm_rows.append(f"| ResNet {s['name']} | " + " | ".join(cells) + " |")
-    claims = _claims(summaries)
     side = 2 * args.image_size // (8 if args.layer == "layer4" else 4)  # composite map side
     n_seeds = max((s["num_seeds"] for s in summaries.values()), default=0)
+    times = ", ".join(f"{s['name']} {s['train_time_s']:.0f} s" for s in summaries.values()
+                      if s.get("train_time_s") is not None)
     lines = [
-        "# Quickstart: Grad-CAM consistency on SpuriousContextShapes",
+        f"# Quickstart: Grad-CAM consistency on the `{args.benchmark}` benchmark",
         "",
         f"Status: **{status}** ({len(summaries)} of {len(args.variants)} variants, up to {n_seeds} "
-        f"of {args.seeds} seeds), {elapsed / 60:.1f} min with {torch.get_num_threads()} CPU thread(s).",
+        f"of {args.seeds} seeds, {len(points)} of {len(args.lambda_sweep)} lambda-sweep points), "
+        f"{elapsed / 60:.1f} min on {os.cpu_count()} CPU core(s) ({args.workers} worker "
+        f"process(es) of {args.threads} thread(s)); training time per run: {times or 'n/a'}.",
         "",
-        "## Table 1 (test split: cue independent of the class)",
+        "## Did the models learn the object?",
+        "",
+        f"Checked before any claim is read (threshold: {100 * LEARNED_TOP1:.0f}% test top-1):",
+        "",
+        *(_learned_markdown(summaries) or ["- (no finished run yet)"]),
+        "",
+        "## Table 1 (test split)",
         "",
         f"Mean ± standard deviation over training seeds, in percent. SPG: mean over 5 runs of 100 "
         f"draws; *SPG run std* is the paper's within-run standard deviation. PG/SPG margin "
-        f"{15 * args.image_size / 224:.2f} px (15 px at 224 px). NQH: lower is better. "
-        f"*Cue mass*: share of the element-wise Grad-CAM on the context-cue patch. *Zero maps*: "
-        f"test images whose map is all zero after the ReLU (left out of PG, SPG, CH and NQH, as "
-        f"in the paper's metrics; read CH and NQH together with it).",
+        f"{15 * args.image_size / 224:.2f} px (15 px at 224 px). NQH: lower is better; a uniform "
+        f"map has NQH 75%. *Zero maps*: test images whose map is all zero after the ReLU (left "
+        f"out of PG, SPG, CH and NQH, as in the paper's metrics; read CH and NQH together with "
+        f"it)." + (" *Cue mass*: share of the element-wise Grad-CAM on the context-cue patch."
+                   if cue else ""),
         "",
         table,
         f"FGSM top-1 (%), epsilon on the 0-255 scale ({eps}):",
@@ -422,82 +608,142 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
         "",
         "## The paper's claims on these numbers",
         "",
-        *(claims or ["- (not enough variants finished to compare)"]),
+        *(_claims_markdown(claims, summaries) or ["- (not enough variants finished to compare)"]),
         "",
     ]
-    # What the GC loss can act on here (a property of the loss and the data, not of a run).
-    k, cs, sp = args.classes, args.cue_strength, 0.25  # stray_cue_prob: the generator's default
-    p_train = (1 - cs) / (k - 1) + sp / k  # a distractor (class != y) carries y's cue (approx.)
-    p_test = 1 / k + sp / k
-    lines += [
-        "## What GC can act on in this data",
-        "",
-        "The GC loss compares the class's element-wise Grad-CAM on an image with its map on a 2x2 "
-        "composite and penalises mass in the three distractor cells only. The context cue lies "
-        "next to the object, inside the same cell: a model that reads the cue gives the same map "
-        "on the image and in its cell, so the loss has no term against using the adjacent cue and "
-        "no direct reason to narrow the cue-consistent / cue-conflicting gap. Its handle on the "
-        "cue is a distractor that carries the class's cue (its own cue or a stray one): about "
-        f"{100 * p_train:.0f}% of training distractors ({100 * (1 - (1 - p_train) ** 3):.0f}% of "
-        f"training composites) against about {100 * p_test:.0f}% of test distractors "
-        f"({100 * (1 - (1 - p_test) ** 3):.0f}% of test composites), where the cue is independent "
-        "of the class; a cue-reliant model puts class evidence on those test distractors, which "
-        "NQH counts. A uniform map has NQH 75% and CH equal to the object's share of the image.",
-        "",
-    ]
+    if args.lambda_sweep:
+        lines += ["## Lambda sweep (seed 0)", "",
+                  "lambda = 0 is the baseline's seed-0 run and lambda = --lam the GC run's; "
+                  "the others are GC runs trained for the sweep.", "",
+                  *(_sweep_markdown(points) if points else ["(no point finished yet)"]), ""]
+        if plot:
+            lines += [f"![NQH, CH and top-1 against lambda]({os.path.basename(plot)})", ""]
+    if cue:
+        # What the GC loss can act on here (a property of the loss and the data, not of a run).
+        k, cs, sp = args.classes, args.cue_strength, args.stray_cue_prob
+        p_train = args.cue_prob * (1 - cs) / (k - 1) + sp / k  # a distractor carries y's cue
+        p_test = args.cue_prob / k + sp / k
+        lines += [
+            "## What GC can act on in this data",
+            "",
+            "The GC loss compares the class's element-wise Grad-CAM on an image with its map on a "
+            "2x2 composite and penalises mass in the three distractor cells only. The context cue "
+            "lies next to the object, inside the same cell: a model that reads the cue gives the "
+            "same map on the image and in its cell, so the loss has no term against using the "
+            "adjacent cue. Its handle on the cue is a distractor that carries the class's cue "
+            f"(its own cue or a stray one): about {100 * p_train:.0f}% of training distractors "
+            f"({100 * (1 - (1 - p_train) ** 3):.0f}% of training composites) against about "
+            f"{100 * p_test:.0f}% of test distractors ({100 * (1 - (1 - p_test) ** 3):.0f}% of "
+            "test composites), where the cue is independent of the class; a cue-reliant model "
+            "puts class evidence on those test distractors, which NQH counts.",
+            "",
+        ]
     if figure:
+        if cue:
+            caption = ("Rows: test images (cue-conflicting and cue-consistent, alternating; "
+                       "caption: object / cue class); green box: object, red box: context cue.")
+        else:
+            caption = ("Rows: 2x2 composites of test images; the green box is the object whose "
+                       "class is explained (caption: class, cell), the other three cells hold "
+                       "shapes of other classes.")
         lines += ["## Figure 2", "",
                   f"![Element-wise Grad-CAM per variant]({os.path.basename(figure)})", "",
-                  "Rows: test images (cue-conflicting and cue-consistent, alternating; caption: "
-                  "object / cue class); green box: object, red box: context cue. Columns: the "
-                  "first seed's model of each variant, element-wise Grad-CAM of the object's "
-                  f"class at {args.layer} (a uniformly blue tile, or one labelled *all-zero map*, is "
-                  "a map that is zero everywhere after the ReLU).", ""]
+                  caption + f" Columns: the first seed's model of each variant, element-wise "
+                  f"Grad-CAM of that class at {args.layer} (a tile labelled *all-zero map* is a "
+                  "map that is zero everywhere after the ReLU).", ""]
+    data = (f"`SpuriousContextShapes(num_classes={args.classes}, image_size={args.image_size}, "
+            f"cue_prob={args.cue_prob:g}, cue_strength={args.cue_strength:g}, "
+            f"stray_cue_prob={args.stray_cue_prob:g}, object_size={args.object_size}, "
+            f"clutter={args.clutter:g})`")
     lines += [
         "## Set-up",
         "",
-        f"- Data: `SpuriousContextShapes(num_classes={args.classes}, image_size={args.image_size}, "
-        f"cue_strength={args.cue_strength}, clutter={args.clutter})`, {args.train_size} training "
-        f"images, {args.test_size} test images, generator seed {args.data_seed} (shared by all "
-        "runs; the seeds vary initialisation, batch order, cells and distractors).",
+        f"- Data: {data}, {args.train_size} training images, {args.test_size} test images, "
+        f"generator seed {args.data_seed} (shared by all runs; the seeds vary initialisation, "
+        "batch order, cells and distractors).",
         f"- Model: {config['model']}; GMP: `to_global_max_pool`.",
         f"- Training: {args.epochs} epochs, batch {args.batch_size}, SGD momentum 0.9 (Nesterov), "
         f"weight decay {args.weight_decay:g}, lr {args.lr:g} with 5% linear warm-up and cosine "
         f"decay per step; GC lambda {args.lam:g} (the paper's 25 on ImageNet's 14x14 composite "
         f"map is {25 * side * side / 196:.1f} for this {side}x{side} one: the consistency term "
-        "is a mean over the map's locations), in-batch distractors.",
+        "is a mean over the map's locations), in-batch distractors"
+        + (", target map detached" if args.detach_target else "") + ".",
         f"- Evaluation: `evaluate_interpretations(method='elementwise-gradcam')` at {args.layer}; "
         "`fgsm_accuracy`.",
+        f"- Machine: {results['machine']['machine']}, {results['machine']['cpu_count']} CPU(s), "
+        f"torch {results['machine']['torch']}, {results['machine']['date']}.",
         "",
     ]
     _atomic_write(os.path.join(out_dir, "report.md"), "\n".join(lines))
     return results
 
 
+def _figure_rows(args, test: SpuriousContextShapes) -> Tuple[np.ndarray, Tensor, Tensor, Tensor, List[str], Optional[Tensor]]:
+    """The figure's inputs: ``(rgb (N, H, W, 3), normalised images (N, 3, H, W), classes (N,),
+    object boxes (N, 4), captions, cue boxes or None)``. On a benchmark with a cue, single
+    test images (cue-conflicting and cue-consistent alternating); otherwise 2x2 composites of
+    test images, the explained image in cell ``i % 4`` with the next three test images of
+    other classes."""
+    count = min(args.figure_images, len(test))
+    if args.cue_prob > 0:
+        conflicting = test.conflicting_indices().tolist()
+        consistent = test.consistent_indices().tolist()
+        others = [i for i in range(len(test)) if i not in set(conflicting) | set(consistent)]
+        picks: List[int] = []
+        while len(picks) < count:
+            pools = [q for q in ((conflicting, consistent) if len(picks) % 2 == 0
+                                 else (consistent, conflicting)) + (others,) if q]
+            picks.append(pools[0].pop(0))
+        samples = [test.sample(i) for i in picks]
+        rgb = np.stack([test.rgb(i) for i in picks])
+        titles = [f"{test.classes[s.label]} / "
+                  f"{test.classes[s.cue_label] if s.cue_label >= 0 else 'no cue'}" for s in samples]
+        return (rgb, torch.stack([s.image for s in samples]), torch.tensor([s.label for s in samples]),
+                torch.stack([s.box for s in samples]), titles,
+                torch.stack([s.cue_box for s in samples]))
+    labels = test.targets
+    rows, cells, others = [], [], []
+    for i in range(count):
+        rows.append(i)
+        cells.append(i % 4)
+        others.append([j for j in range(count, len(test)) if labels[j] != labels[i]][i:i + 3])
+    if any(len(o) < 3 for o in others):
+        return None
+    def stack(idx):  # noqa: E306
+        return torch.stack([test[j][0] for j in idx])
+    images = stack(rows)
+    distractors = torch.stack([stack(o) for o in others])
+    cell_t = torch.tensor(cells)
+    composite = compose_grid(images, distractors, cells=cell_t)
+    rgb_single = torch.from_numpy(np.stack([test.rgb(j) for j in rows])).permute(0, 3, 1, 2)
+    rgb_dis = torch.stack([torch.from_numpy(np.stack([test.rgb(j) for j in o])).permute(0, 3, 1, 2)
+                           for o in others])
+    rgb = compose_grid(rgb_single, rgb_dis, cells=cell_t).permute(0, 2, 3, 1).numpy()
+    size = args.image_size
+    boxes = torch.stack([test.sample(j).box for j in rows])
+    offset = torch.stack([(cell_t % 2) * size, (cell_t // 2) * size] * 2, dim=1)
+    titles = [f"{test.classes[labels[j]]}, cell {k}" for j, k in zip(rows, cells)]
+    return rgb, composite, torch.tensor([labels[j] for j in rows]), boxes + offset, titles, None
+
+
 def make_figure(args, models: Dict[str, torch.nn.Module], test: SpuriousContextShapes,
                 out_dir: str, device) -> Optional[str]:
-    """gradcam.png: the same test images, element-wise Grad-CAM of every variant."""
+    """gradcam.png: the same test inputs, element-wise Grad-CAM of every variant."""
     if not models:
         return None
-    conflicting = test.conflicting_indices().tolist()
-    consistent = test.consistent_indices().tolist()
-    picks: List[int] = []
-    while len(picks) < min(args.figure_images, len(test)):
-        source = conflicting if (len(picks) % 2 == 0 and conflicting) or not consistent else consistent
-        picks.append(source.pop(0))
-    samples = [test.sample(i) for i in picks]
-    images = torch.stack([s.image for s in samples]).to(device)
-    labels = torch.tensor([s.label for s in samples], device=device)
+    rows = _figure_rows(args, test)
+    if rows is None:  # too few test images of other classes for a composite
+        return None
+    rgb, images, labels, boxes, titles, cue_boxes = rows
+    images, labels = images.to(device), labels.to(device)
     maps = {}
     for v, model in models.items():
         explainer = SaliencyExplainer(model, "elementwise-gradcam", layer=getattr(model, args.layer))
         with torch.no_grad():
-            maps[VARIANTS[v][0]] = explainer(images, torch.arange(len(picks), device=device), labels)
-    rgb = torch.from_numpy(__import__("numpy").stack([test.rgb(i) for i in picks]))
-    titles = [f"{test.classes[s.label]} / {test.classes[s.cue_label]}" for s in samples]
-    panel = gradcam_panel(rgb.numpy(), maps, titles=titles, tile=4 * args.image_size,
-                          object_boxes=torch.stack([s.box for s in samples]),
-                          cue_boxes=torch.stack([s.cue_box for s in samples]))
+            maps[VARIANTS[v][0]] = explainer(images, torch.arange(len(labels), device=device), labels)
+    tile = 4 * rgb.shape[1] if args.cue_prob > 0 else 2 * rgb.shape[1]
+    panel = gradcam_panel(rgb, maps, titles=titles, tile=tile, object_boxes=boxes,
+                          cue_boxes=cue_boxes)
     path = os.path.join(out_dir, "gradcam.png")
     panel.save(path)
     return path
@@ -506,9 +752,85 @@ def make_figure(args, models: Dict[str, torch.nn.Module], test: SpuriousContextS
 # -------------------------------------------------------------------------------------- main
 
 
+def _jobs(args) -> List[Tuple[str, int, float, Optional[float]]]:
+    """``(variant, seed, lam, sweep factor)`` of every model to train: the variants' seeds,
+    then the lambda-sweep points that no variant's seed-0 run already gives."""
+    jobs = [(v, seed, args.lam, None) for seed in range(args.seeds) for v in args.variants]
+    for factor in args.lambda_sweep:
+        if factor == 0 and "baseline" in args.variants:
+            continue
+        if factor == 1 and "gc" in args.variants:
+            continue
+        jobs.append(("baseline" if factor == 0 else "gc", 0, factor * args.lam, factor))
+    return jobs
+
+
+def _data_sets(args) -> Tuple[SpuriousContextShapes, SpuriousContextShapes]:
+    data = dict(num_classes=args.classes, image_size=args.image_size, clutter=args.clutter,
+                seed=args.data_seed, cue_prob=args.cue_prob, stray_cue_prob=args.stray_cue_prob,
+                object_size=args.object_size)
+    train = SpuriousContextShapes("train", cue_strength=args.cue_strength,
+                                  length=args.train_size, **data)
+    test = SpuriousContextShapes("test", length=args.test_size, cache=True, **data)
+    return train, test
+
+
+#: What a worker process keeps between its jobs: the rendered training set and the test set.
+_WORKER: Dict[str, Any] = {}
+
+
+def _init_worker(args, train_images: Tensor, train_labels: Tensor) -> None:
+    torch.set_num_threads(args.threads)
+    _WORKER.update(args=args, train=(train_images, train_labels), test=_data_sets(args)[1])
+
+
+def run_job(job: Tuple[str, int, float, Optional[float]]) -> Tuple[tuple, Dict[str, Any], Dict[str, Tensor]]:
+    """Trains and evaluates one ``(variant, seed, lam, sweep factor)`` job with the data of
+    :func:`_init_worker`; returns the job, its metrics and the model's ``state_dict``."""
+    args, (train_images, train_labels), test = _WORKER["args"], _WORKER["train"], _WORKER["test"]
+    v, seed, lam, _ = job
+    device = torch.device("cpu")
+    trained = train_model(args, v, seed, train_images, train_labels, device, lam=lam)
+    t_eval = time.perf_counter()
+    metrics = evaluate_model(args, trained["model"], seed, test, device)
+    metrics.update(seed=seed, train_time_s=round(trained["train_time_s"], 2),
+                   eval_time_s=round(time.perf_counter() - t_eval, 2),
+                   train_last_epoch=trained["history"][-1])
+    return job, metrics, trained["model"].state_dict()
+
+
+def _results(args, train_images: Tensor, train_labels: Tensor):
+    """Yields ``run_job``'s results, in this process (``--workers 1``) or from a pool of
+    ``--workers`` processes (in the order they finish)."""
+    jobs = _jobs(args)
+    if args.workers == 1:
+        _init_worker(args, train_images, train_labels)
+        for job in jobs:
+            yield run_job(job)
+        return
+    import multiprocessing
+
+    # spawn, not fork: the parent has used torch's thread pool, which a forked child inherits
+    # in an undefined state. Workers show no progress bars of their own (the parent's counts runs).
+    worker_args = argparse.Namespace(**dict(vars(args), no_progress=True))
+    pool = multiprocessing.get_context("spawn").Pool(
+        min(args.workers, len(jobs)), initializer=_init_worker,
+        initargs=(worker_args, train_images, train_labels))
+    try:
+        yield from pool.imap_unordered(run_job, jobs)
+    except BaseException:  # an interrupt (or the consumer's close()) stops the models in training
+        pool.terminate()
+        raise
+    else:
+        pool.close()
+    finally:
+        pool.join()
+
+
 def run(args: argparse.Namespace, on_run_done: Optional[Callable[[str, int], None]] = None) -> Dict[str, Any]:
-    """Trains and evaluates every (seed, variant); raises KeyboardInterrupt after writing what
-    was finished. ``on_run_done(variant, seed)`` is called after each finished run."""
+    """Trains and evaluates every (variant, seed) and the lambda sweep; raises
+    KeyboardInterrupt after writing what was finished. ``on_run_done(variant, seed)`` is called
+    after each finished run (``variant`` is ``"sweep:<factor>"`` for a sweep-only run)."""
     from tqdm.auto import tqdm
 
     torch.set_num_threads(args.threads)
@@ -516,43 +838,50 @@ def run(args: argparse.Namespace, on_run_done: Optional[Callable[[str, int], Non
     progress = not args.no_progress
     t0 = time.perf_counter()
     # Data sets first: their constructors validate every knob before anything is trained.
-    train_ds = SpuriousContextShapes("train", num_classes=args.classes, image_size=args.image_size,
-                                     cue_strength=args.cue_strength, clutter=args.clutter,
-                                     length=args.train_size, seed=args.data_seed)
-    test = SpuriousContextShapes("test", num_classes=args.classes, image_size=args.image_size,
-                                 clutter=args.clutter, length=args.test_size, seed=args.data_seed,
-                                 cache=True)
+    train_ds, test = _data_sets(args)
     os.makedirs(args.output_dir, exist_ok=True)
     runs: Dict[str, List[dict]] = {v: [] for v in args.variants}
+    sweep_runs: Dict[float, dict] = {}
     figure_models: Dict[str, torch.nn.Module] = {}
     status = "running"
-    write_outputs(args.output_dir, args, runs, status, 0.0)
+    write_outputs(args.output_dir, args, runs, status, 0.0, sweep_runs=sweep_runs)
+    finished = None
     try:
-        train_images, train_labels = _render(train_ds, progress, "render train")
-        jobs = [(seed, v) for seed in range(args.seeds) for v in args.variants]
-        bar = tqdm(jobs, desc="runs", disable=not progress, dynamic_ncols=True)
-        for seed, v in bar:
-            bar.set_postfix_str(f"{VARIANTS[v][0]}, seed {seed}")
-            trained = train_model(args, v, seed, train_images, train_labels, device)
-            t_eval = time.perf_counter()
-            metrics = evaluate_model(args, trained["model"], seed, test, device)
-            metrics.update(seed=seed, train_time_s=round(trained["train_time_s"], 2),
-                           eval_time_s=round(time.perf_counter() - t_eval, 2),
-                           train_last_epoch=trained["history"][-1])
-            runs[v].append(metrics)
-            if seed == 0:
-                figure_models[v] = trained["model"]
-            write_outputs(args.output_dir, args, runs, status, time.perf_counter() - t0)
+        train_images, train_labels = _render(train_ds, progress, "render train", args.workers)
+        bar = tqdm(total=len(_jobs(args)), desc="runs", disable=not progress, dynamic_ncols=True)
+        finished = _results(args, train_images, train_labels)
+        for (v, seed, lam, factor), metrics, state in finished:
+            bar.update()
+            bar.set_postfix_str(f"{VARIANTS[v][0] if factor is None else f'lambda {lam:g}'}, seed {seed}")
+            if factor is None:
+                runs[v].append(metrics)
+                runs[v].sort(key=lambda r: r["seed"])
+                if seed == 0:
+                    model = build_model(args.classes, args.width, VARIANTS[v][1])
+                    model.load_state_dict(state)
+                    figure_models[v] = model.eval()
+                    for f in args.lambda_sweep:
+                        if (f == 0 and v == "baseline") or (f == 1 and v == "gc"):
+                            sweep_runs[f] = dict(metrics, source=f"{VARIANTS[v][0]}, seed 0")
+            else:
+                sweep_runs[factor] = dict(metrics, source="GC, lambda sweep")
+            write_outputs(args.output_dir, args, runs, status, time.perf_counter() - t0,
+                          sweep_runs=sweep_runs)
             if on_run_done is not None:
-                on_run_done(v, seed)
+                on_run_done(v if factor is None else f"sweep:{factor:g}", seed)
+        bar.close()
         status = "complete"
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
+        if finished is not None:
+            finished.close()  # stops the workers now, not when the traceback is freed
+        # the figure's columns in the order of --variants, whatever order the runs finished in
+        figure_models = {v: figure_models[v] for v in args.variants if v in figure_models}
         figure = make_figure(args, figure_models, test, args.output_dir, device)
         results = write_outputs(args.output_dir, args, runs, status, time.perf_counter() - t0,
-                                figure)
+                                figure, sweep_runs=sweep_runs)
     return results
 
 

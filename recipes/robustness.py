@@ -32,8 +32,8 @@ from captum_consistency.engine import (
     cleanup_distributed,
     init_distributed,
 )
+from captum_consistency.engine.cli import add_data_arguments, check_input_size
 from captum_consistency.engine.datasets import (
-    DATA_KINDS,
     build_dataset,
     load_model_from_checkpoint,
     model_name,
@@ -49,18 +49,15 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint.pth written by recipes/train.py")
-    p.add_argument("--data", default=None, choices=DATA_KINDS, help="default: the checkpoint's")
-    p.add_argument("--data-root", default=None, help="default: the checkpoint's")
-    p.add_argument("--split", default=None, help="evaluated split (imagenet: val, synthetic: test)")
     p.add_argument("--epsilons", default=list(PAPER_EPSILONS), type=float, nargs="+",
                    help="L_inf strengths on the 0-255 scale (the paper's: 1 2 8 16 32 64)")
     p.add_argument("--image-size", default=None, type=int, help="crop side S (default: the checkpoint's)")
     p.add_argument("--batch-size", "-b", default=64, type=int, help="images per process")
     p.add_argument("--workers", "-j", default=8, type=int)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--skip-corrupt", action="store_true", help="skip and count undecodable images")
     p.add_argument("--output-dir", required=True, help="robustness.json and robustness.md go here")
     p.add_argument("--no-progress", action="store_true")
+    add_data_arguments(p, "robustness")
     return p
 
 
@@ -111,9 +108,11 @@ def _main(args, info) -> dict:
     data, data_root, image_size, split, synthetic = resolve_data_args(args, ckpt)
     if data == "coco" or ckpt.get("multilabel"):
         raise ValueError("robustness.py measures top-1 accuracy: use single-label data (imagenet, synthetic)")
+    check_input_size(ckpt["arch"], image_size, train=False, gmp=bool(ckpt.get("gmp")))
     crop = build_dataset(data, split, "crop", image_size, data_root=data_root,
                          classes=ckpt.get("classes") if data == "imagenet" else None,
-                         skip_corrupt=args.skip_corrupt, synthetic=synthetic)
+                         skip_corrupt=args.skip_corrupt, synthetic=synthetic,
+                         allow_empty=args.allow_empty_classes)
     check_checkpoint_compatible(ckpt, args.checkpoint, num_classes=crop.num_classes, classes=crop.classes)
     loader = DataLoader(
         crop.dataset, batch_size=args.batch_size, num_workers=args.workers,

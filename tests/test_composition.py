@@ -137,3 +137,27 @@ def test_normalize_never_nan_and_sums_to_one():
     z = torch.zeros(2, 1, 3, 3, requires_grad=True)
     normalize_saliency(z).sum().backward()
     assert torch.isfinite(z.grad).all()
+
+
+def test_normalize_refuses_signed_maps_and_names_the_minimum():
+    # Captum's LayerGradCam without relu_attributions gives signed maps whose sum can be
+    # near zero: the quotient would reach about 1e8 instead of a distribution.
+    import torchvision
+    from captum.attr import LayerGradCam
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    signed = LayerGradCam(model, model.layer4).attribute(torch.randn(2, 3, 64, 64), target=1).detach()
+    assert float(signed.min()) < 0
+    with pytest.raises(ValueError, match=rf"non-negative .*minimum of {float(signed.min()):.4g}"):
+        normalize_saliency(signed)
+    with pytest.raises(ValueError, match="minimum of -1"):
+        normalize_saliency(torch.tensor([[1.0, -1.0]]))  # sum 0: the old result was +-1e8
+    # NaN (a diverged step) propagates to the loss, where the training loop reports it.
+    assert torch.isnan(normalize_saliency(torch.tensor([[1.0, float("nan")]]))).all()
+    out = normalize_saliency(signed.clamp(min=0))  # the documented fix
+    assert (out >= 0).all() and torch.allclose(out.sum((1, 2, 3)), torch.ones(2))
+    # Non-negative by construction (after a ReLU): the check can be skipped, same values.
+    relu = torch.relu(signed)
+    assert torch.equal(normalize_saliency(relu, check=False), normalize_saliency(relu))
+    assert normalize_saliency(torch.zeros(0, 1, 2, 2)).shape == (0, 1, 2, 2)

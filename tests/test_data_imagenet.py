@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from captum_consistency import SkippedImageWarning
 from captum_consistency.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -145,8 +146,9 @@ def test_corrupt_jpeg_error_names_the_file(fresh, keep_bytes):
     corrupt_file(victim, keep_bytes)
     ds = ImageNetWithBoxes(fresh.root, "val", boxes_dir=fresh.boxes_dirs["val"])
     ds[2]  # the others still load
-    with pytest.raises(CorruptImageError, match=os.path.basename(victim)):
+    with pytest.raises(CorruptImageError, match=os.path.basename(victim)) as info:
         ds[3]
+    assert "--skip-corrupt" in str(info.value) and "on_corrupt='skip'" in str(info.value)
 
 
 def test_corrupt_jpeg_skip_is_counted_by_the_collate(fresh):
@@ -155,7 +157,7 @@ def test_corrupt_jpeg_skip_is_counted_by_the_collate(fresh):
     ds = ImageNetWithBoxes(
         fresh.root, "val", boxes_dir=fresh.boxes_dirs["val"], transform=eval_transform(8), on_corrupt="skip"
     )
-    with pytest.warns(UserWarning, match=os.path.basename(victim)):
+    with pytest.warns(SkippedImageWarning, match=os.path.basename(victim)):
         assert ds[3] is None
     sizes = ds.original_sizes()
     assert sizes[3] == fresh.sizes[_stem(victim)]  # from the XML, no decode
@@ -172,8 +174,14 @@ def test_corrupt_jpeg_skip_is_counted_by_the_collate(fresh):
 def test_empty_class_folder_error_names_the_folder(fresh):
     empty = os.path.join(fresh.root, "val", "n99999999")
     os.makedirs(empty)
-    with pytest.raises(FileNotFoundError, match="n99999999"):
+    with pytest.raises(FileNotFoundError, match="n99999999.*allow_empty=True.*--allow-empty-classes"):
         ImageNetWithBoxes(fresh.root, "val", boxes_dir=fresh.boxes_dirs["val"])
+    from captum_consistency.engine.datasets import build_dataset
+
+    with pytest.raises(FileNotFoundError, match="--allow-empty-classes"):
+        build_dataset("imagenet", "val", "crop", 8, data_root=fresh.root)
+    kept = build_dataset("imagenet", "val", "crop", 8, data_root=fresh.root, allow_empty=True)
+    assert kept.classes[-1] == "n99999999" and len(kept.dataset) == len(fresh.files["val"])
     ds = ImageNetWithBoxes(fresh.root, "val", boxes_dir=fresh.boxes_dirs["val"], allow_empty=True)
     assert ds.empty_classes == ["n99999999"]
     assert len(ds.classes) == 4 and ds.class_to_idx["n99999999"] == 3

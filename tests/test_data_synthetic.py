@@ -353,3 +353,62 @@ def test_subset_of_conflicting_images():
         s = conflicting[i]  # the Subset indexes with 0-d tensors
         assert not s.cue_consistent and s.label != s.cue_label
         assert s.index == int(test.conflicting_indices()[i])
+
+
+# ------------------------------------------------------------------- cue_prob and object_size
+
+
+def test_cue_prob_zero_removes_the_cue_and_nothing_else():
+    # The cue's geometry is drawn whether or not it is painted: with cue_prob=0 every pixel
+    # outside the cue patch is the same as with cue_prob=1 (object, clutter, stray cue).
+    kw = dict(split="test", num_classes=4, length=30, seed=5, normalize=False)
+    with_cue = SpuriousContextShapes(cue_prob=1.0, **kw)
+    without = SpuriousContextShapes(cue_prob=0.0, **kw)
+    assert without.cue_targets == [-1] * 30
+    assert len(without.consistent_indices()) == len(without.conflicting_indices()) == 0
+    assert with_cue.targets == without.targets
+    for i in range(len(without)):
+        a, b = with_cue.sample(i), without.sample(i)
+        assert b.cue_label == -1 and not b.cue_consistent
+        assert not b.cue_mask.any() and b.cue_box.tolist() == [-1, -1, -1, -1]
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.stray_mask, b.stray_mask)
+        outside = ~a.cue_mask
+        np.testing.assert_array_equal(with_cue.rgb(i)[outside.numpy()], without.rgb(i)[outside.numpy()])
+
+
+def test_cue_prob_keeps_the_cue_classes_of_the_images_that_keep_a_cue():
+    kw = dict(split="train", num_classes=5, length=2000, seed=2, cue_strength=0.9)
+    full = np.asarray(SpuriousContextShapes(cue_prob=1.0, **kw).cue_targets)
+    half = np.asarray(SpuriousContextShapes(cue_prob=0.5, **kw).cue_targets)
+    kept = half >= 0
+    assert abs(kept.mean() - 0.5) < 4 * math.sqrt(0.25 / 2000)  # binomial, 4 sigma
+    np.testing.assert_array_equal(half[kept], full[kept])
+
+
+@pytest.mark.parametrize("object_size", [(0.2, 0.3), (0.35, 0.45)])
+def test_object_size_sets_the_circumradius(object_size):
+    n = 48
+    ds = SpuriousContextShapes("test", num_classes=10, image_size=n, cue_prob=0.0,
+                               stray_cue_prob=0.0, object_size=object_size, length=40, seed=1)
+    lo, hi = object_size
+    for i in range(len(ds)):
+        s = ds.sample(i)
+        x1, y1, x2, y2 = s.box.tolist()
+        extent = max(x2 - x1, y2 - y1) + 1
+        assert extent <= 2 * hi * n + 2, (i, extent)  # every shape lies within its circumradius
+        assert s.mask.any() and (s.mask.sum() >= 0.2 * (lo * n) ** 2), i
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(object_size=(0.3, 0.2)), "object_size"),
+        (dict(object_size=(0.01, 0.2)), "object_size"),
+        (dict(object_size=0.2), "object_size"),
+        (dict(object_size=(0.2, 0.3)), "cue_prob"),  # no room for the cue beside the object
+        (dict(cue_prob=1.5), "cue_prob"),
+    ],
+)
+def test_cue_prob_and_object_size_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpuriousContextShapes("train", **kwargs)

@@ -304,6 +304,12 @@ def test_fallback_loads_training_images_from_an_imagefolder(tmp_path):
         [wrapped[i] for i in range(3)], collate_fn=collate_image_samples
     )
     assert batch.images.shape == (3, 3, 8, 8) and dz.shape == (3, 3, 3, 8, 8) and g.tolist() == [0, 0, 0]
+    # A bool mask is not a list of classes (it would read as the classes 0 and 1).
+    for call in (lambda: fallback(torch.tensor([True, False])),
+                 lambda: gather_distractors(images, y, torch.tensor([True, True, False, False]), fallback=fallback),
+                 lambda: fallback.sampler.sample(torch.tensor([True]))):
+        with pytest.raises(TypeError, match="bool"):
+            call()
 
 
 def test_sample_present_classes_draws_a_present_class_uniformly():

@@ -215,3 +215,27 @@ def test_layer_output_modified_in_place_falls_back_to_the_generic_path():
     x = torch.randn(2, 3, 6, 6)
     ours = LayerElementwiseGradCam(net, net[0]).attribute(x, target=2)
     torch.testing.assert_close(ours, _generic_path(net, net[0], x, 2))
+
+
+def test_negative_and_boolean_targets_are_refused(resnet):
+    # Python indexing would explain the last class for -1 and the classes 1/0 for True/False.
+    cam = LayerElementwiseGradCam(resnet, resnet.layer4)
+    x = torch.randn(2, 3, 64, 64)
+    for target in (-1, torch.tensor([0, -1]), [3, -7]):
+        with pytest.raises(ValueError, match="class index|class indices"):
+            cam.attribute(x, target=target)
+    for target in (True, torch.tensor([True, False])):
+        with pytest.raises(TypeError, match="bool"):
+            cam.attribute(x, target=target)
+    assert cam.attribute(x, target=[0, 6]).shape == (2, 1, 2, 2)
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_empty_batch_gives_empty_maps_of_the_layer_resolution(resnet, create_graph):
+    cam = LayerElementwiseGradCam(resnet, resnet.layer4)
+    kwargs = dict(relu_attributions=True, grad_kwargs={"create_graph": create_graph})
+    full = cam.attribute(torch.randn(1, 3, 96, 96), target=2, **kwargs)
+    for target in (2, torch.zeros(0, dtype=torch.long), None):
+        empty = cam.attribute(torch.randn(0, 3, 96, 96), target=target, **kwargs)
+        assert empty.shape == (0,) + full.shape[1:] == (0, 1, 3, 3)
+        assert empty.dtype == full.dtype

@@ -154,11 +154,40 @@ def test_checkpoint_compatibility_errors():
                                 classes=list("abcdefghij"))
 
 
-def test_load_model_weights_from_other_architecture_is_clear():
+def test_load_checkpoint_truncated_file_names_it_and_says_truncated(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint({"model": nn.Linear(64, 64).state_dict(), "arch": "resnet18"}, str(path))
+    data = path.read_bytes()
+    for keep in (len(data) // 2, 0):  # an interrupted copy; an empty file ("EOFError: ")
+        path.write_bytes(data[:keep])
+        with pytest.raises(ValueError, match=r"checkpoint\.pth .*truncated or corrupt") as info:
+            load_checkpoint(str(path))
+        assert not str(info.value).rstrip().endswith(": ")
+
+
+def test_load_model_weights_from_other_architecture_names_both_briefly():
     r18 = build_model("resnet18", 4)
     r50 = build_model("resnet50", 4)
-    with pytest.raises(ValueError, match="other.pth does not fit the model"):
-        load_model_weights(r18, r50.state_dict(), "other.pth")
+    with pytest.raises(ValueError, match="other.pth holds resnet50 weights, but resnet18 was asked for") as info:
+        load_model_weights(r18, r50.state_dict(), "other.pth", arch="resnet18")
+    assert len(str(info.value)) < 500  # not PyTorch's list of every mismatched tensor
+    assert info.value.__suppress_context__
+    with pytest.raises(ValueError, match="holds weights of another architecture, but ResNet was"):
+        load_model_weights(r18, {"w": torch.zeros(1)}, "other.pth")
+
+
+def test_load_model_from_checkpoint_names_the_file_for_bad_arch(tmp_path):
+    from captum_consistency.engine.datasets import load_model_from_checkpoint
+
+    r50 = build_model("resnet50", 4).state_dict()
+    mislabelled = tmp_path / "mislabelled.pth"
+    save_checkpoint({"model": r50, "arch": "resnet18", "num_classes": 4}, str(mislabelled))
+    with pytest.raises(ValueError, match="mislabelled.pth holds resnet50 weights, but resnet18"):
+        load_model_from_checkpoint(str(mislabelled), torch.device("cpu"))
+    unknown = tmp_path / "unknown.pth"
+    save_checkpoint({"model": {}, "arch": "vgg11", "num_classes": 4}, str(unknown))
+    with pytest.raises(ValueError, match=r"unknown\.pth records the architecture 'vgg11'"):
+        load_model_from_checkpoint(str(unknown), torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- RNG / seeds
@@ -345,6 +374,41 @@ def test_train_one_epoch_gc_matches_manual_steps():
     assert stats["classification"] == pytest.approx(mean_cls, rel=1e-5)
     assert stats["consistency"] == pytest.approx(mean_gc, rel=1e-5)
     assert stats["loss"] == pytest.approx(mean_cls + 25.0 * mean_gc, rel=1e-5)
+
+
+def test_train_one_epoch_skips_batches_below_min_batch_size():
+    # Batches that --skip-corrupt shrank: 8 images, 1 (batch norm cannot train on one image
+    # with 1x1 maps), 0 (all undecodable), 7. The short ones are skipped and counted.
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(k, 3, 32, 32, generator=g), torch.arange(k) % 4) for k in (8, 1, 0, 7)]
+    model = _TinyResNetLike(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    stats = train_one_epoch(model, opt, batches, torch.device("cpu"), 0,
+                            criterion=nn.CrossEntropyLoss(), progress=False, min_batch_size=2)
+    assert stats["steps"] == 2 and stats["skipped_steps"] == 2 and stats["samples"] == 15
+    with pytest.raises(ValueError, match="min_batch_size"):
+        train_one_epoch(model, opt, batches, torch.device("cpu"), 0,
+                        criterion=nn.CrossEntropyLoss(), progress=False, min_batch_size=0)
+
+
+def test_all_ranks_true_outside_a_process_group_is_the_local_vote():
+    from captum_consistency.engine import all_ranks_true
+
+    assert all_ranks_true(True) is True and all_ranks_true(False) is False
+
+
+def test_train_one_epoch_refuses_bool_gradcam_targets():
+    from captum_consistency.engine import TrainBatch
+
+    model = _TinyResNetLike(4)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    z = torch.randn(4, 3, 3, 32, 32)
+    loader = [TrainBatch(x, y, z, torch.tensor([True, False, True, False]))]
+    with pytest.raises(TypeError, match="gradcam_targets must be an integer tensor .*bool"):
+        train_one_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
+                        torch.device("cpu"), 0, criterion=nn.CrossEntropyLoss(),
+                        loss_fn=GradCamConsistencyLoss(model, model.layer4),
+                        make_distractors=_in_batch_distractors, progress=False)
 
 
 def test_train_one_epoch_requires_distractors_with_gc_loss():

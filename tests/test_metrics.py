@@ -633,20 +633,35 @@ def test_accumulator_matches_functional_metrics_across_batches():
 
 
 def test_accumulator_spg_runs_mean_and_std():
+    # Compared with a brute-force computation, not with the functions the accumulator calls:
+    # each run's SPG is the per-image average of num_samples Bernoulli draws whose success
+    # probability is the map's mass within the tolerance (brute_force_within). Over many runs
+    # the runs' mean and population std approach the exact mean and std of that average.
     gen = torch.Generator().manual_seed(10)
-    n, h, w = 12, 24, 24
+    n, h, w, samples, runs = 12, 24, 24, 10, 400
     saliency = peaked_maps(gen, n, h, w)
     masks = random_masks(gen, n, h, w)
-    metrics = InterpretationMetrics(num_samples=10, num_runs=4, generator=torch.Generator().manual_seed(3))
+    tolerance = 3  # a margin that leaves mass outside: p well inside (0, 1)
+    p = ((saliency * brute_force_within(masks, tolerance)).sum((1, 2)) / saliency.sum((1, 2))).double()
+    exact_mean = float(p.mean())
+    exact_std = float((p * (1 - p) / samples).sum().sqrt() / n)
+    assert exact_std > 0.01  # maps with mass on both sides of the margin: a real spread
+    metrics = InterpretationMetrics(tolerance=tolerance, num_samples=samples, num_runs=runs,
+                                    generator=torch.Generator().manual_seed(3))
     metrics.update(saliency, masks)
     out = metrics.compute()
-    maps, totals = functional._prepare_saliency(saliency)
-    runs = functional._score_images(
-        maps, totals, masks, 15.0, 10, 4, torch.Generator().manual_seed(3)
-    ).spg.double().mean(0)  # (4,) per-run image averages, same draws
-    assert out["spg_mean"] == pytest.approx(float(runs.mean()))
-    assert out["spg_std"] == pytest.approx(float(np.std(runs.numpy())))
+    assert abs(out["spg_mean"] - exact_mean) < 4 * exact_std / math.sqrt(runs)
+    assert 0.85 * exact_std < out["spg_std"] < 1.15 * exact_std  # ~3.5 standard errors
+
+    # Population std (ddof = 0) of the runs: with two runs, mean +- std are the runs
+    # themselves, each an average of n * samples hits, i.e. a multiple of 1 / (n * samples).
+    two = InterpretationMetrics(tolerance=tolerance, num_samples=samples, num_runs=2,
+                                generator=torch.Generator().manual_seed(4))
+    two.update(saliency, masks)
+    out = two.compute()
     assert out["spg_std"] > 0
+    for run in (out["spg_mean"] - out["spg_std"], out["spg_mean"] + out["spg_std"]):
+        assert run * n * samples == pytest.approx(round(run * n * samples), abs=1e-3)  # float32 sums
 
 
 def test_accumulator_spg_of_one_hot_maps_has_zero_std():

@@ -22,6 +22,7 @@ from captum_consistency import to_global_max_pool
 from captum_consistency.quickstart import (
     SmallResNet,
     gradcam_panel,
+    lambda_sweep_plot,
     panel_size,
     summarize_seeds,
     table1_markdown,
@@ -32,19 +33,22 @@ SPEC = importlib.util.spec_from_file_location("_recipe_quickstart", ROOT / "reci
 quickstart = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(quickstart)
 
-KEYS = ("top1", "top1_consistent", "top1_conflicting", "pg", "spg_mean", "spg_std", "ch", "nqh",
-        "cue_mass", "follows_cue", "zero_maps", "zero_maps_composite")
+KEYS = ("top1", "pg", "spg_mean", "spg_std", "ch", "nqh", "zero_maps", "zero_maps_composite")
+CUE_KEYS = ("top1_consistent", "top1_conflicting", "cue_mass", "follows_cue")
 
 
-def _check_entry(entry, num_seeds):
+def _check_entry(entry, num_seeds, cue):
     assert entry["num_seeds"] == num_seeds and len(entry["per_seed"]) == num_seeds
-    for key in KEYS:
+    for key in KEYS + (CUE_KEYS if cue else ()):
         value = entry[key]
         assert isinstance(value, float) and 0.0 <= value <= 1.0, (key, value)
         assert entry["spread"][key] == 0.0  # one seed: no spread
-    assert -1.0 <= entry["cue_gap"] <= 1.0
-    assert math.isclose(entry["cue_gap"], entry["top1_consistent"] - entry["top1_conflicting"],
-                        abs_tol=1e-9)
+    if cue:
+        assert -1.0 <= entry["cue_gap"] <= 1.0
+        assert math.isclose(entry["cue_gap"], entry["top1_consistent"] - entry["top1_conflicting"],
+                            abs_tol=1e-9)
+    else:
+        assert not any(key in entry for key in CUE_KEYS + ("cue_gap",))
     assert set(entry["fgsm"]) == {"0", "1"}
     assert all(0.0 <= v <= 1.0 for v in entry["fgsm"].values())
     # epsilon 0 is the clean accuracy, measured by a different code path
@@ -54,39 +58,195 @@ def _check_entry(entry, num_seeds):
     assert math.isfinite(run["train_last_epoch"]["loss"])
 
 
-def test_fast_end_to_end(tmp_path):
+def _check_gc_trained(results):
+    """The GC variants were trained with the consistency term, the others without."""
+    for v, entry in results["variants"].items():
+        last = entry["per_seed"][0]["train_last_epoch"]
+        assert ("consistency" in last) == quickstart.VARIANTS[v][2]
+        if "consistency" in last:
+            assert 0.0 <= last["consistency"] <= 2.0  # L1 of two sum-1 maps, averaged
+
+
+def test_fast_end_to_end_default_benchmark(tmp_path):
     out = tmp_path / "qs"
     done = []
-    rc = quickstart.main(["--output-dir", str(out), "--fast", "--no-progress"],
+    rc = quickstart.main(["--output-dir", str(out), "--fast", "--no-progress", "--workers", "1"],
                          on_run_done=lambda v, s: done.append((v, s)))
     assert rc == 0
-    assert done == [("baseline", 0), ("gc", 0), ("gmp", 0), ("gmp_gc", 0)]
+    # the default: Baseline and GC, then the sweep points their seed-0 runs do not give
+    assert done == [("baseline", 0), ("gc", 0), ("sweep:0.25", 0), ("sweep:4", 0)]
     results = json.loads((out / "results.json").read_text())
-    assert results["status"] == "complete"
-    assert list(results["variants"]) == ["baseline", "gc", "gmp", "gmp_gc"]
+    assert results["status"] == "complete" and results["benchmark"] == "shapes"
+    assert list(results["variants"]) == ["baseline", "gc"]
     for entry in results["variants"].values():
-        _check_entry(entry, num_seeds=1)
-    # the GC variants were trained with the consistency term, the others without
-    for v, gc in (("baseline", False), ("gc", True), ("gmp", False), ("gmp_gc", True)):
-        last = results["variants"][v]["per_seed"][0]["train_last_epoch"]
-        assert ("consistency" in last) == gc
-        if gc:
-            assert 0.0 <= last["consistency"] <= 2.0  # L1 of two sum-1 maps, averaged
-    assert results["config"]["fast"] is True and results["config"]["seeds"] == 1
+        _check_entry(entry, num_seeds=1, cue=False)
+    _check_gc_trained(results)
+    config = results["config"]
+    assert config["fast"] is True and config["seeds"] == 1 and config["cue_prob"] == 0.0
+
+    sweep = results["lambda_sweep"]
+    assert [p["lam"] for p in sweep] == [0.0, 2.0, 8.0, 32.0]
+    base, gc = results["variants"]["baseline"], results["variants"]["gc"]
+    # lambda 0 and lambda = --lam are the seed-0 runs of Baseline and GC, not retrained
+    assert sweep[0]["nqh"] == base["per_seed"][0]["nqh"] and sweep[2]["nqh"] == gc["per_seed"][0]["nqh"]
+    assert sweep[1]["source"] == sweep[3]["source"] == "GC, lambda sweep"
+
+    (claim,) = results["claims"]
+    assert claim["pair"] == ["gc", "baseline"] and claim["comparable"]
+    drop = (base["nqh"] - gc["nqh"]) / base["nqh"]
+    assert math.isclose(claim["nqh_relative_drop"], drop)
+    assert claim["checks"]["nqh_30pct_lower"] == (drop >= 0.30)
+    assert claim["checks"]["ch_not_lower"] == (gc["ch"] >= base["ch"])
+    assert claim["checks"]["top1_within_3_points"] == (gc["top1"] >= base["top1"] - 0.03)
+    assert results["machine"]["workers"] == 1 and results["elapsed_s"] > 0
 
     report = (out / "report.md").read_text()
-    assert "| Model | Top-1 Acc (%) | PG | SPG |" in report
-    for name in ("Baseline", "GC", "GMP", "GMP + GC"):
+    assert "## Did the models learn the object?" in report
+    assert "| Model | Top-1 Acc (%) | PG | SPG | SPG run std | CH (%) | NQH (%) | Zero maps (%) |" in report
+    assert "cue-conflicting" not in report.split("## Lambda sweep")[0]  # no cue on this benchmark
+    for name in ("Baseline", "GC"):
         assert f"| ResNet {name} |" in report
-    assert "gradcam.png" in report and "claim" in report
+    assert "gradcam.png" in report and "lambda_sweep.png" in report and "claim" in report
+    # a 1-epoch model has not learned the object, and the report says so before the claims
+    assert "not learned" in report.split("## Table 1")[0]
 
     with Image.open(out / "gradcam.png") as img:
         img.load()
         assert img.format == "PNG" and img.mode == "RGB"
+        # 2 composites (rows) x (input + 2 variants), tiles of 2 x 64 px
+        assert img.size == panel_size(2, 2, 2 * 64)
+        assert np.asarray(img).std() > 10  # not a blank canvas
+    with Image.open(out / "lambda_sweep.png") as img:
+        img.load()
+        assert img.format == "PNG" and np.asarray(img.convert("L")).std() > 10
+
+
+def test_fast_end_to_end_spurious_cue_benchmark(tmp_path):
+    out = tmp_path / "qs"
+    done = []
+    rc = quickstart.main(["--output-dir", str(out), "--fast", "--no-progress",
+                          "--benchmark", "spurious-cue", "--workers", "1"],
+                         on_run_done=lambda v, s: done.append((v, s)))
+    assert rc == 0
+    assert done == [("baseline", 0), ("gc", 0), ("gmp", 0), ("gmp_gc", 0)]  # no sweep
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "complete" and results["benchmark"] == "spurious-cue"
+    assert list(results["variants"]) == ["baseline", "gc", "gmp", "gmp_gc"]
+    for entry in results["variants"].values():
+        _check_entry(entry, num_seeds=1, cue=True)
+    _check_gc_trained(results)
+    assert results["config"]["cue_strength"] == 0.9 and results["config"]["cue_prob"] == 1.0
+    assert results["lambda_sweep"] == []
+    assert [c["pair"] for c in results["claims"]] == [["gc", "baseline"], ["gmp_gc", "gmp"]]
+
+    report = (out / "report.md").read_text()
+    assert "| Top-1 cue-conflicting (%) |" in report and "What GC can act on" in report
+    for name in ("Baseline", "GC", "GMP", "GMP + GC"):
+        assert f"| ResNet {name} |" in report
+    assert not (out / "lambda_sweep.png").exists()
+    with Image.open(out / "gradcam.png") as img:
+        img.load()
         # 2 images (rows) x (input + 4 variants), tiles of 4 x 32 px
         assert img.size == panel_size(2, 4, 4 * 32)
-        pixels = np.asarray(img)
-    assert pixels.std() > 10  # not a blank canvas
+
+
+def test_worker_processes_give_the_same_numbers_as_one_process(tmp_path):
+    """--workers 2 (spawned processes, jobs finishing in any order) reports exactly what the
+    sequential in-process run reports, run by run."""
+    common = ["--fast", "--no-progress", "--threads", "1", "--variants", "baseline,gc",
+              "--lambda-sweep", "0,1,4"]
+    rc = quickstart.main(["--output-dir", str(tmp_path / "one"), "--workers", "1", *common])
+    assert rc == 0
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--output-dir",
+         str(tmp_path / "two"), "--workers", "2", *common],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "leaked" not in proc.stderr
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["status"] == "complete" and two["config"]["workers"] == 2
+    for v in ("baseline", "gc"):
+        a, b = one["variants"][v]["per_seed"][0], two["variants"][v]["per_seed"][0]
+        for key in ("top1", "pg", "spg_mean", "ch", "nqh", "zero_maps", "fgsm"):
+            assert a[key] == b[key], (v, key)
+    assert [p["nqh"] for p in one["lambda_sweep"]] == [p["nqh"] for p in two["lambda_sweep"]]
+    with Image.open(tmp_path / "one" / "gradcam.png") as a, Image.open(tmp_path / "two" / "gradcam.png") as b:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # columns in --variants order
+
+
+def test_interrupting_worker_processes_keeps_finished_runs(tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "qs"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--output-dir", str(out),
+         "--fast", "--no-progress", "--workers", "2", "--seeds", "3"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:  # wait for the first finished run
+            try:
+                if json.loads((out / "results.json").read_text())["variants"]:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "interrupted"
+    finished = sum(e["num_seeds"] for e in results["variants"].values())
+    assert 1 <= finished < 6
+    # no worker outlives the run (multiprocessing's resource tracker exits once it sees the
+    # parent's pipe close: give it a moment)
+    for _ in range(50):
+        alive = subprocess.run(["pgrep", "-a", "-g", str(proc.pid)], capture_output=True,
+                               text=True).stdout.strip()
+        if not alive:
+            break
+        time.sleep(0.2)
+    assert alive == ""
+
+
+def test_all_zero_maps_get_a_row_not_a_crash(tmp_path, monkeypatch):
+    """A variant whose Grad-CAM maps are all zero is reported with its zero share and n/a
+    metrics: no crash, and no NaN written as a number."""
+    train = quickstart.train_model
+
+    def train_then_zero_layer4(args, variant, *a, **k):
+        trained = train(args, variant, *a, **k)
+        if variant == "gc":  # layer4's output is relu(0 + 0) = 0: every map is zero
+            for m in trained["model"].layer4.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    torch.nn.init.zeros_(m.weight)
+                    torch.nn.init.zeros_(m.bias)
+        return trained
+
+    monkeypatch.setattr(quickstart, "train_model", train_then_zero_layer4)
+    out = tmp_path / "qs"
+    rc = quickstart.main(["--output-dir", str(out), "--fast", "--no-progress",
+                          "--lambda-sweep", "none", "--workers", "1"])
+    assert rc == 0
+    text = (out / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    gc = json.loads(text)["variants"]["gc"]
+    assert gc["zero_maps"] == 1.0 and gc["zero_maps_composite"] == 1.0
+    assert gc["pg"] is None and gc["ch"] is None and gc["nqh"] is None
+    assert json.loads(text)["claims"] == [{"pair": ["gc", "baseline"], "comparable": False}]
+    report = (out / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| ResNet GC |"))
+    assert "n/a" in row and "| 100.0 ± 0.0 | 1 |" in row  # zero maps 100%, one seed
+    assert "not comparable" in report
 
 
 @pytest.mark.parametrize(
@@ -97,6 +257,11 @@ def test_fast_end_to_end(tmp_path):
         (["--image-size", "16"], "--image-size"),  # layer4 would be 2x2 but the data needs 32
         (["--image-size", "36"], "--image-size"),  # not a multiple of the stride 8
         (["--cue-strength", "1.5"], "--cue-strength"),
+        (["--cue-prob", "-0.1"], "--cue-prob"),
+        (["--object-size", "0.3", "0.2"], "--object-size"),
+        (["--benchmark", "spurious-cue", "--object-size", "0.2", "0.3"], "--object-size"),
+        (["--lambda-sweep", "1,-2"], "--lambda-sweep"),
+        (["--benchmark", "imagenet"], "--benchmark"),
         (["--variants", "baseline,nope"], "--variants"),
         (["--fgsm-eps", "-1"], "--fgsm-eps"),
     ],
@@ -132,15 +297,16 @@ def test_interrupt_keeps_finished_variants(tmp_path, capsys):
         raise KeyboardInterrupt
 
     rc = quickstart.main(["--output-dir", str(out), "--fast", "--no-progress",
-                          "--variants", "baseline,gc"], on_run_done=interrupt)
+                          "--variants", "baseline,gc", "--workers", "1"], on_run_done=interrupt)
     assert rc == 130
     assert "interrupted" in capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "interrupted"
     assert list(results["variants"]) == ["baseline"]
-    _check_entry(results["variants"]["baseline"], num_seeds=1)
+    _check_entry(results["variants"]["baseline"], num_seeds=1, cue=False)
     report = (out / "report.md").read_text()
     assert "interrupted" in report and "| ResNet Baseline |" in report
+    assert [p["lam"] for p in results["lambda_sweep"]] == [0.0]  # the baseline's point only
     assert "| ResNet GC |" not in report
 
 
@@ -194,6 +360,20 @@ def test_table1_markdown_rows():
     assert len(lines) == 3 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
     assert lines[2].startswith("| ResNet Baseline | 60.0 ± 14.1 | 60.0 ± 0.0 | 30.0 ± 0.0 | 1.00 |")
     assert "n/a" in lines[2]  # cue columns absent
+    no_cue = table1_markdown({"Baseline": s}, cue=False).strip().splitlines()
+    assert no_cue[0] == ("| Model | Top-1 Acc (%) | PG | SPG | SPG run std | CH (%) | NQH (%) | "
+                         "Zero maps (%) | Seeds |")
+    assert no_cue[2] == "| ResNet Baseline | 60.0 ± 14.1 | 60.0 ± 0.0 | 30.0 ± 0.0 | 1.00 | 40.0 ± 0.0 | 25.0 ± 0.0 | n/a | 2 |"
+
+
+def test_lambda_sweep_plot_writes_a_png_with_gaps_for_missing_values(tmp_path):
+    points = [{"lam": 0.0, "nqh": 0.45, "ch": 0.2, "top1": 0.95},
+              {"lam": 8.0, "nqh": 0.25, "ch": 0.3, "top1": 0.96},
+              {"lam": 2.0, "nqh": None, "ch": None, "top1": 0.9}]  # unsorted, one gap
+    path = lambda_sweep_plot(points, str(tmp_path / "sweep.png"), title="t")
+    with Image.open(path) as img:
+        img.load()
+        assert img.format == "PNG" and np.asarray(img.convert("L")).std() > 10
 
 
 def test_gradcam_panel_layout_and_overlay():

@@ -9,6 +9,7 @@ that is killed with SIGKILL and the torchrun run, which are real subprocesses.
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from captum_consistency import SkippedImageWarning
 from tests._fixtures_data import corrupt_file, make_coco_folder, make_imagenet_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +67,53 @@ def _inet_train_args(fx, out, epochs, *extra):
     return ["--data", "imagenet", "--data-root", fx.root, "--arch", "resnet18", "--image-size", SIZE,
             "--epochs", epochs, "--batch-size", "4", "--lr", "0.01", "--device", "cpu",
             "--workers", "0", "--output-dir", out, "--seed", "3", "--no-progress", *extra]
+
+
+def _independent_imagenet_metrics(ckpt_path, fx, size):
+    """Top-1, PG, CH and the expected SPG of a checkpoint on the fixture's validation images,
+    computed without the library's pipeline: torchvision builds the model and transforms the
+    images one by one, Captum gives the element-wise Grad-CAM (``LayerGradientXActivation``
+    at ``layer4``, summed over channels, ReLU: Eq. 3), masks come from the boxes the fixture
+    wrote, and only the public metric functions score them (the paper's protocol: whole image
+    with short side 2S, map resized to the original size, 15 px)."""
+    import torchvision
+    import torchvision.transforms.v2.functional as TF
+    from captum.attr import LayerGradientXActivation
+    from PIL import Image
+    from scipy.ndimage import distance_transform_edt
+
+    from captum_consistency.metrics import content_heatmap, pointing_game
+
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    model = torchvision.models.resnet18(num_classes=ckpt["num_classes"])
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    attribution = LayerGradientXActivation(model, model.layer4)
+    hits, ch, spg, correct = {}, [], [], 0
+    for path, label in zip(fx.files["val"], fx.labels["val"]):
+        pixels = TF.pil_to_tensor(Image.open(path).convert("RGB"))  # uint8, as v2.ToImage
+        h, w = pixels.shape[-2:]
+        whole = TF.normalize(TF.to_dtype(TF.resize(pixels, 2 * size, antialias=True), torch.float32, scale=True), mean, std)
+        cam = attribution.attribute(whole[None], target=label).sum(1, keepdim=True).relu()
+        cam = torch.nn.functional.interpolate(cam.detach(), size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+        mask = torch.zeros(1, h, w, dtype=torch.bool)
+        for x1, y1, x2, y2, _ in fx.boxes[Path(path).stem]:  # VOC corners, 1-based, inclusive
+            mask[0, max(y1 - 1, 0):y2, max(x1 - 1, 0):x2] = True
+        hits.setdefault(label, []).append(float(pointing_game(cam, mask)[0]))
+        ch.append(float(content_heatmap(cam, mask)[0]))
+        near = torch.from_numpy(distance_transform_edt(~mask[0].numpy()) < 15)  # the SPG margin
+        spg.append(float(cam[0][near].sum() / cam[0].sum()))  # SPG's expectation
+        crop = TF.center_crop(TF.resize(pixels, round(size * 256 / 224), antialias=True), size)
+        crop = TF.normalize(TF.to_dtype(crop, torch.float32, scale=True), mean, std)
+        with torch.no_grad():
+            correct += int(model(crop[None]).argmax(1).item() == label)
+    return {
+        "top1": correct / len(ch),
+        "pg": sum(sum(v) / len(v) for v in hits.values()) / len(hits),  # per class, as the paper
+        "ch": sum(ch) / len(ch),
+        "spg_expected": sum(spg) / len(spg),
+    }
 
 
 def test_help_of_every_recipe():
@@ -132,6 +181,13 @@ def test_imagenet_train_kill_resume_evaluate_robustness(imagenet, tmp_path, one_
         assert 0.0 <= saved[key] <= 1.0, key
     assert saved["num_composites"] + saved["skipped_detail"]["degenerate_composites"] == 12
     assert saved == json.loads(json.dumps(metrics))
+    # The same numbers from an independent computation (Captum maps, public metric functions).
+    reference = _independent_imagenet_metrics(ckpt, fx, int(SIZE))
+    assert saved["top1"] == pytest.approx(reference["top1"], abs=1e-12)
+    assert saved["pg"] == pytest.approx(reference["pg"], abs=1e-12)
+    assert saved["ch"] == pytest.approx(reference["ch"], abs=1e-4)
+    # 12 images x 100 draws x 5 runs: the SPG mean's standard error is below 0.01.
+    assert saved["spg_mean"] == pytest.approx(reference["spg_expected"], abs=0.03)
     table = (tmp_path / "eval" / "table.md").read_text().splitlines()
     assert table[0] == "| Model | Top-1 Acc (%) | PG | SPG | CH (%) | NQH (%) |"
     assert table[2].startswith("| ResNet18 GC (elementwise-gradcam) | ")
@@ -175,9 +231,10 @@ def test_imagenet_evaluation_skips_or_names_bad_files(imagenet, tmp_path, one_th
             "--workers", "0", "--batch-size", "4", "--no-progress", "--output-dir", tmp_path / "e"]
     with pytest.raises(FileNotFoundError, match=xml.stem):
         _run(evaluate, args)
-    with pytest.raises(OSError, match=jpeg.name):
+    with pytest.raises(OSError, match=jpeg.name + ".*--skip-corrupt"):
         _run(evaluate, args + ["--skip-missing-boxes"])
-    metrics = _run(evaluate, args + ["--skip-missing-boxes", "--skip-corrupt", "--method", "gradcam"])
+    with pytest.warns(SkippedImageWarning, match=jpeg.name):
+        metrics = _run(evaluate, args + ["--skip-missing-boxes", "--skip-corrupt", "--method", "gradcam"])
     detail = metrics["skipped_detail"]
     assert detail["images_dropped_by_dataset"] == 1  # the image without its XML
     assert detail["images_dropped_in_loading"] == 2  # the corrupt JPEG, in both passes
@@ -240,3 +297,102 @@ def test_synthetic_torchrun_two_processes_then_evaluate(tmp_path):
     assert metrics["split"] == "test" and metrics["classified_images"] == 8
     assert metrics["tolerance"] == pytest.approx(15 * 64 / 224)
     assert metrics["num_images"] + metrics["skipped_detail"]["degenerate_maps_or_masks"] == 8
+
+
+def _copy_with_corrupt_train_image(fx, tmp_path):
+    root = tmp_path / "inet"
+    shutil.copytree(fx.root, root)
+    victim = root / Path(fx.files["train"][5]).relative_to(fx.root)
+    corrupt_file(victim)
+    return root, victim
+
+
+def test_torchrun_skip_corrupt_rank_with_an_empty_batch_does_not_hang(imagenet, tmp_path):
+    # Batch size 1, one undecodable training image: one rank's batch is empty at one step.
+    # Every rank must skip that step together (DDP's backward is collective), or the others
+    # wait forever for its gradients.
+    root, _ = _copy_with_corrupt_train_image(imagenet, tmp_path)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(RECIPES / "train.py"), *map(str, _inet_train_args(imagenet, out, 1)),
+           "--data-root", str(root), "--batch-size", "1", "--gc-lambda", "0", "--skip-corrupt",
+           "--no-val"]
+    log = tmp_path / "torchrun.log"  # a file, not a pipe: a hung rank would hold a pipe open
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, env=_env(), stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            # SIGTERM: torchrun stops its ranks (each in a session of its own) before exiting.
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            pytest.fail("torchrun did not finish: a rank waits for a step another skipped\n"
+                        + log.read_text()[-3000:])
+    output = log.read_text()
+    assert proc.returncode == 0, output[-3000:]
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    train_stats = record["train"]
+    # 12 images, 6 steps of 1 image per rank; the step with the corrupt image is skipped by both.
+    assert train_stats["skipped"] == 1 and train_stats["skipped_steps"] == 1
+    assert train_stats["steps"] == 5 and train_stats["samples"] == 10
+
+
+def test_batch_shrunk_below_what_batch_norm_needs_is_skipped(imagenet, tmp_path, one_thread):
+    # At 32 px a ResNet's layer4 is 1x1: batch norm needs two images. A batch of 2 that
+    # --skip-corrupt shrinks to 1 is skipped instead of crashing in the middle of the epoch.
+    root, victim = _copy_with_corrupt_train_image(imagenet, tmp_path)
+    with pytest.warns(SkippedImageWarning, match=victim.name):
+        record = _run(train, _inet_train_args(imagenet, tmp_path / "run", 1) + [
+            "--data-root", root, "--image-size", "32", "--batch-size", "2", "--gc-lambda", "0",
+            "--skip-corrupt", "--no-val"])
+    assert record["train"]["skipped"] == 1 and record["train"]["skipped_steps"] == 1
+    assert record["train"]["steps"] == 5 and record["train"]["samples"] == 10
+
+
+def test_train_checks_sizes_and_epochs_before_reading_any_data(tmp_path, capsys):
+    missing = tmp_path / "no-such-folder"  # reading the data would fail with FileNotFoundError
+    base = ["--data", "imagenet", "--data-root", missing, "--device", "cpu", "--workers", "0",
+            "--output-dir", tmp_path / "out", "--no-progress"]
+    with pytest.raises(ValueError, match="--image-size 32 is too small for alexnet: it needs at least 63"):
+        _run(train, base + ["--arch", "alexnet", "--image-size", "32"])
+    with pytest.raises(ValueError, match="--batch-size 1 with --image-size 32 cannot train resnet18.*"
+                                         "--batch-size 2 or more, or --image-size 33 or more"):
+        _run(train, base + ["--arch", "resnet18", "--image-size", "32", "--batch-size", "1"])
+    with pytest.raises(FileNotFoundError):  # sizes that work: the data is read next
+        _run(train, base + ["--arch", "resnet18", "--image-size", "33", "--batch-size", "1"])
+    for epochs in ("0", "-2"):
+        with pytest.raises(SystemExit):
+            train.get_args_parser().parse_args(["--data", "synthetic", "--output-dir", "x",
+                                                "--epochs", epochs])
+        assert "argument --epochs: must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def test_one_data_option_set_for_all_recipes():
+    data = ["--data", "imagenet", "--data-root", "r", "--boxes", "b", "--ann-file", "a",
+            "--val-ann-file", "v", "--train-split", "t", "--val-split", "w", "--split", "s",
+            "--skip-corrupt", "--skip-missing-boxes", "--allow-empty-classes",
+            "--synthetic-classes", "3", "--synthetic-train-length", "20",
+            "--synthetic-val-length", "10", "--synthetic-cue-strength", "0.5", "--synthetic-seed", "7"]
+    required = {train: ["--output-dir", "o"], evaluate: ["--output-dir", "o", "--checkpoint", "c"],
+                robustness: ["--output-dir", "o", "--checkpoint", "c"]}
+    ignored = {train: {"--split", "--boxes", "--skip-missing-boxes"},
+               evaluate: {"--train-split", "--val-split", "--val-ann-file", "--synthetic-train-length"},
+               robustness: {"--boxes", "--ann-file", "--skip-missing-boxes", "--train-split"}}
+    for module in (train, evaluate, robustness):
+        args = module.get_args_parser().parse_args(data + required[module])
+        assert args.boxes == "b" and args.split == "s" and args.synthetic_seed == 7
+        assert args.skip_corrupt and args.allow_empty_classes
+        name = module.__name__.split("_")[-1]
+        parser = module.get_args_parser()
+        helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings}
+        for option in ignored[module]:
+            assert helps[option].endswith(f"[ignored by {name}.py]"), (name, option)
+        for option in ("--data", "--data-root", "--skip-corrupt", "--allow-empty-classes"):
+            assert "[ignored" not in helps[option], (name, option)  # used by every recipe
+        assert f"[ignored by {name}.py]" in " ".join(parser.format_help().split())

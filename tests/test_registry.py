@@ -153,3 +153,15 @@ def test_errors(models, x):
             method.attribute(x, [0, 10])
         with pytest.raises(ValueError, match="outside"):
             method.attribute(x, -1)
+
+
+@pytest.mark.parametrize("arch", ["resnet", "alexnet"])
+def test_empty_batch_gives_empty_maps_for_every_method(models, x, arch):
+    model = models[arch]
+    empty = x[:0]
+    for name in NAMES:
+        method = get_attribution(name, model)
+        full = method.attribute(x, target=1)
+        for target in (None, 1, torch.zeros(0, dtype=torch.long)):
+            out = method.attribute(empty, target=target)
+            assert out.shape == (0,) + tuple(full.shape[1:]), (name, target)

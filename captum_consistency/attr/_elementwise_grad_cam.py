@@ -12,7 +12,7 @@ from captum._utils.common import (
     _format_tensor_into_tuples,
     _run_forward,
 )
-from captum._utils.gradient import compute_layer_gradients_and_eval
+from captum._utils.gradient import _forward_layer_eval, compute_layer_gradients_and_eval
 from captum._utils.typing import TargetType
 from captum.attr._utils.attribution import GradientAttribution, LayerAttribution
 from captum.log import log_usage
@@ -75,6 +75,32 @@ def check_layer_in_model(model: Any, layer: Module, argname: str = "layer") -> N
             f"{argname} ({type(layer).__name__}) is not a submodule of the model "
             f"({type(model).__name__}); pass a module of the model itself, e.g. model.layer4"
         )
+
+
+def _check_target(target: TargetType) -> None:
+    """Refuses negative and boolean class indices in a Captum-style ``target``.
+
+    Captum selects ``output[:, target]``, where ``-1`` silently means the last class and a
+    boolean ``True``/``False`` the classes 1/0. Tuples (indices into a multi-dimensional
+    output) and lists of them are checked element by element.
+    """
+    if target is None:
+        return
+    if isinstance(target, bool):
+        raise TypeError(f"target must be a class index, got the bool {target}")
+    if isinstance(target, int):
+        if target < 0:
+            raise ValueError(f"target must be a class index >= 0, got {target}")
+        return
+    if isinstance(target, Tensor):
+        if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
+            raise TypeError(f"target tensor must have an integer dtype, got {target.dtype}")
+        if target.numel() and int(target.min()) < 0:
+            raise ValueError(f"target must hold class indices >= 0, got {int(target.min())}")
+        return
+    if isinstance(target, (list, tuple)):
+        for t in target:
+            _check_target(t)
 
 
 class LayerElementwiseGradCam(LayerAttribution, GradientAttribution):
@@ -153,7 +179,13 @@ class LayerElementwiseGradCam(LayerAttribution, GradientAttribution):
                 ``{"create_graph": True}`` to differentiate through the map.
 
         Returns:
-            Tensor ``(N, 1, *spatial)`` (or a tuple, one per layer input/output tensor).
+            Tensor ``(N, 1, *spatial)`` (or a tuple, one per layer input/output tensor); for an
+            empty batch (``N = 0``), empty maps ``(0, 1, *spatial)``.
+
+        Raises:
+            ValueError: a negative class index in ``target`` (``-1`` would explain the last
+                class, as Python indexing does).
+            TypeError: a boolean ``target``.
 
         Examples::
 
@@ -162,6 +194,17 @@ class LayerElementwiseGradCam(LayerAttribution, GradientAttribution):
         """
         inputs = _format_tensor_into_tuples(inputs)
         additional_forward_args = _format_additional_forward_args(additional_forward_args)
+        _check_target(target)
+        if any(isinstance(x, Tensor) and x.dim() and x.shape[0] == 0 for x in inputs):
+            # Nothing to differentiate: the layer's output gives the maps' shape.
+            evals = _forward_layer_eval(
+                self.forward_func, inputs, cast(Module, self.layer), additional_forward_args,
+                device_ids=self.device_ids, attribute_to_layer_input=attribute_to_layer_input,
+            )
+            empty = tuple(
+                elementwise_grad_cam(e, torch.zeros_like(e), relu=relu_attributions) for e in evals
+            )
+            return _format_output(len(empty) > 1, empty)
         fast = self._cut_graph_layer_eval(
             inputs, target, additional_forward_args, attribute_to_layer_input, grad_kwargs
         )

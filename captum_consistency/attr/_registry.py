@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+from captum._utils.gradient import _forward_layer_eval
 from captum.attr import LayerAttribution
 from torch import Tensor, nn
 from torchvision.models import (
@@ -373,6 +374,7 @@ class SaliencyMethod:
     num_classes: Optional[int]
     rule: str = ""
     _prepare: Optional[Callable[[Tensor, Optional[object]], None]] = field(default=None, repr=False)
+    _layer: Optional[nn.Module] = field(default=None, repr=False)  # maps at its resolution
 
     def attribute(
         self,
@@ -400,7 +402,8 @@ class SaliencyMethod:
             upsample (bool): resize layer-resolution maps to the input size.
 
         Returns:
-            Tensor ``(N, 1, H, W)`` (or the layer's ``h, w``), float32, detached, ``>= 0``.
+            Tensor ``(N, 1, H, W)`` (or the layer's ``h, w``), float32, detached, ``>= 0``;
+            empty maps ``(0, 1, H, W)`` (``(0, 1, h, w)``) for an empty batch.
 
         Raises:
             ValueError: a target outside ``[0, num_classes)``, or inputs that are not images.
@@ -408,6 +411,12 @@ class SaliencyMethod:
         if not isinstance(inputs, Tensor) or inputs.dim() != 4:
             raise ValueError(f"inputs must be a tensor (N, C, H, W), got {getattr(inputs, 'shape', inputs)!r}")
         n = inputs.shape[0]
+        if n == 0:  # several wrapped methods index the first sample
+            size = tuple(inputs.shape[-2:])
+            if not upsample and self._layer is not None:
+                (acts,) = _forward_layer_eval(self.model, inputs, self._layer, additional_forward_args)
+                size = tuple(acts.shape[2:])
+            return torch.zeros((0, 1) + size, device=inputs.device)
         if target is None and self.name not in ("cmwp", "fullgrad"):
             # Captum needs explicit targets: explain the predicted class (cmwp and fullgrad
             # resolve it themselves)
@@ -422,7 +431,7 @@ class SaliencyMethod:
                         f"target {target[bad].tolist()} outside the classifier's range "
                         f"[0, {self.num_classes})"
                     )
-        if self._prepare is not None and n:
+        if self._prepare is not None:
             prepare, self._prepare = self._prepare, None
             prepare(inputs[:1], additional_forward_args)
         with torch.enable_grad(), warnings.catch_warnings():
@@ -677,7 +686,8 @@ def get_attribution(
             prepare = functools.partial(_check_guided, key, model)
         elif key == "captum:deeplift":
             prepare = functools.partial(_prepare_deeplift, key, model, method)
-    return SaliencyMethod(key, arch, model, method, layers, num_classes, spec.rule, prepare)
+    native = module if (spec.layer == "cmwp" or spec.reduction == "relu") else None
+    return SaliencyMethod(key, arch, model, method, layers, num_classes, spec.rule, prepare, native)
 
 
 def _one_batch(inputs: Tensor) -> Dict[str, Any]:

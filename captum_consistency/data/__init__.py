@@ -9,6 +9,7 @@ from captum_consistency.data.distractors import (
     gather_distractors,
     in_batch_distractors,
     sample_present_classes,
+    shared_composite_groups,
 )
 from captum_consistency.data.imagenet import (
     CorruptImageError,
@@ -49,6 +50,7 @@ __all__ = [
     "in_batch_distractors",
     "gather_distractors",
     "sample_present_classes",
+    "shared_composite_groups",
     "DatasetDistractorSampler",
     "DistractorFallback",
     "DatasetWithDistractors",

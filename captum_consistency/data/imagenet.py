@@ -29,6 +29,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.datasets import ImageFolder
 
+from captum_consistency._warnings import SkippedImageWarning
 from captum_consistency.data.transforms import _stack_images
 
 from captum_consistency.metrics import boxes_to_mask  # re-exported: one rasteriser for all
@@ -98,15 +99,27 @@ def load_rgb(path: Union[str, os.PathLike]) -> Image.Image:
         raise CorruptImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
 
 
+#: How to skip undecodable images, in the error that stops on one.
+_SKIP_CORRUPT_HINT = (
+    "pass on_corrupt='skip' (--skip-corrupt in the recipes) to skip and count undecodable images"
+)
+
+
 def _load_or_skip(loader: Callable[[str], Image.Image], path: str, on_corrupt: str) -> Optional[Image.Image]:
-    """``loader(path)``; with ``on_corrupt="skip"`` an undecodable file warns and gives ``None``."""
+    """``loader(path)``; with ``on_corrupt="skip"`` an undecodable file warns and gives ``None``.
+
+    With ``on_corrupt="error"`` the :class:`CorruptImageError` says how to skip such files.
+    """
     try:
         return loader(path)
     except CorruptImageError as e:
         if on_corrupt == "skip":
-            warnings.warn(f"skipping undecodable image (on_corrupt='skip'): {e}", stacklevel=3)
+            warnings.warn(
+                f"skipping undecodable image (on_corrupt='skip'): {e}", SkippedImageWarning,
+                stacklevel=3,
+            )
             return None
-        raise
+        raise CorruptImageError(f"{e}; {_SKIP_CORRUPT_HINT}") from e
 
 
 class VocObject(NamedTuple):
@@ -388,8 +401,9 @@ class ImageNetWithBoxes(ImageFolder):
             paths = [os.path.join(folder, c) for c in self.empty_classes]
             raise FileNotFoundError(
                 f"{len(paths)} class folder(s) hold no image: {', '.join(paths[:5])}"
-                f"{' ...' if len(paths) > 5 else ''}; remove them, or pass allow_empty=True to keep "
-                "the classes (indices unchanged) without samples"
+                f"{' ...' if len(paths) > 5 else ''}; remove them, or pass allow_empty=True "
+                "(--allow-empty-classes in the recipes) to keep the classes (indices unchanged) "
+                "without samples"
             )
 
         self.boxes_dir = os.fspath(boxes_dir) if boxes_dir is not None else None
@@ -553,7 +567,7 @@ class ImageNetWithBoxes(ImageFolder):
             except (OSError, SyntaxError, ValueError) as e:
                 if self.on_corrupt == "skip":
                     return (0, 0)
-                raise CorruptImageError(f"cannot read image header {path}: {e}") from e
+                raise CorruptImageError(f"cannot read image header {path}: {e}; {_SKIP_CORRUPT_HINT}") from e
 
         if todo:
             with ThreadPoolExecutor(max(1, num_threads)) as pool:

@@ -23,13 +23,16 @@ Generator, per image ``i`` of a split (all draws are seeded, see *Determinism*):
    by at most 0.06, overlaps add up), ``Poisson(6 clutter)`` anti-aliased lines of contrast 0.08
    to 0.15 and uniform pixel noise of std ``0.03 clutter``.
 3. **Object.** The class shape (:attr:`SHAPES`, in order: disk, square, triangle, star, cross,
-   ring, crescent, bar, hourglass, chevron) of circumradius ``U(0.13, 0.25) image_size``, random
+   ring, crescent, bar, hourglass, chevron) of circumradius ``U(object_size) image_size``
+   (default ``U(0.13, 0.25)``), random
    rotation and position, fully inside the image, filled with a saturated colour of random hue
    (shared by all classes, so colour says nothing about the class) and a mild linear shading.
 4. **Cue.** A square patch of side ``round(0.17 image_size)`` with stripes of period
    ``side / 3.5`` at angle ``180 c / K`` degrees (jitter under 3 degrees, random phase),
    alternating hue ``c / K`` and near-black, placed 1 to ``round(0.04 image_size)`` pixels
-   beside the object's bounding box on a random side that fits. It never overlaps the object, and neither does the stray cue.
+   beside the object's bounding box on a random side that fits, in an image drawn with
+   probability ``cue_prob`` (default 1). It never overlaps the object, and neither does the
+   stray cue.
 5. The image is quantised to 8 bits, like a decoded photograph.
 
 Ground truth per image: the object's exact pixel mask (the drawn pixels; the object is opaque and
@@ -88,7 +91,7 @@ _STRIPES_PER_CUE = 3.5
 _DARK = 0.08
 
 # Streams of the label hash.
-_U_LABEL, _U_CUE_KEEP, _U_CUE_CLASS, _U_STRAY, _U_STRAY_CLASS = range(5)
+_U_LABEL, _U_CUE_KEEP, _U_CUE_CLASS, _U_STRAY, _U_STRAY_CLASS, _U_CUE_PRESENT = range(6)
 _MASK64 = (1 << 64) - 1
 
 
@@ -244,6 +247,24 @@ def _box(mask: np.ndarray) -> np.ndarray:
     return np.array([cols[0], rows[0], cols[-1], rows[-1]], dtype=np.int64)
 
 
+#: Largest object radius (fraction of the image side) that leaves room for the cue beside it.
+_MAX_RADIUS_WITH_CUE = _RADIUS_RANGE[1]
+_MAX_RADIUS = 0.45
+
+
+def _check_object_size(value) -> Tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"object_size must be a pair (min, max) of radii, got {value!r}") from None
+    if not (0.05 <= lo <= hi <= _MAX_RADIUS):
+        raise ValueError(
+            f"object_size must satisfy 0.05 <= min <= max <= {_MAX_RADIUS} (circumradius as a "
+            f"fraction of the image side), got {value!r}"
+        )
+    return lo, hi
+
+
 def _check_probability(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not (0.0 <= float(value) <= 1.0):
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
@@ -279,6 +300,15 @@ class SpuriousContextShapes(Dataset):
             Default 0.5.
         length (int, optional): number of images in the split; default 10000 (train), 1000
             (val), 2000 (test).
+        cue_prob (float): probability in [0, 1] that an image has the context cue beside its
+            object. ``0`` gives a plain shape-recognition data set with exact masks (the
+            quickstart's ``shapes`` benchmark); an image without a cue has ``cue_label = -1``,
+            an empty ``cue_mask`` and ``cue_box = (-1, -1, -1, -1)``, and is neither
+            cue-consistent nor cue-conflicting. The cue's geometry is drawn either way, so
+            every other pixel is the same whatever ``cue_prob``. Default 1.
+        object_size (pair of float): range ``(min, max)`` of the object's circumradius as a
+            fraction of the image side, ``0.05 <= min <= max <= 0.45``; with a cue
+            (``cue_prob > 0``) at most 0.25, to leave room for it. Default ``(0.13, 0.25)``.
         seed (int): non-negative seed of the whole data set. Default 0.
         normalize (bool): return images standardised with :attr:`mean` and :attr:`std` (True,
             default) or in [0, 1] (False).
@@ -322,6 +352,8 @@ class SpuriousContextShapes(Dataset):
         stray_cue_prob: float = 0.25,
         clutter: float = 0.5,
         length: Optional[int] = None,
+        cue_prob: float = 1.0,
+        object_size: Tuple[float, float] = _RADIUS_RANGE,
         seed: int = 0,
         normalize: bool = True,
         cache: bool = False,
@@ -353,6 +385,13 @@ class SpuriousContextShapes(Dataset):
         self.cue_strength = _check_probability("cue_strength", cue_strength)
         self.stray_cue_prob = _check_probability("stray_cue_prob", stray_cue_prob)
         self.clutter = _check_probability("clutter", clutter)
+        self.cue_prob = _check_probability("cue_prob", cue_prob)
+        self.object_size = _check_object_size(object_size)
+        if self.cue_prob > 0 and self.object_size[1] > _MAX_RADIUS_WITH_CUE:
+            raise ValueError(
+                f"object_size max {self.object_size[1]} leaves no room for the cue beside the "
+                f"object: use at most {_MAX_RADIUS_WITH_CUE} or cue_prob=0"
+            )
         self.length = int(length)
         self.seed = int(seed)
         self.normalize = bool(normalize)
@@ -382,6 +421,9 @@ class SpuriousContextShapes(Dataset):
         else:
             other = labels + 1 + np.minimum((u(_U_CUE_CLASS) * (k - 1)).astype(np.int64), k - 2)
             cues = np.where(u(_U_CUE_KEEP) < self.cue_strength, labels, other % k)
+        # A separate stream, so the cue classes of the images that keep their cue do not
+        # depend on cue_prob.
+        cues = np.where(u(_U_CUE_PRESENT) < self.cue_prob, cues, -1)
         stray = np.minimum((u(_U_STRAY_CLASS) * k).astype(np.int64), k - 1)
         strays = np.where(u(_U_STRAY) < self.stray_cue_prob, stray, -1)
         return labels, cues, strays
@@ -405,7 +447,7 @@ class SpuriousContextShapes(Dataset):
         Returns:
             Tensor: int64 ``(n,)`` indices, increasing (no image is rendered).
         """
-        return torch.from_numpy(np.flatnonzero(self._labels != self._cues))
+        return torch.from_numpy(np.flatnonzero((self._labels != self._cues) & (self._cues >= 0)))
 
     # ---------------------------------------------------------------- rendering
 
@@ -479,7 +521,7 @@ class SpuriousContextShapes(Dataset):
         img = self._background(self._rng(index, 1))
 
         # Object.
-        r = rng.uniform(*_RADIUS_RANGE) * n
+        r = rng.uniform(*self.object_size) * n
         theta = rng.uniform(0.0, 2.0 * math.pi)
         cy, cx = rng.uniform(r + 1.0, n - r - 2.0, 2)
         mask = _shape_mask(SHAPES[label], cy, cx, r, theta, rng, shape)
@@ -503,23 +545,30 @@ class SpuriousContextShapes(Dataset):
             sides.append(("y", y1 - gap - side))
         if y2 + gap + side <= n - 1:
             sides.append(("y", y2 + gap + 1))
-        axis, start = sides[int(rng.integers(len(sides)))]
+        # Only objects without a cue can be too large for one (checked in __init__).
+        axis, start = sides[int(rng.integers(len(sides)))] if sides else ("x", 0)
         if axis == "x":
             centre = (y1 + y2) / 2 + rng.uniform(-0.25, 0.25) * (y2 - y1)
             cue_y, cue_x = int(np.clip(round(centre - side / 2), 0, n - side)), int(start)
         else:
             centre = (x1 + x2) / 2 + rng.uniform(-0.25, 0.25) * (x2 - x1)
             cue_y, cue_x = int(start), int(np.clip(round(centre - side / 2), 0, n - side))
-        img[cue_y : cue_y + side, cue_x : cue_x + side] = self._cue_patch(cue_label, side, rng)
+        # The cue's geometry is drawn even when the image has no cue, so that the rest of the
+        # image (stray cue) is the same whatever cue_prob.
+        patch = self._cue_patch(max(cue_label, 0), side, rng)
         cue_mask = np.zeros(shape, dtype=bool)
-        cue_mask[cue_y : cue_y + side, cue_x : cue_x + side] = True
         cue_box = np.array([cue_x, cue_y, cue_x + side - 1, cue_y + side - 1], dtype=np.int64)
+        busy = [(x1, y1, x2, y2, max(2, side // 2))]
+        if cue_label >= 0:
+            img[cue_y : cue_y + side, cue_x : cue_x + side] = patch
+            cue_mask[cue_y : cue_y + side, cue_x : cue_x + side] = True
+            busy.append((*cue_box, 2))
+        else:
+            cue_box = np.full(4, -1, dtype=np.int64)
 
         # Stray cue, away from the object and the cue (rejection sampling; may give up).
         stray_mask = np.zeros(shape, dtype=bool)
         if stray_label >= 0:
-            far = max(2, side // 2)  # keep it visibly apart from the object
-            busy = [(x1, y1, x2, y2, far), (*cue_box, 2)]
             for _ in range(20):
                 sy, sx = rng.integers(0, n - side + 1, 2)
                 if all(
@@ -659,6 +708,7 @@ class SpuriousContextShapes(Dataset):
         return (
             f"{type(self).__name__}(split={self.split!r}, num_classes={self.num_classes}, "
             f"image_size={self.image_size}, cue_strength={self.cue_strength}, "
-            f"stray_cue_prob={self.stray_cue_prob}, clutter={self.clutter}, length={self.length}, "
+            f"stray_cue_prob={self.stray_cue_prob}, cue_prob={self.cue_prob}, "
+            f"object_size={self.object_size}, clutter={self.clutter}, length={self.length}, "
             f"seed={self.seed})"
         )

@@ -14,9 +14,11 @@ from captum_consistency.engine.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
+from captum_consistency.engine.cli import add_data_arguments, check_input_size, positive_int
 from captum_consistency.engine.distributed import (
     DistributedInfo,
     all_reduce_sum,
+    all_ranks_true,
     barrier,
     cleanup_distributed,
     gather_rng_states,
@@ -62,6 +64,7 @@ __all__ = [
     "get_world_size",
     "barrier",
     "all_reduce_sum",
+    "all_ranks_true",
     "seed_everything",
     "rank_seed",
     "get_rng_state",
@@ -80,6 +83,9 @@ __all__ = [
     "autocast",
     "train_one_epoch",
     "evaluate_classification",
+    "check_input_size",
+    "add_data_arguments",
+    "positive_int",
     "evaluate_transfer",
     "TRANSFER_METHODS",
 ]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -108,6 +109,30 @@ def remove_stale_temporaries(path: str) -> int:
     return len(stale)
 
 
+def _torch_load(path: str, what: str, map_location: Any) -> Any:
+    """``torch.load(weights_only=True)`` with an error that names the file and the cause."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+            raise ValueError(
+                f"cannot read {what} {path}: it holds Python objects that a weights-only load "
+                f"refuses (not a file written by captum-consistency?): {_first_line(e)}"
+            ) from e
+        raise ValueError(f"cannot read {what} {path}: the file is truncated or corrupt ({_first_line(e)})") from e
+    except Exception as e:  # EOFError (truncated), RuntimeError (a broken zip archive), ...
+        size = os.path.getsize(path)
+        raise ValueError(
+            f"cannot read {what} {path} ({size} bytes): the file is truncated or corrupt, e.g. "
+            f"an interrupted copy ({_first_line(e)})"
+        ) from e
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     """Loads a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
 
@@ -130,10 +155,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or unsafe pickle
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    ckpt = _torch_load(path, "checkpoint", map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
         raise ValueError(
             f"{path} is not a captum-consistency checkpoint (expected a dict with 'model' and "
@@ -192,13 +214,21 @@ def check_checkpoint_compatible(
         raise ValueError(f"checkpoint {path} does not match this run: it has " + "; ".join(problems))
 
 
-def load_model_weights(model: nn.Module, state_dict: Dict[str, Any], path: str) -> None:
+def load_model_weights(
+    model: nn.Module, state_dict: Dict[str, Any], path: str, arch: Optional[str] = None
+) -> None:
     """``load_state_dict(strict=True)`` on the unwrapped model, with the file named on failure.
+
+    Weights of another architecture are reported in one line: which architecture the file
+    holds (when it is one that :func:`~captum_consistency.builders.build_model` knows), which
+    one was asked for, and how many tensors differ, instead of PyTorch's list of every
+    mismatch.
 
     Args:
         model (torch.nn.Module): the model, possibly wrapped in ``DistributedDataParallel``.
         state_dict (dict): the weights, e.g. ``load_checkpoint(path)["model"]``.
         path (str): the file they come from, for the message.
+        arch (str, optional): the architecture name of ``model``, for the message.
 
     Returns:
         None: the weights are loaded in place.
@@ -208,12 +238,50 @@ def load_model_weights(model: nn.Module, state_dict: Dict[str, Any], path: str) 
 
     Examples::
 
-        >>> load_model_weights(model, load_checkpoint(path)["model"], path)
+        >>> load_model_weights(model, load_checkpoint(path)["model"], path, arch="resnet18")
     """
+    target = unwrap_model(model)
     try:
-        unwrap_model(model).load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {path} does not fit the model: {e}") from e
+        target.load_state_dict(state_dict, strict=True)
+    except RuntimeError:
+        own = target.state_dict()
+        missing, unexpected, mismatched = _differences(own, state_dict)
+        asked = arch or type(target).__name__
+        held = _architecture_of(state_dict)
+        holds = f"holds {held} weights" if held else "holds weights of another architecture"
+        raise ValueError(
+            f"checkpoint {path} {holds}, but {asked} was asked for: {len(missing)} tensors "
+            f"missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. "
+            f"{unexpected[:2]}), {len(mismatched)} of another shape (e.g. {mismatched[:2]})"
+        ) from None  # PyTorch's message lists every tensor: tens of kilobytes
+
+
+def _differences(own: Dict[str, Any], state: Dict[str, Any]):
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(
+        k for k in own
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
+    )
+    return missing, unexpected, mismatched
+
+
+def _architecture_of(state_dict: Dict[str, Any]) -> Optional[str]:
+    """The architecture of :data:`~captum_consistency.builders.ARCHITECTURES` whose tensors
+    ``state_dict`` holds (the classifier's size aside), or None. Models are built on the
+    ``meta`` device: no memory, no initialisation."""
+    from captum_consistency.builders import ARCHITECTURES, build_model
+
+    for name in ARCHITECTURES:
+        try:
+            with torch.device("meta"):
+                own = build_model(name, 1).state_dict()
+        except Exception:  # an architecture that cannot be built this way: not a candidate
+            continue
+        missing, unexpected, mismatched = _differences(own, state_dict)
+        if not missing and not unexpected and len(mismatched) <= 2:  # the classifier's size
+            return name
+    return None
 
 
 def load_pretrained_backbone(model: nn.Module, path: str) -> List[str]:
@@ -244,10 +312,7 @@ def load_pretrained_backbone(model: nn.Module, path: str) -> List[str]:
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--init-from file not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read weights {path}: {type(e).__name__}: {e}") from e
+    obj = _torch_load(path, "weights", "cpu")
     state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds no state dict")

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from captum_consistency.builders import build_model
+from captum_consistency.builders import ARCHITECTURES, build_model
 from captum_consistency.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -127,6 +127,7 @@ def build_dataset(
     skip_corrupt: bool = False,
     skip_missing_boxes: bool = False,
     synthetic: Optional[dict] = None,
+    allow_empty: bool = False,
 ) -> DataInfo:
     """Builds one split for one use.
 
@@ -148,6 +149,8 @@ def build_dataset(
         synthetic (dict, optional): keyword arguments of
             :class:`~captum_consistency.data.SpuriousContextShapes` (``num_classes``, ``length``,
             ``seed``, ``cue_strength``, ...).
+        allow_empty (bool): keep ImageNet class folders without images
+            (``--allow-empty-classes``); always the case when ``classes`` is given.
 
     Returns:
         DataInfo
@@ -185,7 +188,7 @@ def build_dataset(
             classes=classes,
             on_missing_boxes="skip" if skip_missing_boxes else "error",
             on_corrupt=on_corrupt,
-            allow_empty=classes is not None,
+            allow_empty=allow_empty or classes is not None,
         )
         return DataInfo(ds, list(ds.classes), False, ds.collate_fn, list(ds.targets), mean, std)
     images_dir, ann = coco_paths(data_root, split, ann_file)
@@ -227,16 +230,22 @@ def load_model_from_checkpoint(path: str, device: torch.device):
     for key in ("arch", "num_classes"):
         if key not in ckpt:
             raise ValueError(f"checkpoint {path} lacks {key!r}; was it written by recipes/train.py?")
+    if ckpt["arch"] not in ARCHITECTURES:
+        raise ValueError(
+            f"checkpoint {path} records the architecture {ckpt['arch']!r}, which this version "
+            f"cannot build (known: {', '.join(ARCHITECTURES)})"
+        )
     model = build_model(ckpt["arch"], int(ckpt["num_classes"]), gmp=bool(ckpt.get("gmp", False)))
-    load_model_weights(model, ckpt["model"], path)
+    load_model_weights(model, ckpt["model"], path, arch=ckpt["arch"])
     return model.to(device).eval(), ckpt
 
 
 def resolve_data_args(args, ckpt: dict):
     """``(data, data_root, image_size, split, synthetic kwargs)``: options left unset in
     ``args`` (``data``, ``data_root``, ``image_size``, ``split``, ``checkpoint``) are taken from
-    the checkpoint's recorded arguments; the evaluated split defaults to ``val`` (ImageNet),
-    ``val2014`` (COCO) or ``test`` (synthetic, whose cue is independent of the class)."""
+    the checkpoint's recorded arguments, as are the ``synthetic_*`` options left at ``None``;
+    the evaluated split defaults to ``val`` (ImageNet), ``val2014`` (COCO) or ``test``
+    (synthetic, whose cue is independent of the class)."""
     saved = ckpt.get("args") or {}
     data = args.data or ckpt.get("data") or saved.get("data")
     if data is None:
@@ -248,10 +257,14 @@ def resolve_data_args(args, ckpt: dict):
     split = args.split or ("test" if data == "synthetic" else DEFAULT_SPLITS[data][1])
     synthetic = None
     if data == "synthetic":
+        def given(name, default):  # the command line's value, else the checkpoint's
+            value = getattr(args, name, None)
+            return value if value is not None else saved.get(name, default)
+
         synthetic = {
-            "num_classes": saved.get("synthetic_classes", ckpt.get("num_classes")),
-            "length": saved.get("synthetic_val_length", 1000),
-            "seed": saved.get("synthetic_seed", 0),
-            "cue_strength": saved.get("synthetic_cue_strength", 0.9),
+            "num_classes": given("synthetic_classes", ckpt.get("num_classes")),
+            "length": given("synthetic_val_length", 1000),
+            "seed": given("synthetic_seed", 0),
+            "cue_strength": given("synthetic_cue_strength", 0.9),
         }
     return data, data_root, int(image_size), split, synthetic

@@ -25,6 +25,7 @@ __all__ = [
     "get_world_size",
     "barrier",
     "all_reduce_sum",
+    "all_ranks_true",
     "seed_everything",
     "rank_seed",
     "get_rng_state",
@@ -122,7 +123,8 @@ def cleanup_distributed() -> None:
         ...     cleanup_distributed()
     """
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the CPU group of all_ranks_true included
+    _cpu_group_of.update(world=None, group=None)
 
 
 def _initialized() -> bool:
@@ -204,6 +206,51 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if _initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+# A CPU (gloo) group beside an NCCL default group, for the small host-side agreements of
+# :func:`all_ranks_true`: an all-reduce on the NCCL group would make the host wait for the GPU.
+_cpu_group_of: Dict[str, Any] = {"world": None, "group": None}
+
+
+def _cpu_group() -> Optional[Any]:
+    """The group for host-side collectives: the default one when it handles CPU tensors."""
+    world = dist.group.WORLD
+    if "gloo" in str(dist.get_backend()):
+        return None
+    if _cpu_group_of["world"] is not world:  # first call, or a new default group since
+        # new_group is collective; every rank reaches the first all_ranks_true together.
+        _cpu_group_of["group"] = dist.new_group(backend="gloo")
+        _cpu_group_of["world"] = world
+    return _cpu_group_of["group"]
+
+
+def all_ranks_true(flag: bool) -> bool:
+    """True when ``flag`` is True on every rank (collective under torchrun).
+
+    For decisions that every rank must take together, such as skipping a training step that
+    some rank cannot take: under ``DistributedDataParallel`` a rank that skipped a backward
+    pass alone would leave the others waiting for its gradients forever. The vote is an
+    all-reduce of one integer on the CPU (through a gloo group when the default group is
+    NCCL), so it never waits for an accelerator. Outside a process group it returns ``flag``.
+
+    Args:
+        flag (bool): this rank's vote.
+
+    Returns:
+        bool: the logical AND of every rank's ``flag``.
+
+    Examples::
+
+        >>> usable = images.shape[0] >= min_batch_size
+        >>> if not all_ranks_true(usable):  # every rank skips this step, or none does
+        ...     continue
+    """
+    if not _initialized():
+        return bool(flag)
+    vote = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(vote, op=dist.ReduceOp.MIN, group=_cpu_group())
+    return bool(vote.item())
 
 
 def rank_seed(seed: int, rank: int = 0, *salt: int) -> int:

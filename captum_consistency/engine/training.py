@@ -16,6 +16,7 @@ Everything per step stays on the device: running sums are tensors, read on the h
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -25,7 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_consistency.composition import random_cells
-from captum_consistency.engine.distributed import all_reduce_sum, is_main_process
+from captum_consistency.engine.distributed import (
+    all_ranks_true,
+    all_reduce_sum,
+    get_world_size,
+    is_main_process,
+)
 
 __all__ = [
     "TrainBatch",
@@ -403,6 +409,19 @@ class _Meter:
         return out
 
 
+def _check_gradcam_targets(gradcam_targets: Tensor) -> Tensor:
+    """The loader's regularised classes: integer class ids (a dtype check, no host sync)."""
+    if not isinstance(gradcam_targets, Tensor) or gradcam_targets.dtype == torch.bool or (
+        gradcam_targets.dtype.is_floating_point or gradcam_targets.dtype.is_complex
+    ):
+        raise TypeError(
+            "the loader's gradcam_targets must be an integer tensor of class ids, got "
+            f"{getattr(gradcam_targets, 'dtype', type(gradcam_targets).__name__)} (a bool mask "
+            "would be read as the classes 0 and 1)"
+        )
+    return gradcam_targets
+
+
 def _loader_brings_distractors(loader: Any) -> bool:
     from captum_consistency.data import DatasetWithDistractors
 
@@ -427,8 +446,15 @@ def train_one_epoch(
     log_every: int = 20,
     progress: bool = True,
     num_classes: Optional[int] = None,
+    min_batch_size: int = 1,
 ) -> Dict[str, Any]:
     """Trains ``model`` for one pass over ``loader``.
+
+    A batch with fewer than ``min_batch_size`` images (``--skip-corrupt`` can shrink a batch,
+    down to nothing when all its images are undecodable) is not trained on. Under torchrun the
+    ranks vote on every step (:func:`~captum_consistency.engine.all_ranks_true`, a CPU
+    all-reduce of one integer): when one rank cannot take the step, every rank skips it, so
+    that no rank waits forever for the gradients of a backward pass another rank skipped.
 
     Args:
         model (torch.nn.Module): the model (possibly DDP-wrapped), in train mode afterwards.
@@ -441,9 +467,13 @@ def train_one_epoch(
         criterion (Callable): classification loss, used when ``loss_fn`` is None.
         loss_fn (Callable, optional): a :class:`~captum_consistency.GradCamConsistencyLoss`
             over the same model; ``None`` trains the baseline (no composite forward at all).
+            With ``composites="shared"`` the batch is grouped on the CPU
+            (:func:`~captum_consistency.data.shared_composite_groups`, with ``generator``) and
+            the groups are passed to the loss.
         make_distractors (Callable, optional): ``(images, targets, gradcam_targets) ->
             (N, 3, C, S, S)`` distractors whose labels exclude ``gradcam_targets``; required
-            with ``loss_fn``.
+            with a per-image ``loss_fn``. With shared composites it is called only for a
+            batch that leaves images ungrouped (without it, those draw from the batch).
         multilabel (bool): multi-hot targets; the regularised class is drawn among the
             positives (:func:`sample_positive_class`) and F1 is reported instead of top-1.
         amp (bool): bf16 autocast.
@@ -455,11 +485,18 @@ def train_one_epoch(
         progress (bool): show a tqdm bar (only on rank 0).
         num_classes (int, optional): number of classes; needed for multi-label F1 under
             torchrun (every rank must all-reduce tensors of the same size).
+        min_batch_size (int): smallest batch to train on; 2 for a model whose batch norm
+            sees ``1 x 1`` maps at this image size (one value per channel cannot be
+            normalised), see :func:`~captum_consistency.engine.check_input_size`.
 
     Returns:
         dict: epoch averages over all ranks: ``loss``, ``classification``, ``consistency``,
         ``top1`` (or ``f1_per_class``, ``f1_overall``, ``exact_match``), ``samples``,
-        ``steps``, ``global_step`` and ``skipped`` (undecodable images dropped).
+        ``steps``, ``global_step``, ``skipped`` (undecodable images dropped) and
+        ``skipped_steps`` (steps that no rank took because some rank's batch was smaller
+        than ``min_batch_size``; counted once, not per rank); with shared composites also
+        ``ungrouped``, the images of the epoch that got a composite of their own (also written
+        to TensorBoard as ``train/ungrouped`` per logged step).
 
     Examples::
 
@@ -473,8 +510,13 @@ def train_one_epoch(
         ...     make_distractors=lambda x, y, g: gather_distractors(x, y, g))
         >>> stats["top1"], stats["consistency"]
     """
-    if loss_fn is not None and make_distractors is None and not _loader_brings_distractors(loader):
+    shared = getattr(loss_fn, "composites", "per-image") == "shared"
+    if shared:
+        from captum_consistency.data.distractors import shared_composite_groups
+    elif loss_fn is not None and make_distractors is None and not _loader_brings_distractors(loader):
         raise ValueError("make_distractors is required when loss_fn (the GC loss) is given")
+    if isinstance(min_batch_size, bool) or not isinstance(min_batch_size, int) or min_batch_size < 1:
+        raise ValueError(f"min_batch_size must be an int >= 1, got {min_batch_size!r}")
     from tqdm.auto import tqdm
 
     model.train()
@@ -486,12 +528,19 @@ def train_one_epoch(
         total = None
     bar = tqdm(loader, total=total, desc=f"epoch {epoch}", disable=not (progress and main),
                dynamic_ncols=True, leave=False)
-    steps = 0
+    steps = skipped_steps = 0
     skipped = 0
+    vote = get_world_size() > 1
+    ungrouped = 0  # shared composites: images that got a composite of their own
     for raw in bar:
         batch = as_train_batch(raw)
         skipped += batch.skipped
-        if batch.images.shape[0] == 0:  # every image of the batch was undecodable (skipped)
+        usable = batch.images.shape[0] >= min_batch_size
+        if vote:
+            # DDP's backward is collective: a rank that skipped it alone would hang the others.
+            usable = all_ranks_true(usable)
+        if not usable:  # e.g. every image of a rank's batch was undecodable (--skip-corrupt)
+            skipped_steps += 1
             continue
         images, targets = _to_device(batch.images, batch.targets, device, channels_last)
         n = images.shape[0]
@@ -504,18 +553,31 @@ def train_one_epoch(
                 # Labels, distractor choice and cells stay on the CPU, where the loader made
                 # them: no host-device synchronisation in the step, only async copies.
                 if batch.gradcam_targets is not None:
-                    gc_cpu = batch.gradcam_targets
+                    gc_cpu = _check_gradcam_targets(batch.gradcam_targets)
                 elif multilabel:
                     gc_cpu = sample_positive_class(batch.targets, generator)
                 else:
                     gc_cpu = batch.targets
-                if batch.distractors is not None:
-                    distractors = batch.distractors.to(device, non_blocking=True)
-                else:
-                    distractors = make_distractors(images, batch.targets, gc_cpu)
                 gc_targets = gc_cpu.to(device, non_blocking=True)
-                cells = random_cells(n, generator=generator)
-                out = loss_fn(images, targets, distractors, cells=cells, gradcam_targets=gc_targets)
+                if shared:
+                    # The grouping runs on the CPU labels; only the images it leaves over need
+                    # distractors, so they are made (or copied) lazily, when some are left.
+                    groups, cells = shared_composite_groups(batch.targets, gc_cpu, generator)
+                    distractors = None
+                    if batch.distractors is not None:
+                        distractors = functools.partial(batch.distractors.to, device, non_blocking=True)
+                    elif make_distractors is not None:
+                        distractors = functools.partial(make_distractors, images, batch.targets, gc_cpu)
+                    out = loss_fn(images, targets, distractors, cells=cells, gradcam_targets=gc_targets,
+                                  groups=groups)
+                    ungrouped += out.num_ungrouped
+                else:
+                    if batch.distractors is not None:
+                        distractors = batch.distractors.to(device, non_blocking=True)
+                    else:
+                        distractors = make_distractors(images, batch.targets, gc_cpu)
+                    cells = random_cells(n, generator=generator)
+                    out = loss_fn(images, targets, distractors, cells=cells, gradcam_targets=gc_targets)
                 logits, loss = out.logits, out.loss
                 classification, consistency = out.classification, out.consistency
         optimizer.zero_grad(set_to_none=True)
@@ -532,6 +594,8 @@ def train_one_epoch(
             }
             if consistency is not None:
                 values["loss/consistency"] = float(consistency.detach())
+            if shared:
+                values["train/ungrouped"] = float(out.num_ungrouped)
             if not multilabel:
                 values["train/top1_batch"] = float((logits.argmax(1) == targets).float().mean())
             if not all(math.isfinite(v) for v in values.values()):
@@ -548,8 +612,11 @@ def train_one_epoch(
     if loss_fn is None:
         result.pop("consistency")
     result["steps"] = steps
+    result["skipped_steps"] = skipped_steps
     result["global_step"] = global_step
     result["skipped"] = int(all_reduce_sum(torch.tensor([skipped], device=device))[0])
+    if shared:
+        result["ungrouped"] = int(all_reduce_sum(torch.tensor([ungrouped], device=device))[0])
     return result
 
 

@@ -1,0 +1,237 @@
+"""What the three recipes share on the command line: the data options and the up-front checks.
+
+``recipes/train.py``, ``recipes/evaluate.py`` and ``recipes/robustness.py`` take one set of
+data options (:func:`add_data_arguments`), so that the same ``--data ... --data-root ...``
+line works with all three; an option a recipe does not use is accepted, ignored, and marked
+so in its ``--help``. :func:`check_input_size` refuses an image size or batch size that the
+architecture cannot run before any data is read, with the smallest value that works.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from captum_consistency.builders import build_model
+from captum_consistency.engine.datasets import DATA_KINDS
+
+__all__ = ["RECIPES", "positive_int", "add_data_arguments", "check_input_size"]
+
+#: The recipes that share :func:`add_data_arguments`.
+RECIPES: Tuple[str, ...] = ("train", "evaluate", "robustness")
+_ALL = frozenset(RECIPES)
+# Image sides tried when searching the smallest one an architecture accepts.
+_MAX_SIDE = 4096
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type of an integer option that must be at least 1 (``--epochs``).
+
+    Args:
+        text (str): the command-line value.
+
+    Returns:
+        int: the value.
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or smaller than 1; argparse turns it into
+            a usage error naming the option.
+
+    Examples::
+
+        >>> parser.add_argument("--epochs", type=positive_int)
+        >>> parser.parse_args(["--epochs", "0"])  # error: argument --epochs: must be >= 1, got 0
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, recipe: str) -> argparse._ArgumentGroup:
+    """Adds the data options shared by the recipes to ``parser``, as one argument group.
+
+    Every recipe accepts every option; the help of an option that ``recipe`` does not use ends
+    with ``[ignored by <recipe>.py]``. In ``train`` the options describe the data to train on
+    (``--data`` is required); in ``evaluate`` and ``robustness`` those left unset are taken
+    from the checkpoint (:func:`~captum_consistency.engine.datasets.resolve_data_args`).
+
+    Args:
+        parser (argparse.ArgumentParser): the recipe's parser.
+        recipe (str): ``"train"``, ``"evaluate"`` or ``"robustness"``.
+
+    Returns:
+        argparse._ArgumentGroup: the group, to which the recipe may add its own data options.
+
+    Raises:
+        ValueError: unknown ``recipe``.
+
+    Examples::
+
+        >>> parser = argparse.ArgumentParser()
+        >>> group = add_data_arguments(parser, "robustness")
+        >>> args = parser.parse_args(["--data", "imagenet", "--boxes", "boxes/val"])  # accepted
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    train = recipe == "train"
+    group = parser.add_argument_group(
+        "data",
+        "the same options in train.py, evaluate.py and robustness.py; those marked "
+        f"[ignored by {recipe}.py] are accepted so that one command line serves all three",
+    )
+
+    def add(*flags: str, used_by=_ALL, help: str, **kwargs) -> None:
+        if recipe not in used_by:
+            help = f"{help} [ignored by {recipe}.py]"
+        group.add_argument(*flags, help=help, **kwargs)
+
+    saved = "" if train else " (default: the checkpoint's)"
+    add("--data", required=train, default=None, choices=DATA_KINDS, help="data set kind" + saved)
+    add("--data-root", default=None,
+        help="ImageNet: folder of the split folders of <class>/<image> files; COCO: folder of "
+        "the split folders and annotations/" + saved)
+    add("--boxes", default=None, used_by={"evaluate"},
+        help="ImageNet: folder of the evaluated split's bounding-box XMLs")
+    add("--ann-file", default=None, used_by={"train", "evaluate"},
+        help="COCO: annotations of the training split (train.py) or of the evaluated split "
+        "(evaluate.py); default <root>/annotations/instances_<split>.json")
+    add("--val-ann-file", default=None, used_by={"train"},
+        help="COCO: annotations of the per-epoch validation split")
+    add("--train-split", default=None, used_by={"train"},
+        help="training split (imagenet: train, coco: train2014)")
+    add("--val-split", default=None, used_by={"train"},
+        help="per-epoch validation split (imagenet: val, coco: val2014)")
+    add("--split", default=None, used_by={"evaluate", "robustness"},
+        help="evaluated split (imagenet: val, coco: val2014, synthetic: test)")
+    add("--skip-corrupt", action="store_true",
+        help="skip (and count) undecodable images instead of stopping with an error")
+    add("--skip-missing-boxes", action="store_true", used_by={"evaluate"},
+        help="ImageNet: skip (and count) images without a usable XML instead of stopping")
+    add("--allow-empty-classes", action="store_true",
+        help="ImageNet: keep class folders that hold no image (their indices unchanged) "
+        "instead of stopping")
+    synthetic_saved = "" if train else "; default: the checkpoint's"
+    add("--synthetic-classes", default=4 if train else None, type=positive_int,
+        help="synthetic: number of classes" + synthetic_saved)
+    add("--synthetic-train-length", default=10000 if train else None, type=positive_int,
+        used_by={"train"}, help="synthetic: training images")
+    add("--synthetic-val-length", default=1000 if train else None, type=positive_int,
+        help="synthetic: validation images (train.py), evaluated images (evaluate.py, "
+        "robustness.py)" + synthetic_saved)
+    add("--synthetic-cue-strength", default=0.9 if train else None, type=float,
+        help="synthetic: probability that the context cue matches the class" + synthetic_saved)
+    add("--synthetic-seed", default=0 if train else None, type=int,
+        help="synthetic: generator seed" + synthetic_saved)
+    return group
+
+
+def _min_side(runs: Callable[[int], bool], start: int) -> Optional[int]:
+    """The smallest side ``s >= 1`` with ``runs(s)``, given ``runs(start)`` is False (bisection)."""
+    lo, hi = start, None  # runs(lo) is False
+    side = max(2 * start, 8)
+    while side <= _MAX_SIDE:
+        if runs(side):
+            hi = side
+            break
+        lo, side = side, 2 * side
+    if hi is None:
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if runs(mid) else (mid, hi)
+    return hi
+
+
+def check_input_size(
+    arch: str, image_size: int, batch_size: int = 1, *, train: bool = True, gmp: bool = False
+) -> int:
+    """Checks that ``arch`` runs on ``image_size x image_size`` images, before data is read.
+
+    The model is built on the ``meta`` device (no memory, no computation) and run once on a
+    batch of that size; what fails there fails in the first step of a run, after the data has
+    been indexed. Two limits are found this way: the input side below which a pooling or
+    convolution has nothing left (AlexNet: 63 pixels), and, in training mode, batch norm on
+    ``1 x 1`` maps with one image (one value per channel: ResNets below 33 pixels).
+
+    Args:
+        arch (str): an architecture of :func:`~captum_consistency.builders.build_model`.
+        image_size (int): the side ``S`` (``--image-size``); composites are ``2S`` and pass
+            wherever ``S`` does.
+        batch_size (int): images per process (``--batch-size``).
+        train (bool): training mode (batch norm normalises with the batch's statistics).
+        gmp (bool): global max pooling (ResNets).
+
+    Returns:
+        int: the smallest batch that trains at this size (``1``, or ``2`` when some batch norm
+        sees ``1 x 1`` maps): pass it to
+        :func:`~captum_consistency.engine.train_one_epoch` as ``min_batch_size``, so that a
+        batch that ``--skip-corrupt`` shrinks below it is skipped. ``1`` when ``train`` is
+        False.
+
+    Raises:
+        ValueError: the size or the batch cannot work; the message names the option and the
+            smallest value that works.
+
+    Examples::
+
+        >>> check_input_size("resnet18", 224, 32)
+        1
+        >>> check_input_size("alexnet", 32)  # ValueError: --image-size 32 is too small for
+        ...                                  # alexnet: it needs at least 63 pixels ...
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"--image-size must be a positive int, got {image_size!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size!r}")
+    with torch.device("meta"):
+        model = build_model(arch, 2, gmp=gmp)
+    model.eval()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    seen: Dict[int, int] = {}
+    errors: Dict[int, str] = {}
+
+    def record(module: nn.Module, inputs, output) -> None:
+        seen[id(module)] = min(seen.get(id(module), 1 << 62), inputs[0][0, 0].numel())
+
+    def smallest_norm_map(side: int) -> Optional[int]:
+        """Values per channel and image at the smallest batch norm; None if the model fails."""
+        seen.clear()
+        try:
+            with torch.no_grad():
+                model(torch.empty(1, 3, side, side, device="meta"))
+        except (RuntimeError, ValueError) as e:
+            lines = str(e).strip().splitlines()
+            errors[side] = lines[0] if lines else type(e).__name__
+            return None
+        return min(seen.values(), default=1 << 62)
+
+    handles = [m.register_forward_hook(record) for m in norms]
+    try:
+        values = smallest_norm_map(image_size)
+        if values is None:
+            least = _min_side(lambda s: smallest_norm_map(s) is not None, image_size)
+            need = f"at least {least} pixels" if least else f"more than {_MAX_SIDE} pixels"
+            raise ValueError(
+                f"--image-size {image_size} is too small for {arch}: it needs {need} "
+                f"({errors[image_size]})"
+            )
+        if not train or values > 1:
+            return 1
+        if batch_size >= 2:
+            return 2
+        least = _min_side(lambda s: (smallest_norm_map(s) or 0) > 1, image_size)
+        raise ValueError(
+            f"--batch-size {batch_size} with --image-size {image_size} cannot train {arch}: its "
+            "last batch norm sees 1x1 maps, one value per channel, which cannot be normalised; "
+            f"use --batch-size 2 or more, or --image-size {least} or more"
+        )
+    finally:
+        for h in handles:
+            h.remove()

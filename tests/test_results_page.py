@@ -1,0 +1,62 @@
+"""docs/results.md shows the quickstart's measured run: its tables are exactly the ones the recipe
+writes from the run's results.json, which is kept beside the page (docs/assets/quickstart/)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from captum_consistency.quickstart import table1_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = importlib.util.spec_from_file_location("_recipe_quickstart_page", ROOT / "recipes" / "quickstart.py")
+quickstart = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(quickstart)
+
+ASSETS = ROOT / "docs" / "assets" / "quickstart"
+PAGE = (ROOT / "docs" / "results.md").read_text()
+
+
+def _load(name):
+    return json.loads((ASSETS / name).read_text())
+
+
+RUNS = ["results.json", "per-image-results.json", "gmp-results.json"]
+
+
+@pytest.mark.parametrize("name", [r for r in RUNS if (ASSETS / r).exists()])
+def test_the_page_shows_the_runs_table1_and_claims(name):
+    results = _load(name)
+    assert results["status"] == "complete"
+    summaries = results["variants"]
+    table = table1_markdown({s["name"]: s for s in summaries.values()}, model="ResNet",
+                            cue=results["config"]["cue_prob"] > 0)
+    assert table.strip() in PAGE, f"docs/results.md does not show the Table 1 of {name}"
+    for line in quickstart._claims_markdown(results["claims"], summaries):
+        assert line in PAGE, f"docs/results.md does not state the claim of {name}: {line}"
+
+
+def test_the_page_shows_the_default_runs_sweep_and_set_up():
+    results = _load("results.json")
+    assert results["benchmark"] == "shapes" and results["config"]["seeds"] >= 3
+    sweep = "\n".join(quickstart._sweep_markdown(results["lambda_sweep"]))
+    assert sweep in PAGE
+    minutes = f"{results['elapsed_s'] / 60:.1f} min"
+    assert minutes in PAGE, f"the page must state the measured time ({minutes})"
+    for figure in ("gradcam.png", "lambda_sweep.png"):
+        assert (ASSETS / figure).exists() and f"assets/quickstart/{figure}" in PAGE
+
+
+def test_the_default_run_is_the_recipes_default_configuration():
+    """The shipped run is what `make quickstart` runs today (not a tuned one-off)."""
+    results = _load("results.json")
+    defaults = vars(quickstart.parse_args(["--output-dir", "x"]))
+    for key in ("benchmark", "variants", "lambda_sweep", "cue_prob", "stray_cue_prob",
+                "object_size", "width", "epochs", "composites", "lam", "seeds", "train_size",
+                "test_size", "batch_size", "lr", "classes", "image_size", "layer"):
+        shipped = results["config"][key]
+        default = defaults[key]
+        if isinstance(default, tuple):
+            shipped = tuple(shipped)
+        assert shipped == default, key
