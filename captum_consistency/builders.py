@@ -74,7 +74,15 @@ def build_model(arch: str, num_classes: int, gmp: bool = False) -> nn.Module:
     _check_arch(arch)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    builder = getattr(torchvision.models, arch)
+    if arch.startswith("regnet_") and torch.get_default_device().type == "meta":
+        # RegNet's builder computes its stage widths with tensor operations, which the meta
+        # device cannot run (size checks build models there): build on the CPU, then move.
+        with torch.device("cpu"):
+            model = builder(weights=None, num_classes=num_classes)
+        model = model.to("meta")
+    else:
+        model = builder(weights=None, num_classes=num_classes)
     if gmp:
         try:
             to_global_max_pool(model)

@@ -113,3 +113,18 @@ def test_recipes_accept_the_architectures_and_every_method():
     for name in available_attributions():
         args = evaluate.parse_args(["--checkpoint", "c.pth", "--output-dir", "x", "--method", name])
         assert args.method == name
+
+
+def test_input_size_check_builds_every_family():
+    """The recipes' up-front size check builds the model on the meta device; RegNet's builder
+    needs real tensors for its widths and is built on the CPU, then moved."""
+    from captum_consistency.engine import check_input_size
+
+    for arch in ("convnext_tiny", "efficientnet_b0", "mobilenet_v3_small", "densenet121",
+                 "regnet_y_400mf", "vgg11"):
+        assert check_input_size(arch, 64, 2) in (1, 2), arch
+    with torch.device("meta"):
+        model = build_model("regnet_x_400mf", 3)
+    assert next(model.parameters()).is_meta
+    with pytest.raises(ValueError, match="too small for convnext_tiny"):
+        check_input_size("convnext_tiny", 8, 2)

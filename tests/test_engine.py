@@ -185,8 +185,8 @@ def test_load_model_from_checkpoint_names_the_file_for_bad_arch(tmp_path):
     with pytest.raises(ValueError, match="mislabelled.pth holds resnet50 weights, but resnet18"):
         load_model_from_checkpoint(str(mislabelled), torch.device("cpu"))
     unknown = tmp_path / "unknown.pth"
-    save_checkpoint({"model": {}, "arch": "vgg11", "num_classes": 4}, str(unknown))
-    with pytest.raises(ValueError, match=r"unknown\.pth records the architecture 'vgg11'"):
+    save_checkpoint({"model": {}, "arch": "lenet5", "num_classes": 4}, str(unknown))
+    with pytest.raises(ValueError, match=r"unknown\.pth records the architecture 'lenet5'"):
         load_model_from_checkpoint(str(unknown), torch.device("cpu"))
 
 

@@ -273,6 +273,8 @@ def _architecture_of(state_dict: Dict[str, Any]) -> Optional[str]:
     from captum_consistency.builders import ARCHITECTURES, build_model
 
     for name in ARCHITECTURES:
+        if name.startswith("regnet_") and not any(k.startswith("trunk_output.") for k in state_dict):
+            continue  # RegNets are built on the CPU (their widths need real tensors): only if likely
         try:
             with torch.device("meta"):
                 own = build_model(name, 1).state_dict()
