@@ -94,7 +94,9 @@ def evaluate_transfer(
             (N, 3, C, S, S)``; without it NQH is ``None``.
         generator (torch.Generator, optional): CPU generator of cells and NQH classes.
         spg_generator (torch.Generator, optional): generator of the SPG draws, on ``device``.
-        tolerance, num_samples, num_runs: PG/SPG parameters.
+        tolerance (float): pointing-game margin in pixels (15, the paper's).
+        num_samples (int): SPG draws per map.
+        num_runs (int): SPG runs (mean and standard deviation).
         layer (torch.nn.Module, optional): the CAM layer (default: the family's).
         distractor_ok (Tensor, optional): see ``evaluate_interpretations``.
         method_options (Mapping, optional): per-method options of
