@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
 import pytorch_grad_cam as pgc
+from captum_consistency import CaptumConsistencyWarning
 from captum_consistency.attr import (
     PytorchGradCamAttribution,
     available_attributions,
@@ -328,7 +329,7 @@ def test_unguided_functional_relu_is_reported():
     model = torchvision.models.DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8,
                                         bn_size=2, num_classes=5).eval()
     x = torch.randn(2, 3, 32, 32)
-    with pytest.warns(UserWarning, match=r"guided-backprop rule .* ReLU modules only.*relu x1"):
+    with pytest.warns(CaptumConsistencyWarning, match=r"guided-backprop rule .* ReLU modules only.*relu x1"):
         sal = get_attribution("captum:guided-backprop", model, arch="densenet").attribute(x, TARGET)
     _check_map(sal)
 
@@ -407,7 +408,7 @@ def test_nan_maps_are_zeroed_and_skipped_by_the_metrics(name):
     model = _tiny_resnet18()
     model.layer3 = nn.Sequential(model.layer3, _NaNForSecond())
     x = torch.randn(2, 3, 32, 32)
-    with pytest.warns(UserWarning, match="1 of 2 maps are not finite.*all-zero maps, which the metrics skip"):
+    with pytest.warns(CaptumConsistencyWarning, match="1 of 2 maps are not finite.*all-zero maps, which the metrics skip"):
         sal = get_attribution(name, model).attribute(x, TARGET)
     assert (sal[0] > 0).any() and (sal[1] == 0).all()
     metrics = InterpretationMetrics(num_classes=5, generator=torch.Generator().manual_seed(0))

@@ -20,6 +20,8 @@ from captum.attr._utils.attribution import Attribution
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from captum_consistency._warnings import CaptumConsistencyWarning
+
 __all__ = [
     "CaptumAttribution",
     "PytorchGradCamAttribution",
@@ -425,7 +427,7 @@ def warn_unhandled(method: str, rule: str, handled: Sequence[type], calls: Count
         f"{method}: the {rule} replaces the gradient of {types} modules only; these "
         f"non-linearities of the model pass their ordinary gradient: {listed}. The map mixes "
         f"the rule with plain gradients (see the registry's documentation)",
-        UserWarning,
+        CaptumConsistencyWarning,
         stacklevel=3,
     )
 

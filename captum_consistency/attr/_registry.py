@@ -31,6 +31,7 @@ from torchvision.models import (
     VisionTransformer,
 )
 
+from captum_consistency._warnings import CaptumConsistencyWarning
 from captum_consistency.attr._adapters import (
     _ACTIVATIONS,
     _DEEPLIFT_EXTRA,
@@ -446,7 +447,7 @@ class SaliencyMethod:
                 f"{self.name}: {bad} of {n} maps are not finite (NaN or infinity from the "
                 f"{_SPECS[self.name].library} method); they are returned as all-zero maps, which "
                 "the metrics skip and count",
-                UserWarning,
+                CaptumConsistencyWarning,
                 stacklevel=2,
             )
             out = torch.where(finite.view(-1, 1, 1, 1), out, torch.zeros((), device=out.device))
