@@ -358,6 +358,12 @@ def test_vit_refuses_convolutional_layer_methods(x):
         with pytest.raises(ValueError, match="vision transformer.*use a pgc: method"):
             get_attribution(name, model)
     _check_map(get_attribution("captum:saliency", model).attribute(x, TARGET))
+    from captum_consistency.engine.evaluation import SaliencyExplainer
+
+    with pytest.raises(ValueError, match="vision transformer.*use a pgc: method"):
+        SaliencyExplainer(model, "elementwise-gradcam")
+    maps = SaliencyExplainer(model, "pgc:layercam")(x, torch.tensor([0, 1]), TARGET)
+    _check_map(maps)
     tokens = torch.randn(2, 1 + 16, 8)
     torch.testing.assert_close(vit_reshape_transform(tokens), pgc_vit_reshape(tokens, 4, 4))
     with pytest.raises(ValueError, match="do not form a 4x5 grid"):

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_consistency.attr import elementwise_grad_cam, get_attribution, grad_cam
+from captum_consistency.attr import detect_architecture, elementwise_grad_cam, get_attribution, grad_cam
 from captum_consistency.attr._registry import METHODS, canonical_name, uses_cam_layer
 from captum_consistency.builders import gradcam_layer, unwrap_model
 from captum_consistency.composition import compose_grid, random_cells
@@ -87,6 +87,8 @@ class SaliencyExplainer:
         self.amp = amp
         self._attribution = None
         if method in ("gradcam", "elementwise-gradcam") and not options:
+            if layer is None and detect_architecture(unwrap_model(model)) == "vit":
+                get_attribution(method, unwrap_model(model))  # the registry's error for ViTs
             self.layer = layer if layer is not None else gradcam_layer(model)
         else:
             kwargs: Dict[str, Any] = dict(options or {})
