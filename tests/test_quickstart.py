@@ -176,7 +176,8 @@ def test_worker_processes_give_the_same_numbers_as_one_process(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # columns in --variants order
 
 
-def test_interrupting_worker_processes_keeps_finished_runs(tmp_path):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_interrupting_worker_processes_keeps_finished_runs(tmp_path, signame):
     import os
     import signal
     import time
@@ -196,7 +197,10 @@ def test_interrupting_worker_processes_keeps_finished_runs(tmp_path):
             except (FileNotFoundError, json.JSONDecodeError):
                 pass
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        if signame == "SIGINT":
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        else:
+            proc.send_signal(signal.SIGTERM)  # `kill PID`: the parent alone
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
