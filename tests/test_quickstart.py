@@ -185,7 +185,9 @@ def test_interrupting_worker_processes_keeps_finished_runs(tmp_path, signame):
     out = tmp_path / "qs"
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--output-dir", str(out),
-         "--fast", "--no-progress", "--workers", "2", "--seeds", "3"],
+         "--no-progress", "--workers", "2", "--seeds", "10", "--lambda-sweep", "none",
+         "--train-size", "96", "--test-size", "48", "--batch-size", "32", "--epochs", "1",
+         "--width", "8", "--figure-images", "2", "--fgsm-eps", "0"],  # 20 short runs
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     deadline = time.monotonic() + 300
@@ -210,7 +212,7 @@ def test_interrupting_worker_processes_keeps_finished_runs(tmp_path, signame):
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "interrupted"
     finished = sum(e["num_seeds"] for e in results["variants"].values())
-    assert 1 <= finished < 6
+    assert 1 <= finished < 20
     # no worker outlives the run (multiprocessing's resource tracker exits once it sees the
     # parent's pipe close: give it a moment)
     for _ in range(50):
