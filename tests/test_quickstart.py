@@ -189,6 +189,9 @@ def test_interrupting_worker_processes_keeps_finished_runs(tmp_path, signame):
          "--train-size", "96", "--test-size", "48", "--batch-size", "32", "--epochs", "1",
          "--width", "8", "--figure-images", "2", "--fgsm-eps", "0"],  # 20 short runs
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # pytest-xdist workers ignore SIGINT, and an ignored signal stays ignored across exec:
+        # give the recipe the disposition a terminal gives it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300
     try:
