@@ -688,7 +688,8 @@ def _figure_rows(args, test: SpuriousContextShapes) -> Tuple[np.ndarray, Tensor,
     if args.cue_prob > 0:
         conflicting = test.conflicting_indices().tolist()
         consistent = test.consistent_indices().tolist()
-        others = [i for i in range(len(test)) if i not in set(conflicting) | set(consistent)]
+        with_cue = set(conflicting) | set(consistent)
+        others = [i for i in range(len(test)) if i not in with_cue]
         picks: List[int] = []
         while len(picks) < count:
             pools = [q for q in ((conflicting, consistent) if len(picks) % 2 == 0
