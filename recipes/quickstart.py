@@ -688,7 +688,8 @@ def _figure_rows(args, test: SpuriousContextShapes) -> Tuple[np.ndarray, Tensor,
     if args.cue_prob > 0:
         conflicting = test.conflicting_indices().tolist()
         consistent = test.consistent_indices().tolist()
-        others = [i for i in range(len(test)) if i not in set(conflicting) | set(consistent)]
+        with_cue = set(conflicting) | set(consistent)
+        others = [i for i in range(len(test)) if i not in with_cue]
         picks: List[int] = []
         while len(picks) < count:
             pools = [q for q in ((conflicting, consistent) if len(picks) % 2 == 0
@@ -885,9 +886,18 @@ def run(args: argparse.Namespace, on_run_done: Optional[Callable[[str, int], Non
     return results
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Optional[Sequence[str]] = None,
          on_run_done: Optional[Callable[[str, int], None]] = None) -> int:
+    import signal
+
     args = parse_args(argv)
+    # SIGTERM (kill, a job scheduler) stops the run like Ctrl-C: the finished runs are written
+    # and the worker processes are terminated instead of being left to finish their model.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         results = run(args, on_run_done)
     except KeyboardInterrupt:
@@ -895,6 +905,8 @@ def main(argv: Optional[Sequence[str]] = None,
         print(f"\ninterrupted: the finished runs are in {path} (and report.md); rerun to "
               "complete them", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(open(os.path.join(args.output_dir, "report.md")).read())
     print(f"results: {os.path.join(args.output_dir, 'results.json')} "
           f"({results['elapsed_s'] / 60:.1f} min)")

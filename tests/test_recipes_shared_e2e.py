@@ -105,6 +105,8 @@ def test_help_lists_the_composites_option():
     text = train.get_args_parser().format_help()
     assert "--composites" in text and "shared" in text
     args = train.get_args_parser().parse_args(["--data", "synthetic", "--output-dir", "x"])
-    assert args.composites == "per-image"  # the paper's scheme stays the default
+    # shared by default: it matches per-image within the seed spread on the quickstart's 3 seeds
+    # (docs/results.md); --composites per-image is the paper's scheme
+    assert args.composites == "shared"
     with pytest.raises(SystemExit):
         train.get_args_parser().parse_args(["--data", "synthetic", "--output-dir", "x", "--composites", "pairs"])
