@@ -29,6 +29,9 @@ from captum_consistency.attr import (
 from captum_consistency.metrics import InterpretationMetrics
 from captum_consistency.quickstart import SmallResNet
 
+# Captum says this at every direct call of its guided backprop and DeepLift (the peers here).
+pytestmark = pytest.mark.filterwarnings("ignore:Setting .*(hooks|attributes):UserWarning")
+
 PGC = {
     "pgc:gradcam": pgc.GradCAM,
     "pgc:hirescam": pgc.HiResCAM,
