@@ -43,8 +43,7 @@ from captum_consistency.data import (
 from captum_consistency.engine import (
     ShardSampler,
     check_checkpoint_compatible,
-    cleanup_distributed,
-    init_distributed,
+    distributed_session,
     rank_seed,
 )
 from captum_consistency.engine.cli import add_data_arguments, check_input_size
@@ -113,11 +112,8 @@ def markdown_table(name: str, metrics: dict, multilabel: bool) -> str:
 
 def main(args) -> dict:
     """Runs the evaluation; returns the metrics (on every rank)."""
-    info = init_distributed(args.device)
-    try:
+    with distributed_session(args.device) as info:
         return _main(args, info)
-    finally:
-        cleanup_distributed()
 
 
 def _main(args, info) -> dict:

@@ -29,8 +29,7 @@ from captum_consistency.engine import (
     ShardSampler,
     all_reduce_sum,
     check_checkpoint_compatible,
-    cleanup_distributed,
-    init_distributed,
+    distributed_session,
 )
 from captum_consistency.engine.cli import add_data_arguments, check_input_size
 from captum_consistency.engine.datasets import (
@@ -91,11 +90,8 @@ class _Counting:
 
 def main(args) -> dict:
     """Runs the attack; returns ``{"accuracy": {eps: top1}, "clean_top1": ...}`` on every rank."""
-    info = init_distributed(args.device)
-    try:
+    with distributed_session(args.device) as info:
         return _main(args, info)
-    finally:
-        cleanup_distributed()
 
 
 def _main(args, info) -> dict:

@@ -62,14 +62,11 @@ from captum_consistency.data import (
 from captum_consistency.engine import (
     ScaledBCEWithLogitsLoss,
     ShardSampler,
-    build_optimizer,
-    build_scheduler,
     check_checkpoint_compatible,
-    cleanup_distributed,
     default_schedule,
+    distributed_session,
     evaluate_classification,
     gather_rng_states,
-    init_distributed,
     load_checkpoint,
     load_model_weights,
     load_pretrained_backbone,
@@ -176,11 +173,8 @@ def _log(msg: str, main: bool) -> None:
 
 def main(args) -> dict:
     """Runs the training; returns the last epoch's record (also on every rank)."""
-    info = init_distributed(args.device)
-    try:
+    with distributed_session(args.device) as info:
         return _main(args, info)
-    finally:
-        cleanup_distributed()
 
 
 def _main(args, info) -> dict:
@@ -266,8 +260,10 @@ def _main(args, info) -> dict:
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, schedule)
-    scheduler = build_scheduler(optimizer, schedule)
+    optimizer = torch.optim.SGD(model.parameters(), lr=schedule.lr, momentum=schedule.momentum,
+                                weight_decay=schedule.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(schedule.milestones),
+                                                     gamma=schedule.gamma)
 
     start_epoch, global_step, rng_states = 0, 0, None
     if args.resume:

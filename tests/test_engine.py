@@ -464,6 +464,45 @@ def test_train_one_epoch_writes_tensorboard_scalars(tmp_path):
     assert stats["global_step"] == 12
 
 
+def test_train_one_epoch_steps_a_per_step_lr_scheduler():
+    model = _TinyResNetLike(4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    per_step = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    stats = train_one_epoch(model, optimizer, _tiny_loader(), torch.device("cpu"), 0,
+                            criterion=nn.CrossEntropyLoss(), lr_scheduler=per_step, progress=False)
+    assert stats["steps"] == 2 and per_step.last_epoch == 2
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 / 3)
+
+
+def test_classification_meter_named_sums():
+    from captum_consistency.metrics import ClassificationMeter
+
+    meter = ClassificationMeter(torch.device("cpu"))
+    meter.update(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]),
+                 loss=torch.tensor(1.0), classification=torch.tensor(0.5))
+    meter.update(torch.tensor([[2.0, 0.0]]), torch.tensor([0]), loss=torch.tensor(4.0))
+    assert float(meter.correct) == 2 and float(meter.count) == 3 and float(meter.loss) == 6.0
+    assert meter.result() == {"loss": 2.0, "classification": 1 / 3, "consistency": 0.0,
+                              "samples": 3, "top1": 2 / 3}
+    multi = ClassificationMeter(torch.device("cpu"), num_classes=2, multilabel=True)
+    multi.update(torch.tensor([[1.0, -1.0], [1.0, 1.0]]), torch.tensor([[1, 0], [0, 1]]))
+    assert multi.true_pos.tolist() == [1, 1] and multi.false_pos.tolist() == [1, 0]
+    assert multi.result()["exact_match"] == 0.5
+
+
+def test_distributed_session_cleans_up_when_the_block_raises(monkeypatch):
+    from captum_consistency.engine import distributed_session
+
+    calls = []
+    monkeypatch.setattr("captum_consistency.engine.distributed.cleanup_distributed",
+                        lambda: calls.append("cleanup"))
+    with pytest.raises(RuntimeError, match="boom"):
+        with distributed_session("cpu") as info:
+            assert info.world_size == 1 and not info.distributed
+            raise RuntimeError("boom")
+    assert calls == ["cleanup"]
+
+
 def test_evaluate_classification_top1_exact():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3, 3, bias=False))
     with torch.no_grad():

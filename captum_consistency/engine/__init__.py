@@ -21,6 +21,7 @@ from captum_consistency.engine.distributed import (
     all_ranks_true,
     barrier,
     cleanup_distributed,
+    distributed_session,
     gather_rng_states,
     get_rank,
     get_rng_state,
@@ -32,31 +33,47 @@ from captum_consistency.engine.distributed import (
     set_rng_state,
 )
 from captum_consistency.engine.samplers import ShardSampler
+from captum_consistency.engine.batches import TrainBatch, as_train_batch
+from captum_consistency.engine.classification import evaluate_classification
 from captum_consistency.engine.training import (
     ScaledBCEWithLogitsLoss,
-    TrainBatch,
-    as_train_batch,
     Schedule,
-    autocast,
-    build_optimizer,
-    build_scheduler,
     default_schedule,
-    evaluate_classification,
-    multilabel_f1,
     sample_positive_class,
     train_one_epoch,
 )
 from captum_consistency.engine.transfer import TRANSFER_METHODS, evaluate_transfer
 
+# Kept importable from here (their home is captum_consistency.metrics); not listed below.
+from captum_consistency.metrics import multilabel_f1  # noqa: F401
+
 __all__ = [
+    # training
+    "train_one_epoch",
+    "TrainBatch",
+    "as_train_batch",
+    "sample_positive_class",
+    "ScaledBCEWithLogitsLoss",
+    "Schedule",
+    "default_schedule",
+    "evaluate_classification",
+    # the recipes' command line
+    "add_data_arguments",
+    "check_input_size",
+    "positive_int",
+    "evaluate_transfer",
+    "TRANSFER_METHODS",
+    # checkpoints
     "CHECKPOINT_FORMAT",
     "save_checkpoint",
     "load_checkpoint",
     "check_checkpoint_compatible",
     "load_model_weights",
-    "remove_stale_temporaries",
     "load_pretrained_backbone",
+    "remove_stale_temporaries",
+    # torchrun
     "DistributedInfo",
+    "distributed_session",
     "init_distributed",
     "cleanup_distributed",
     "is_main_process",
@@ -65,27 +82,10 @@ __all__ = [
     "barrier",
     "all_reduce_sum",
     "all_ranks_true",
+    "ShardSampler",
     "seed_everything",
     "rank_seed",
     "get_rng_state",
     "set_rng_state",
     "gather_rng_states",
-    "ShardSampler",
-    "TrainBatch",
-    "as_train_batch",
-    "Schedule",
-    "default_schedule",
-    "ScaledBCEWithLogitsLoss",
-    "build_optimizer",
-    "build_scheduler",
-    "sample_positive_class",
-    "multilabel_f1",
-    "autocast",
-    "train_one_epoch",
-    "evaluate_classification",
-    "check_input_size",
-    "add_data_arguments",
-    "positive_int",
-    "evaluate_transfer",
-    "TRANSFER_METHODS",
 ]

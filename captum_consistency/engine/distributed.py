@@ -7,31 +7,17 @@ with plain ``python`` the same code is a single process with ``world_size == 1``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = [
-    "DistributedInfo",
-    "init_distributed",
-    "cleanup_distributed",
-    "is_main_process",
-    "get_rank",
-    "get_world_size",
-    "barrier",
-    "all_reduce_sum",
-    "all_ranks_true",
-    "seed_everything",
-    "rank_seed",
-    "get_rng_state",
-    "set_rng_state",
-    "gather_rng_states",
-]
+# The public names are listed once, in captum_consistency.engine's __all__.
 
 
 @dataclass
@@ -125,6 +111,36 @@ def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()  # every group, the CPU group of all_ranks_true included
     _cpu_group_of.update(world=None, group=None)
+
+
+@contextlib.contextmanager
+def distributed_session(
+    device: str = "cuda", backend: Optional[str] = None
+) -> Iterator[DistributedInfo]:
+    """:func:`init_distributed` for the block, then :func:`cleanup_distributed`, however it ends.
+
+    The frame of every recipe's ``main``: under ``torchrun`` the process group exists for the
+    block and is destroyed after it (also when the block raises), so that a failing rank does
+    not leave a group behind.
+
+    Args:
+        device (str): ``"cuda"`` or ``"cpu"``.
+        backend (str, optional): overrides the process-group backend.
+
+    Yields:
+        DistributedInfo: where this process runs.
+
+    Examples::
+
+        >>> with distributed_session("cpu") as info:
+        ...     info.world_size
+        1
+    """
+    info = init_distributed(device, backend)
+    try:
+        yield info
+    finally:
+        cleanup_distributed()
 
 
 def _initialized() -> bool:

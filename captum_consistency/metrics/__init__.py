@@ -10,9 +10,13 @@ dataset as the paper does (per-class PG, SPG mean and std over 5 runs, per-image
 across batches and ``torch.distributed`` processes.
 [`boxes_to_mask`][captum_consistency.metrics.boxes_to_mask] and
 [`resize_saliency`][captum_consistency.metrics.resize_saliency] prepare the inputs.
+[`multilabel_f1`][captum_consistency.metrics.multilabel_f1] and
+[`ClassificationMeter`][captum_consistency.metrics.ClassificationMeter] score the classifier
+itself (top-1, multi-label F1) in the training and evaluation loops.
 """
 
 from captum_consistency.metrics._accumulator import InterpretationMetrics
+from captum_consistency.metrics._classification import ClassificationMeter, multilabel_f1
 from captum_consistency.metrics._functional import (
     content_heatmap,
     negative_quadrants_heatmap,
@@ -29,4 +33,6 @@ __all__ = [
     "boxes_to_mask",
     "resize_saliency",
     "InterpretationMetrics",
+    "multilabel_f1",
+    "ClassificationMeter",
 ]
