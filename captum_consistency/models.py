@@ -1,19 +1,26 @@
-"""Architecture changes of the paper (ResNet with global max pooling) and batch-norm folding."""
+"""Models and model changes: the paper's GMP ResNet, batch-norm folding, a small CPU ResNet.
+
+* :func:`to_global_max_pool` -- the paper's architecture change (global max pooling).
+* :func:`fold_batch_norm` -- batch norm folded into the convolutions, for evaluation.
+* :class:`SmallResNet` -- a narrow torchvision ResNet with a CIFAR-style stem, the model of
+  ``recipes/quickstart.py``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import warnings
 from collections import Counter, OrderedDict
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.models.resnet import BasicBlock, ResNet
 
 from captum_consistency._warnings import CaptumConsistencyWarning
 
-__all__ = ["to_global_max_pool", "fold_batch_norm"]
+__all__ = ["to_global_max_pool", "fold_batch_norm", "SmallResNet"]
 
 
 def _is_global_avg_pool(module: Optional[nn.Module]) -> bool:
@@ -190,3 +197,77 @@ def _hooks_set_aside(model: nn.Module) -> Iterator[None]:
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+class SmallResNet(ResNet):
+    r"""A narrow torchvision ResNet with a CIFAR-style stem, for small images on a CPU.
+
+    It is :class:`torchvision.models.ResNet` itself (same ``forward``, ``BasicBlock`` stages
+    ``layer1`` .. ``layer4`` of strides 1, 2, 2, 2, global average pooling ``avgpool`` and the
+    linear ``fc``), built by torchvision's constructor, with two changes that the constructor
+    does not expose:
+
+    * the stem is ``conv1`` = 3x3 convolution, stride 1 (no 7x7 stride-2 convolution and no max
+      pooling), as for CIFAR: the total stride is 8 instead of 32, so a ``S x S`` image gives a
+      ``S/8 x S/8`` map at ``layer4`` (4x4 at 32 px) instead of a 1x1 one;
+    * the stage widths are ``widths`` instead of 64, 128, 256, 512 (the cost of a step scales
+      with the square of the width).
+
+    So ``layer4`` keeps a usable Grad-CAM resolution and a training step costs a few
+    milliseconds on a CPU; :func:`to_global_max_pool` turns it into the paper's GMP model, and
+    every tool that expects a ResNet (``model.layer4``) works unchanged.
+
+    Args:
+        num_classes (int): size of the classifier's output, at least 2.
+        widths (sequence of 4 int): channels of ``layer1`` .. ``layer4``. Default
+            ``(16, 32, 64, 128)``.
+        layers (sequence of 4 int): ``BasicBlock`` s per stage. Default ``(1, 1, 1, 1)``
+            (a ResNet-10).
+
+    Attributes:
+        stride (int): total stride of ``layer4`` (8).
+
+    Examples::
+
+        >>> model = SmallResNet(num_classes=4)
+        >>> model(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 4])
+        >>> to_global_max_pool(model).avgpool        # the paper's GMP variant
+        AdaptiveMaxPool2d(output_size=1)
+    """
+
+    stride: int = 8
+
+    def __init__(
+        self,
+        num_classes: int,
+        widths: Sequence[int] = (16, 32, 64, 128),
+        layers: Sequence[int] = (1, 1, 1, 1),
+    ) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        widths, layers = tuple(widths), tuple(layers)
+        if len(widths) != 4 or any(not isinstance(w, int) or w < 1 for w in widths):
+            raise ValueError(f"widths must be 4 positive ints, got {widths!r}")
+        if len(layers) != 4 or any(not isinstance(b, int) or b < 1 for b in layers):
+            raise ValueError(f"layers must be 4 positive ints, got {layers!r}")
+        # torchvision's ResNet with these blocks, whose stem and stages are replaced below. Its
+        # own modules are built without drawing from the global RNG, so that a seed gives the
+        # weights it gives a model built with only the modules that stay.
+        with torch.random.fork_rng(devices=[]):
+            super().__init__(BasicBlock, list(layers), num_classes=num_classes)
+        self.inplanes = widths[0]
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.maxpool = nn.Identity()
+        self.layer1 = self._make_layer(BasicBlock, widths[0], layers[0])
+        self.layer2 = self._make_layer(BasicBlock, widths[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(BasicBlock, widths[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(BasicBlock, widths[3], layers[3], stride=2)
+        self.fc = nn.Linear(widths[3], num_classes)
+        for m in self.modules():  # torchvision's initialisation of the new modules
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 
@@ -54,6 +53,7 @@ from captum_consistency.engine.datasets import (
     resolve_data_args,
 )
 from captum_consistency.engine.evaluation import METHODS, evaluate_interpretations
+from captum_consistency.report import interpretation_table
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -89,25 +89,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     add_data_arguments(p, "evaluate")
     return p
-
-
-def _pct(value) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
-
-
-def markdown_table(name: str, metrics: dict, multilabel: bool) -> str:
-    """A header and one row in the form of the paper's Table 1 (or Table 2 for multi-label)."""
-    spg = f"{_pct(metrics['spg_mean'])} ± {_pct(metrics['spg_std'])}"
-    if multilabel:
-        head = "| Model | F1-PerClass | F1-Overall | PG | SPG | CH (%) | NQH (%) |"
-        row = (f"| {name} | {_pct(metrics['f1_per_class'])} | {_pct(metrics['f1_overall'])} | "
-               f"{_pct(metrics['pg'])} | {spg} | {_pct(metrics['ch'])} | {_pct(metrics['nqh'])} |")
-    else:
-        head = "| Model | Top-1 Acc (%) | PG | SPG | CH (%) | NQH (%) |"
-        row = (f"| {name} | {_pct(metrics['top1'])} | {_pct(metrics['pg'])} | {spg} | "
-               f"{_pct(metrics['ch'])} | {_pct(metrics['nqh'])} |")
-    sep = "|" + "|".join("---" for _ in range(head.count("|") - 1)) + "|"
-    return "\n".join([head, sep, row]) + "\n"
 
 
 def main(args) -> dict:
@@ -207,7 +188,7 @@ def _main(args, info) -> dict:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=1, allow_nan=False)
-        table = markdown_table(f"{name} ({args.method})", metrics, whole.multilabel)
+        table = interpretation_table(f"{name} ({args.method})", metrics, whole.multilabel)
         with open(os.path.join(args.output_dir, "table.md"), "w") as f:
             f.write(table)
         print(table, end="", flush=True)

@@ -38,6 +38,7 @@ from captum_consistency.engine.datasets import (
     model_name,
     resolve_data_args,
 )
+from captum_consistency.report import fgsm_table
 from captum_consistency.robust import PAPER_EPSILONS, fgsm_accuracy
 
 
@@ -62,15 +63,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 def _eps_label(eps: float) -> str:
     return f"{eps:g}"
-
-
-def markdown_table(name: str, clean: float, accuracy: dict) -> str:
-    """A header and one row in the form of the paper's Table 6 (percent)."""
-    epsilons = list(accuracy)
-    head = "| Model | clean | " + " | ".join(f"ε = {_eps_label(e)}" for e in epsilons) + " |"
-    sep = "|" + "|".join("---" for _ in range(len(epsilons) + 2)) + "|"
-    row = f"| {name} | {100 * clean:.2f} | " + " | ".join(f"{100 * accuracy[e]:.2f}" for e in epsilons) + " |"
-    return "\n".join([head, sep, row]) + "\n"
 
 
 class _Counting:
@@ -142,7 +134,7 @@ def _main(args, info) -> dict:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "robustness.json"), "w") as f:
             json.dump(result, f, indent=1)
-        table = markdown_table(name, clean, accuracy)
+        table = fgsm_table(name, clean, accuracy)
         with open(os.path.join(args.output_dir, "robustness.md"), "w") as f:
             f.write(table)
         print(table, end="", flush=True)

@@ -1,4 +1,4 @@
-"""recipes/quickstart.py (the README's main command) and captum_consistency.quickstart.
+"""recipes/quickstart.py (the README's main command) and the library pieces it uses (SmallResNet, report, viz).
 
 The recipe runs ``--fast`` in-process through ``main(argv)``: every file, key and value range is
 checked; bad arguments must fail before any training; an interrupted run must leave its
@@ -19,14 +19,9 @@ from PIL import Image
 from torchvision.models.resnet import ResNet
 
 from captum_consistency import to_global_max_pool
-from captum_consistency.quickstart import (
-    SmallResNet,
-    gradcam_panel,
-    lambda_sweep_plot,
-    panel_size,
-    summarize_seeds,
-    table1_markdown,
-)
+from captum_consistency.models import SmallResNet
+from captum_consistency.report import summarize_seeds, table1_markdown
+from captum_consistency.viz import gradcam_panel, lambda_sweep_plot, panel_size
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("_recipe_quickstart", ROOT / "recipes" / "quickstart.py")

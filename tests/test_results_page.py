@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from captum_consistency.quickstart import table1_markdown
+from captum_consistency.report import table1_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("_recipe_quickstart_page", ROOT / "recipes" / "quickstart.py")

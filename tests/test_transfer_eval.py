@@ -9,7 +9,7 @@ from captum_consistency.data import DatasetDistractorSampler, DistractorFallback
 from captum_consistency.engine import TRANSFER_METHODS, evaluate_transfer
 from captum_consistency.engine.evaluation import METHODS, SaliencyExplainer, evaluate_interpretations
 from captum_consistency.attr import available_attributions, get_attribution
-from captum_consistency.quickstart import SmallResNet
+from captum_consistency.models import SmallResNet
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from captum_consistency.attr import (
     vit_reshape_transform,
 )
 from captum_consistency.metrics import InterpretationMetrics
-from captum_consistency.quickstart import SmallResNet
+from captum_consistency.models import SmallResNet
 
 # Captum says this at every direct call of its guided backprop and DeepLift (the peers here).
 pytestmark = pytest.mark.filterwarnings("ignore:Setting .*(hooks|attributes):UserWarning")

@@ -121,7 +121,9 @@ class ClassificationMeter:
         Args:
             logits (Tensor): ``(N, K)``.
             targets (Tensor): ``(N,)`` class ids or ``(N, K)`` multi-hot.
-            loss, classification, consistency (Tensor, optional): the batch's mean loss terms.
+            loss (Tensor, optional): the batch's mean total loss.
+            classification (Tensor, optional): its mean classification term.
+            consistency (Tensor, optional): its mean consistency term.
         """
         n = logits.shape[0]
         logits = logits.detach()

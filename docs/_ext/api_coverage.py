@@ -26,8 +26,13 @@ from captum_style import (  # noqa: E402  (the extension beside this hook)
 log = logging.getLogger("mkdocs.hooks.api_coverage")
 
 _DIRECTIVE = re.compile(r"^:::\s+([\w.]+)\s*$", re.M)
-#: Exported names documented in prose rather than with a ``:::`` entry.
-_PROSE_ONLY = {"captum_consistency.__version__"}
+#: Exported names documented in prose rather than with a ``:::`` entry (the two model
+#: functions have theirs under the top-level package, which exports them too).
+_PROSE_ONLY = {
+    "captum_consistency.__version__",
+    "captum_consistency.models.to_global_max_pool",
+    "captum_consistency.models.fold_batch_norm",
+}
 
 
 def _all_of(path: Path) -> Set[str]:

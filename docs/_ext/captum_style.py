@@ -34,7 +34,9 @@ DOCUMENTED_MODULES = (
     "captum_consistency.robust",
     "captum_consistency.engine",
     "captum_consistency.builders",
-    "captum_consistency.quickstart",
+    "captum_consistency.models",
+    "captum_consistency.report",
+    "captum_consistency.viz",
 )
 
 #: Modules whose own docstring the API reference renders (``:::`` with ``members: false``),
