@@ -117,7 +117,7 @@ def bench_attribution(device: torch.device, batch: int, size: int, repeats: int)
     ]
     if device.type == "cpu":
         # Information: on the CPU our plain attribution runs the forward pass on channels-last
-        # tensors (about 20% faster with oneDNN); here the peers get channels-last inputs too,
+        # tensors (faster with oneDNN); here the peers get channels-last inputs too,
         # which isolates the gain of skipping the backbone's backward pass.
         xc = x.contiguous(memory_format=torch.channels_last)
         ours_c = time_call(lambda: ours_cam.attribute(xc, target=target, relu_attributions=True), repeats, sync=sync)

@@ -171,8 +171,8 @@ def main(argv=None) -> List[Dict]:
             return res, time.perf_counter() - start
 
         ours(args.batch_size)  # warm-up (allocator, kernels)
-        # Ours takes ~1 s, the peer ~10 s: the median of three runs of ours, one before and two
-        # after the peer, keeps a one-off hiccup of the machine from deciding the ratio.
+        # Ours is much shorter than the peer: the median of three runs of ours, one before and
+        # two after the peer, keeps a one-off hiccup of the machine from deciding the ratio.
         res, t_first = ours(args.batch_size)
         res1, t_ours1 = ours(1)
         start = time.perf_counter()

@@ -99,7 +99,7 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     computes the same function (to float rounding), so every activation, Grad-CAM and
     element-wise Grad-CAM map at a block output such as ``layer4``, and every prediction are
     unchanged, while the forward pass no longer reads and writes each activation once more for
-    the normalisation (about 12% of a ResNet-18 forward pass on the CPU). Module names and
+    the normalisation (see docs/benchmarks.md). Module names and
     nesting are kept: ``model.layer4`` is the same object and hooks on it still fire. The
     folded convolutions and batch norms themselves are replaced by new modules, so take
     references to *those* (for hooks or attribution layers) after folding.

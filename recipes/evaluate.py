@@ -109,11 +109,11 @@ def _main(args, info) -> dict:
     data, data_root, image_size, split, synthetic = resolve_data_args(args, ckpt)
     check_input_size(ckpt["arch"], image_size, train=False, gmp=bool(ckpt.get("gmp")))
     if args.method in ("gradcam", "elementwise-gradcam") and not args.no_fold_bn:
-        # The same function without a normalisation pass over every activation (~12% of a
-        # ResNet forward on the CPU). Grad-CAM at a block output is invariant to folding;
+        # The same function without a normalisation pass over every activation. Grad-CAM at a
+        # block output is invariant to folding;
         # FullGrad's bias terms and excitation backprop's rules are not, so they keep it.
         fold_batch_norm(model)
-    # Channels-last convolutions are faster on CUDA and, with oneDNN, on the CPU (~1.4x).
+    # Channels-last convolutions are faster on CUDA and, with oneDNN, on the CPU.
     channels_last = True
     model.to(memory_format=torch.channels_last)
     classes = ckpt.get("classes")
