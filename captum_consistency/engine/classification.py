@@ -9,7 +9,7 @@ from torch import nn
 
 from captum_consistency.engine.batches import as_train_batch
 from captum_consistency.engine.distributed import all_reduce_sum
-from captum_consistency.engine.training import _autocast, _to_device
+from captum_consistency.engine.training import _to_device
 from captum_consistency.metrics import ClassificationMeter
 
 __all__ = ["evaluate_classification"]
@@ -59,7 +59,7 @@ def evaluate_classification(
         if batch.images.shape[0] == 0:
             continue
         images, targets = _to_device(batch.images, batch.targets, device, channels_last)
-        with _autocast(device, amp):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
             logits = model(images)
         meter.update(logits.float(), targets)
     model.train(was_training)

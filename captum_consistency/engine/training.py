@@ -20,6 +20,7 @@ schedule is passed to :func:`train_one_epoch` as ``lr_scheduler``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
@@ -208,10 +209,6 @@ def _loader_brings_distractors(loader: Any) -> bool:
     return isinstance(getattr(loader, "dataset", None), DatasetWithDistractors)
 
 
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
-
-
 def _gc_step(loss_fn, batch: TrainBatch, images: Tensor, targets: Tensor, device: torch.device,
              make_distractors, multilabel: bool, generator: Optional[torch.Generator]):
     """The GC loss of one batch: regularised classes, distractors, cells, then ``loss_fn``."""
@@ -388,7 +385,7 @@ def train_one_epoch(
             skipped_steps += 1
             continue
         images, targets = _to_device(batch.images, batch.targets, device, channels_last)
-        with _autocast(device, amp):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
             if loss_fn is None:
                 logits = model(images)
                 out = _PlainStep(logits, criterion(logits, targets))
@@ -428,9 +425,12 @@ def train_one_epoch(
     return result
 
 
-# engine/evaluation.py imports these two names from here (its own module imports them from
-# captum_consistency.metrics and calls torch.autocast once it is updated).
-autocast = _autocast
+# engine/evaluation.py imports the two names below from here; once it calls torch.autocast
+# and imports ClassificationMeter from captum_consistency.metrics, they go.
+def autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 class _Meter(ClassificationMeter):
