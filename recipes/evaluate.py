@@ -45,23 +45,21 @@ from captum_consistency.engine import (
     distributed_session,
     rank_seed,
 )
-from captum_consistency.engine.cli import add_data_arguments, check_input_size
-from captum_consistency.engine.datasets import (
-    build_dataset,
-    load_model_from_checkpoint,
-    model_name,
-    resolve_data_args,
+from captum_consistency.engine.cli import (
+    add_data_arguments,
+    load_evaluated_checkpoint,
+    recipe_parser,
 )
+from captum_consistency.engine.datasets import build_dataset, model_name
 from captum_consistency.engine.evaluation import METHODS, evaluate_interpretations
 from captum_consistency.report import interpretation_table
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Accuracy, PG, SPG, CH and NQH of a trained model (Pillai & Pirsiavash, "
+    p = recipe_parser(
+        "Accuracy, PG, SPG, CH and NQH of a trained model (Pillai & Pirsiavash, "
         "AAAI 2021, Tables 1-4); torchrun-ready.",
-        add_help=add_help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        add_help,
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint.pth written by recipes/train.py")
     p.add_argument("--method", default="elementwise-gradcam", choices=METHODS,
@@ -105,9 +103,8 @@ def _main(args, info) -> dict:
         # and algorithm. Strict float32 keeps every number the per-image one.
         torch.backends.cudnn.allow_tf32 = bool(args.tf32)
         torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
-    model, ckpt = load_model_from_checkpoint(args.checkpoint, device)
-    data, data_root, image_size, split, synthetic = resolve_data_args(args, ckpt)
-    check_input_size(ckpt["arch"], image_size, train=False, gmp=bool(ckpt.get("gmp")))
+    model, ckpt, (data, data_root, image_size, split, synthetic) = load_evaluated_checkpoint(
+        args, device)
     if args.method in ("gradcam", "elementwise-gradcam") and not args.no_fold_bn:
         # The same function without a normalisation pass over every activation. Grad-CAM at a
         # block output is invariant to folding;

@@ -31,22 +31,16 @@ from captum_consistency.engine import (
     check_checkpoint_compatible,
     distributed_session,
 )
-from captum_consistency.engine.cli import add_data_arguments, check_input_size
-from captum_consistency.engine.datasets import (
-    build_dataset,
-    load_model_from_checkpoint,
-    model_name,
-    resolve_data_args,
-)
+from captum_consistency.engine.cli import add_data_arguments, load_evaluated_checkpoint, recipe_parser
+from captum_consistency.engine.datasets import build_dataset, model_name
 from captum_consistency.report import fgsm_table
 from captum_consistency.robust import PAPER_EPSILONS, fgsm_accuracy
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="FGSM robustness table (Pillai & Pirsiavash, AAAI 2021, Table 6); torchrun-ready.",
-        add_help=add_help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = recipe_parser(
+        "FGSM robustness table (Pillai & Pirsiavash, AAAI 2021, Table 6); torchrun-ready.",
+        add_help,
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint.pth written by recipes/train.py")
     p.add_argument("--epsilons", default=list(PAPER_EPSILONS), type=float, nargs="+",
@@ -91,12 +85,11 @@ def _main(args, info) -> dict:
     t0 = time.time()
     if any(e < 0 for e in args.epsilons):
         raise ValueError(f"--epsilons must be >= 0, got {args.epsilons}")
-    model, ckpt = load_model_from_checkpoint(args.checkpoint, device)
+    model, ckpt, (data, data_root, image_size, split, synthetic) = load_evaluated_checkpoint(
+        args, device)
     model.to(memory_format=torch.channels_last)  # as evaluate.py: faster, same clean accuracy
-    data, data_root, image_size, split, synthetic = resolve_data_args(args, ckpt)
     if data == "coco" or ckpt.get("multilabel"):
         raise ValueError("robustness.py measures top-1 accuracy: use single-label data (imagenet, synthetic)")
-    check_input_size(ckpt["arch"], image_size, train=False, gmp=bool(ckpt.get("gmp")))
     crop = build_dataset(data, split, "crop", image_size, data_root=data_root,
                          classes=ckpt.get("classes") if data == "imagenet" else None,
                          skip_corrupt=args.skip_corrupt, synthetic=synthetic,

@@ -78,18 +78,22 @@ from captum_consistency.engine import (
     train_one_epoch,
     barrier,
 )
-from captum_consistency.engine.cli import add_data_arguments, check_input_size, positive_int
+from captum_consistency.engine.cli import (
+    add_data_arguments,
+    check_input_size,
+    positive_int,
+    recipe_parser,
+)
 from captum_consistency.engine.datasets import DEFAULT_SPLITS, build_dataset
 
 CHECKPOINT_NAME = "checkpoint.pth"
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Train a classifier with the Grad-CAM consistency loss "
+    p = recipe_parser(
+        "Train a classifier with the Grad-CAM consistency loss "
         "(Pillai & Pirsiavash, AAAI 2021); torchrun-ready.",
-        add_help=add_help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        add_help,
     )
     g = add_data_arguments(p, "train")
     g.add_argument("--no-val", action="store_true", help="skip the per-epoch validation accuracy")

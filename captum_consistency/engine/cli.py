@@ -27,6 +27,20 @@ _ALL = frozenset(RECIPES)
 _MAX_SIDE = 4096
 
 
+def recipe_parser(description: str, add_help: bool = True) -> argparse.ArgumentParser:
+    """The argument parser of a recipe: its description, defaults shown in ``--help``.
+
+    Args:
+        description (str): what the recipe does.
+        add_help (bool): add ``-h/--help`` (False to embed the parser in another one).
+
+    Returns:
+        argparse.ArgumentParser
+    """
+    return argparse.ArgumentParser(description=description, add_help=add_help,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
 def positive_int(text: str) -> int:
     """``argparse`` type of an integer option that must be at least 1 (``--epochs``).
 
@@ -235,3 +249,26 @@ def check_input_size(
     finally:
         for h in handles:
             h.remove()
+
+
+def load_evaluated_checkpoint(args: argparse.Namespace, device: torch.device):
+    """The model of ``--checkpoint`` and the data options of an evaluating recipe.
+
+    Builds the checkpoint's model with its weights on ``device``, takes the data options left
+    unset in ``args`` from the checkpoint
+    (:func:`~captum_consistency.engine.datasets.resolve_data_args`) and checks that the
+    architecture runs at that image size (:func:`check_input_size`), before any data is read.
+
+    Args:
+        args (argparse.Namespace): the recipe's options (``checkpoint``, the data options).
+        device (torch.device): where the model goes.
+
+    Returns:
+        tuple: ``(model, checkpoint, (data, data_root, image_size, split, synthetic))``.
+    """
+    from captum_consistency.engine.datasets import load_model_from_checkpoint, resolve_data_args
+
+    model, ckpt = load_model_from_checkpoint(args.checkpoint, device)
+    resolved = resolve_data_args(args, ckpt)
+    check_input_size(ckpt["arch"], resolved[2], train=False, gmp=bool(ckpt.get("gmp")))
+    return model, ckpt, resolved
