@@ -42,6 +42,7 @@ from captum_consistency.engine.training import (
     sample_positive_class,
     train_one_epoch,
 )
+from captum_consistency.engine.shapes_benchmark import cue_statistics, evaluate_on_shapes
 from captum_consistency.engine.transfer import TRANSFER_METHODS, evaluate_transfer
 
 # Kept importable from here (their home is captum_consistency.metrics); not listed below.
@@ -63,6 +64,9 @@ __all__ = [
     "positive_int",
     "evaluate_transfer",
     "TRANSFER_METHODS",
+    # the procedural shapes benchmark (recipes/quickstart.py)
+    "evaluate_on_shapes",
+    "cue_statistics",
     # checkpoints
     "CHECKPOINT_FORMAT",
     "save_checkpoint",
