@@ -28,7 +28,11 @@ Every flag of the data and training groups overrides the benchmark's default. Ev
 :func:`captum_consistency.engine.evaluation.evaluate_interpretations` (element-wise Grad-CAM
 at ``--layer``: PG, SPG mean and std over 5 runs, CH against the exact object masks, NQH on 2x2
 composites, the share of all-zero maps, top-1) and FGSM accuracy
-(:func:`captum_consistency.robust.fgsm_accuracy`).
+(:func:`captum_consistency.robust.fgsm_accuracy`). The transfer table (the paper's Tables 3 and
+4): :func:`captum_consistency.engine.transfer.evaluate_transfer` scores each variant's models
+under ``--transfer`` methods of this library, Captum and pytorch-grad-cam (``fast``: the eleven
+methods of one or a few passes per image; ``all``: every registry name) on the first
+``--transfer-images`` test images, with the same composites for every method.
 
 Writes to ``--output-dir``:
 
@@ -36,12 +40,16 @@ Writes to ``--output-dir``:
   ``gmp_gc``) with the means over seeds of ``top1``, ``pg``, ``spg_mean``, ``spg_std``,
   ``ch``, ``nqh``, ``zero_maps``, ``fgsm`` (epsilon -> accuracy), ``train_time_s`` (and on
   ``spurious-cue`` ``top1_consistent``, ``top1_conflicting``, ``cue_gap``, ``follows_cue``,
-  ``cue_mass``), ``spread`` (their standard deviation over seeds), ``per_seed`` and
-  ``num_seeds``; ``lambda_sweep`` (one point per lambda); ``claims`` (the paper's claims checked
-  on the means); ``config``, ``machine``, ``elapsed_s`` and ``status``. Rewritten after every
+  ``cue_mass``), ``transfer`` (method -> ``pg``, ``spg_mean``, ``ch``, ``nqh``, ``skipped``),
+  ``spread`` (their standard deviation over seeds), ``per_seed`` (with each seed's
+  ``transfer_warnings``) and ``num_seeds``; ``lambda_sweep`` (one point per lambda); ``claims``
+  (the paper's claims checked on the means); ``transfer`` (per method, GC against its
+  reference: relative NQH drop, CH and PG changes); ``config``, ``machine``, ``elapsed_s`` and
+  ``status``. Rewritten after every
   trained model, so an interrupted run keeps what it finished.
 * ``report.md``: whether the baseline learned the object, a table in the form of the paper's
-  Table 1 (mean ± spread over seeds), the claims, the lambda sweep and the set-up.
+  Table 1 (mean ± spread over seeds), the claims, the transfer table with where GC helps and
+  where it does not, the lambda sweep and the set-up.
 * ``gradcam.png``: Figure-2-style panel (first seed of each variant): on ``shapes`` test 2x2
   composites and the Grad-CAM of the class of the image in the green box; on ``spurious-cue``
   single test images with their object and cue boxes.
@@ -65,15 +73,21 @@ import os
 import platform
 import sys
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from captum_consistency import GradCamConsistencyLoss, compose_grid, to_global_max_pool
+from captum_consistency import (
+    CaptumConsistencyWarning,
+    GradCamConsistencyLoss,
+    compose_grid,
+    to_global_max_pool,
+)
 from captum_consistency.data import (
     SHAPES,
     DatasetDistractorSampler,
@@ -84,6 +98,7 @@ from captum_consistency.data import (
 from captum_consistency.data.synthetic import MIN_IMAGE_SIZE
 from captum_consistency.engine import rank_seed, train_one_epoch
 from captum_consistency.engine.evaluation import SaliencyExplainer, evaluate_interpretations
+from captum_consistency.engine.transfer import TRANSFER_METHODS, evaluate_transfer
 from captum_consistency.metrics import content_heatmap
 from captum_consistency.quickstart import (
     SmallResNet,
@@ -121,7 +136,7 @@ BENCHMARKS: Dict[str, Dict[str, Any]] = {
 #: What ``--fast`` caps (a smoke run of every code path, not a meaningful experiment).
 FAST = {
     "seeds": 1, "train_size": 96, "epochs": 1, "batch_size": 32, "test_size": 48,
-    "figure_images": 2, "width": 8,
+    "figure_images": 2, "width": 8, "transfer_images": 48,
 }
 
 #: The baseline test top-1 below which the report says the object was not learned.
@@ -215,6 +230,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--fgsm-eps", type=_epsilons, default=[0.0, 1.0, 2.0, 4.0, 8.0],
                    help="FGSM epsilons on the 0-255 scale")
     g.add_argument("--figure-images", type=_positive_int, default=6, help="rows of gradcam.png")
+    g.add_argument("--transfer", default="fast", choices=("none", *TRANSFER_METHODS),
+                   help="explanation methods of the transfer table (the paper's Tables 3-4): "
+                        "'fast' (one or a few passes per image), 'all' (every registry name, "
+                        "tens to hundreds of passes per image for some) or 'none'")
+    g.add_argument("--transfer-images", type=_positive_int, default=500,
+                   help="test images (the first ones) scored under each transfer method")
     g.add_argument("--workers", type=_positive_int, default=min(4, os.cpu_count() or 1),
                    help="models trained at once, each in its own process (a small network "
                    "keeps one core busy, not two: two one-thread workers on two cores train "
@@ -388,7 +409,11 @@ def cue_statistics(model, loader, device, layer) -> Dict[str, float]:
     }
 
 
-def evaluate_model(args, model, seed: int, test: SpuriousContextShapes, device) -> Dict[str, Any]:
+def evaluate_model(args, model, seed: int, test: SpuriousContextShapes, device,
+                   transfer: bool = True) -> Dict[str, Any]:
+    """Table 1's metrics (element-wise Grad-CAM at ``--layer``), FGSM accuracy and, with
+    ``transfer``, the transfer table's rows (``--transfer`` methods on the first
+    ``--transfer-images`` test images)."""
     progress = not args.no_progress
     crop_loader = DataLoader(test, batch_size=250)
     whole_loader = DataLoader(test.with_annotations(), batch_size=250)
@@ -398,7 +423,10 @@ def evaluate_model(args, model, seed: int, test: SpuriousContextShapes, device) 
                                        num_classes=args.classes))
 
     def make_distractors(images, targets, gc_targets):
-        return gather_distractors(images, targets, gc_targets, generator=generator, fallback=fallback)
+        # the fallback draws from ``generator`` too, so that evaluate_transfer's replay of the
+        # generator gives every method the same composites
+        return gather_distractors(images, targets, gc_targets, generator=generator,
+                                  fallback=lambda classes: fallback(classes, generator))
 
     m = evaluate_interpretations(
         model, "elementwise-gradcam", whole_loader, crop_loader, device,
@@ -421,6 +449,32 @@ def evaluate_model(args, model, seed: int, test: SpuriousContextShapes, device) 
     fgsm = fgsm_accuracy(model, crop_loader, epsilons=args.fgsm_eps, mean=test.mean,
                          std=test.std, device=device, progress=progress)
     out["fgsm"] = {f"{eps:g}": acc for eps, acc in fgsm.items()}
+    if transfer and args.transfer != "none":
+        subset = range(min(args.transfer_images, len(test)))
+        generator.manual_seed(rank_seed(seed, 0, 8))
+        # A method that only approximates its rule on this model (DeepLift through a global max
+        # pool) warns; the warning goes into the report next to its row instead of the log.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CaptumConsistencyWarning)
+            rows = evaluate_transfer(
+                model, args.transfer,
+                DataLoader(Subset(test.with_annotations(), subset), batch_size=250),
+                DataLoader(Subset(test, subset), batch_size=250), device, num_classes=args.classes,
+                make_distractors=make_distractors, generator=generator,
+                spg_generator=torch.Generator(device=device).manual_seed(rank_seed(seed, 0, 9)),
+                tolerance=15.0 * args.image_size / 224, layer=getattr(model, args.layer),
+                errors="record", progress=progress,
+            )
+        for w in caught:
+            if not issubclass(w.category, CaptumConsistencyWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        out["transfer_warnings"] = sorted({str(w.message) for w in caught
+                                           if issubclass(w.category, CaptumConsistencyWarning)})
+        # the metrics only (each method's time and image counts are the same for every seed)
+        out["transfer"] = {name: ({k: row[k] for k in ("pg", "spg_mean", "ch", "nqh", "skipped")}
+                                  if "error" not in row else {"error": row["error"]})
+                           for name, row in rows.items()}
+        out["transfer_time_s"] = {name: row.get("time_s") for name, row in rows.items()}
     return out
 
 
@@ -489,6 +543,88 @@ def _claims_markdown(claims: List[Dict[str, Any]], summaries: Dict[str, dict]) -
     return lines
 
 
+#: The library of each registry name's prefix (names without one are this library's).
+_LIBRARIES = {"captum": "Captum", "pgc": "pytorch-grad-cam"}
+
+
+def transfer_comparison(summaries: Dict[str, dict]) -> List[Dict[str, Any]]:
+    """Per transfer method, GC against its reference (GC vs Baseline, GMP + GC vs GMP) on the
+    means over seeds: the relative NQH drop and the CH and PG changes (fractions)."""
+    rows = []
+    for new, ref in (("gc", "baseline"), ("gmp_gc", "gmp")):
+        a, b = summaries.get(new, {}).get("transfer"), summaries.get(ref, {}).get("transfer")
+        if not a or not b:
+            continue
+        for method, rb in b.items():
+            ra = a.get(method) or {}
+            row: Dict[str, Any] = {"pair": [new, ref], "method": method}
+            if any(r.get(k) is None for r in (ra, rb) for k in ("nqh", "ch", "pg")):
+                rows.append(dict(row, comparable=False))
+                continue
+            drop = _relative_drop(ra["nqh"], rb["nqh"])
+            rows.append(dict(row, comparable=True, nqh_relative_drop=drop,
+                             ch_change=ra["ch"] - rb["ch"], pg_change=ra["pg"] - rb["pg"],
+                             nqh_30pct_lower=drop is not None and drop >= 0.30,
+                             ch_not_lower=ra["ch"] >= rb["ch"]))
+    return rows
+
+
+def _transfer_markdown(args, summaries: Dict[str, dict], comparison: List[Dict[str, Any]]) -> List[str]:
+    """The transfer table (the paper's Tables 3-4) and, per pair, where GC helps and where not."""
+    with_rows = [s for s in summaries.values() if s.get("transfer")]
+    if not with_rows:
+        return ["(no finished run yet)"]
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    methods = list(with_rows[0]["transfer"])
+    lines = ["| Method | Library | " + " | ".join(f"{s['name']}: PG / CH / NQH" for s in with_rows)
+             + " |", "|---|---|" + "---|" * len(with_rows)]
+    for m in methods:
+        cells = []
+        for s in with_rows:
+            r = s["transfer"].get(m) or {}
+            cells.append("error" if r.get("error") else
+                         f"{pct(r.get('pg'))} / {pct(r.get('ch'))} / {pct(r.get('nqh'))}")
+        library = _LIBRARIES.get(m.split(":")[0], "captum-consistency")
+        lines.append(f"| `{m}` | {library} | "
+                     + " | ".join(cells) + " |")
+    lines.append("")
+    for new, ref in (("gc", "baseline"), ("gmp_gc", "gmp")):
+        rows = [c for c in comparison if c["pair"] == [new, ref]]
+        if not rows:
+            continue
+        na, nb = VARIANTS[new][0], VARIANTS[ref][0]
+        strong = [c for c in rows if c["comparable"] and c["nqh_30pct_lower"]]
+        weak = [c for c in rows if c["comparable"] and not c["nqh_30pct_lower"]
+                and (c["nqh_relative_drop"] or 0) > 0]
+        none = [c for c in rows if c["comparable"] and (c["nqh_relative_drop"] or 0) <= 0]
+        ch_lower = [c for c in rows if c["comparable"] and not c["ch_not_lower"]]
+        missing = [c for c in rows if not c["comparable"]]
+        name = lambda c: f"`{c['method']}` ({-100 * c['nqh_relative_drop']:+.1f}%)"  # noqa: E731
+        lines.append(f"- {na} vs {nb}, NQH at least 30% lower (the paper's claim for Grad-CAM) "
+                     f"under {len(strong)} of {len(rows)} methods"
+                     + (": " + ", ".join(name(c) for c in strong) if strong else "") + ".")
+        if weak:
+            lines.append("  - lower by less than 30% under: " + ", ".join(name(c) for c in weak) + ".")
+        if none:
+            lines.append("  - **not lower** under: " + ", ".join(name(c) for c in none) + ".")
+        lines.append("  - CH " + ("not lower under any method." if not ch_lower else
+                                  "**lower** under: " + ", ".join(
+                                      f"`{c['method']}` ({100 * c['ch_change']:+.1f} points)"
+                                      for c in ch_lower) + "."))
+        if missing:
+            lines.append("  - not comparable (an error or only all-zero maps): "
+                         + ", ".join(f"`{c['method']}`" for c in missing) + ".")
+    errors = {(s["name"], m): r["error"] for s in with_rows for m, r in s["transfer"].items()
+              if r.get("error")}
+    notes = {(s["name"], w) for s in summaries.values() for r in s["per_seed"]
+             for w in r.get("transfer_warnings") or []}
+    if errors or notes:
+        lines += ["", "What the methods said about these models:", ""]
+        lines += [f"- {name}, `{m}`: error: {e}" for (name, m), e in sorted(errors.items())]
+        lines += [f"- {name}: {w}" for name, w in sorted(notes)]
+    return lines
+
+
 def _learned_markdown(summaries: Dict[str, dict]) -> List[str]:
     """Whether the models learned the object, stated before any claim is read."""
     lines = []
@@ -550,6 +686,7 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
     config["model"] = (f"SmallResNet(BasicBlock x [1,1,1,1], widths {args.width}..{8 * args.width}, "
                        f"stem 3x3 stride 1, layer4 {args.image_size // 8}x{args.image_size // 8})")
     claims = check_claims(summaries)
+    comparison = transfer_comparison(summaries)
     points = _sweep_points(args, runs, sweep_runs or {})
     plot = None
     if len(points) >= 2:
@@ -557,7 +694,7 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
                                  title=f"{args.benchmark}: seed 0, {args.epochs} epochs")
     results = {"status": status, "benchmark": args.benchmark, "elapsed_s": round(elapsed, 1),
                "machine": machine_info(args), "config": config, "variants": summaries,
-               "claims": claims, "lambda_sweep": points}
+               "claims": claims, "transfer": comparison, "lambda_sweep": points}
     _atomic_write(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2) + "\n")
 
     cue = args.cue_prob > 0
@@ -611,6 +748,21 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
         *(_claims_markdown(claims, summaries) or ["- (not enough variants finished to compare)"]),
         "",
     ]
+    if args.transfer != "none":
+        n_transfer = min(args.transfer_images, args.test_size)
+        lines += [
+            "## Transfer to other explanation methods (the paper's Tables 3 and 4)",
+            "",
+            "The GC loss is computed with element-wise Grad-CAM only; these rows score the same "
+            f"models under other methods (`--transfer {args.transfer}`), on the first "
+            f"{n_transfer} test images and the same composites for every method. Means over "
+            "seeds, in percent (spreads in results.json). Each method's maps are made "
+            "non-negative by its library's rule (docs: Attribution methods); maps that come "
+            "out all zero or NaN are skipped, not averaged in (their count is in results.json).",
+            "",
+            *_transfer_markdown(args, summaries, comparison),
+            "",
+        ]
     if args.lambda_sweep:
         lines += ["## Lambda sweep (seed 0)", "",
                   "lambda = 0 is the baseline's seed-0 run and lambda = --lam the GC run's; "
@@ -791,9 +943,11 @@ def run_job(job: Tuple[str, int, float, Optional[float]]) -> Tuple[tuple, Dict[s
     args, (train_images, train_labels), test = _WORKER["args"], _WORKER["train"], _WORKER["test"]
     v, seed, lam, _ = job
     device = torch.device("cpu")
+    v, seed, lam, factor = job
     trained = train_model(args, v, seed, train_images, train_labels, device, lam=lam)
     t_eval = time.perf_counter()
-    metrics = evaluate_model(args, trained["model"], seed, test, device)
+    # lambda-sweep models get Table 1's metrics only; the transfer table is per variant
+    metrics = evaluate_model(args, trained["model"], seed, test, device, transfer=factor is None)
     metrics.update(seed=seed, train_time_s=round(trained["train_time_s"], 2),
                    eval_time_s=round(time.perf_counter() - t_eval, 2),
                    train_last_epoch=trained["history"][-1])

@@ -19,6 +19,7 @@ from PIL import Image
 from torchvision.models.resnet import ResNet
 
 from captum_consistency import to_global_max_pool
+from captum_consistency.engine.transfer import TRANSFER_METHODS
 from captum_consistency.models import SmallResNet
 from captum_consistency.report import summarize_seeds, table1_markdown
 from captum_consistency.viz import gradcam_panel, lambda_sweep_plot, panel_size
@@ -62,6 +63,38 @@ def _check_gc_trained(results):
             assert 0.0 <= last["consistency"] <= 2.0  # L1 of two sum-1 maps, averaged
 
 
+def _check_transfer_table(results, report):
+    """--transfer fast (the default): every variant scored under the fast methods of both
+    libraries, the comparison computed from those rows, and the table in the report."""
+    methods = list(TRANSFER_METHODS["fast"])
+    assert sum(m.startswith("captum:") for m in methods) >= 4
+    assert sum(m.startswith("pgc:") for m in methods) >= 4 and len(methods) >= 8
+    for entry in results["variants"].values():
+        assert list(entry["transfer"]) == methods
+        for method, row in entry["transfer"].items():
+            assert "error" not in row, (method, row)
+            for key in ("pg", "spg_mean", "ch", "nqh"):
+                assert 0.0 <= row[key] <= 1.0, (method, key, row[key])
+        # the per-seed rows are what the means summarise
+        seed0 = entry["per_seed"][0]["transfer"]
+        assert seed0["pgc:gradcam++"]["nqh"] == entry["transfer"]["pgc:gradcam++"]["nqh"]
+    base, gc = (results["variants"][v]["transfer"] for v in ("baseline", "gc"))
+    rows = {c["method"]: c for c in results["transfer"]}
+    assert list(rows) == methods and all(c["pair"] == ["gc", "baseline"] for c in rows.values())
+    for m, c in rows.items():
+        drop = (base[m]["nqh"] - gc[m]["nqh"]) / base[m]["nqh"]
+        assert math.isclose(c["nqh_relative_drop"], drop)
+        assert c["nqh_30pct_lower"] == (drop >= 0.30)
+        assert math.isclose(c["ch_change"], gc[m]["ch"] - base[m]["ch"])
+    section = report.split("## Transfer to other explanation methods")[1].split("\n## ")[0]
+    assert "| Method | Library | Baseline: PG / CH / NQH | GC: PG / CH / NQH |" in section
+    for m in methods:
+        r = base[m]
+        assert (f"| `{m}` | " in section and
+                f"{100 * r['pg']:.1f} / {100 * r['ch']:.1f} / {100 * r['nqh']:.1f}" in section), m
+    assert "NQH at least 30% lower" in section
+
+
 def test_fast_end_to_end_default_benchmark(tmp_path):
     out = tmp_path / "qs"
     done = []
@@ -94,6 +127,8 @@ def test_fast_end_to_end_default_benchmark(tmp_path):
     assert claim["checks"]["ch_not_lower"] == (gc["ch"] >= base["ch"])
     assert claim["checks"]["top1_within_3_points"] == (gc["top1"] >= base["top1"] - 0.03)
     assert results["machine"]["workers"] == 1 and results["elapsed_s"] > 0
+
+    _check_transfer_table(results, (out / "report.md").read_text())
 
     report = (out / "report.md").read_text()
     assert "## Did the models learn the object?" in report
@@ -136,6 +171,13 @@ def test_fast_end_to_end_spurious_cue_benchmark(tmp_path):
 
     report = (out / "report.md").read_text()
     assert "| Top-1 cue-conflicting (%) |" in report and "What GC can act on" in report
+    # DeepLift's rescale rule does not cover the global max pool of the GMP models: the
+    # warning is reported next to the transfer table, the row is still there
+    gmp_seed0 = results["variants"]["gmp"]["per_seed"][0]
+    assert any(w.startswith("captum:deeplift:") and "adaptive_max_pool2d" in w
+               for w in gmp_seed0["transfer_warnings"])
+    assert results["variants"]["baseline"]["per_seed"][0]["transfer_warnings"] == []
+    assert "What the methods said about these models:" in report and "- GMP: captum:deeplift:" in report
     for name in ("Baseline", "GC", "GMP", "GMP + GC"):
         assert f"| ResNet {name} |" in report
     assert not (out / "lambda_sweep.png").exists()
@@ -148,7 +190,7 @@ def test_fast_end_to_end_spurious_cue_benchmark(tmp_path):
 def test_worker_processes_give_the_same_numbers_as_one_process(tmp_path):
     """--workers 2 (spawned processes, jobs finishing in any order) reports exactly what the
     sequential in-process run reports, run by run."""
-    common = ["--fast", "--no-progress", "--threads", "1", "--variants", "baseline,gc",
+    common = ["--fast", "--no-progress", "--threads", "1", "--variants", "baseline,gc", "--transfer", "none",
               "--lambda-sweep", "0,1,4"]
     rc = quickstart.main(["--output-dir", str(tmp_path / "one"), "--workers", "1", *common])
     assert rc == 0
@@ -182,7 +224,7 @@ def test_interrupting_worker_processes_keeps_finished_runs(tmp_path, signame):
         [sys.executable, str(ROOT / "recipes" / "quickstart.py"), "--output-dir", str(out),
          "--no-progress", "--workers", "2", "--seeds", "10", "--lambda-sweep", "none",
          "--train-size", "96", "--test-size", "48", "--batch-size", "32", "--epochs", "1",
-         "--width", "8", "--figure-images", "2", "--fgsm-eps", "0"],  # 20 short runs
+         "--width", "8", "--figure-images", "2", "--fgsm-eps", "0", "--transfer", "none"],  # 20 short runs
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         # pytest-xdist workers ignore SIGINT, and an ignored signal stays ignored across exec:
         # give the recipe the disposition a terminal gives it
@@ -247,6 +289,12 @@ def test_all_zero_maps_get_a_row_not_a_crash(tmp_path, monkeypatch):
     assert gc["zero_maps"] == 1.0 and gc["zero_maps_composite"] == 1.0
     assert gc["pg"] is None and gc["ch"] is None and gc["nqh"] is None
     assert json.loads(text)["claims"] == [{"pair": ["gc", "baseline"], "comparable": False}]
+    # the transfer methods get the same all-zero maps: skipped, never averaged in as numbers
+    for method, row in gc["transfer"].items():
+        if method != "pgc:eigencam":  # an SVD of zero activations: zero too, or an error row
+            assert row.get("nqh") is None and row.get("ch") is None, (method, row)
+    comparison = {c["method"]: c for c in json.loads(text)["transfer"]}
+    assert comparison["captum:saliency"]["comparable"] is False
     report = (out / "report.md").read_text()
     row = next(line for line in report.splitlines() if line.startswith("| ResNet GC |"))
     assert "n/a" in row and "| 100.0 ± 0.0 | 1 |" in row  # zero maps 100%, one seed
@@ -268,6 +316,8 @@ def test_all_zero_maps_get_a_row_not_a_crash(tmp_path, monkeypatch):
         (["--benchmark", "imagenet"], "--benchmark"),
         (["--variants", "baseline,nope"], "--variants"),
         (["--fgsm-eps", "-1"], "--fgsm-eps"),
+        (["--transfer", "captum:saliency"], "--transfer"),  # a list name, not a method
+        (["--transfer-images", "0"], "--transfer-images"),
     ],
 )
 def test_bad_arguments_fail_before_training(tmp_path, monkeypatch, capsys, argv, message):
@@ -301,7 +351,8 @@ def test_interrupt_keeps_finished_variants(tmp_path, capsys):
         raise KeyboardInterrupt
 
     rc = quickstart.main(["--output-dir", str(out), "--fast", "--no-progress",
-                          "--variants", "baseline,gc", "--workers", "1"], on_run_done=interrupt)
+                          "--variants", "baseline,gc", "--workers", "1", "--transfer", "none"],
+                         on_run_done=interrupt)
     assert rc == 130
     assert "interrupted" in capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
