@@ -6,62 +6,27 @@ Pillai & Pirsiavash, "Explainable Models with Consistent Interpretations", AAAI 
     python recipes/quickstart.py --output-dir runs/qs_fast --fast      # under a minute
     python recipes/quickstart.py --benchmark spurious-cue              # what GC does not fix
 
-Trains the paper's variants, Baseline and GC by default (GMP and GMP + GC with ``--variants``),
-as small ResNets (:class:`captum_consistency.quickstart.SmallResNet`: torchvision ``ResNet``
-with ``BasicBlock`` x [1, 1, 1, 1] and a stride-1 stem, so ``layer4`` is 4x4 at 32 px), with
-``--seeds`` seeds each, on one of two procedural benchmarks of
-:class:`~captum_consistency.data.SpuriousContextShapes` (exact object masks):
+Trains the paper's variants (Baseline and GC; GMP and GMP + GC with ``--variants``) as
+:class:`~captum_consistency.models.SmallResNet` s with ``--seeds`` seeds each on a procedural
+benchmark of :class:`~captum_consistency.data.SpuriousContextShapes` (``shapes``: the paper's
+claim; ``spurious-cue``: a context cue that GC does not remove), evaluates them with
+:func:`~captum_consistency.engine.evaluate_on_shapes` (PG, SPG, CH, NQH, top-1, FGSM and the
+transfer table of the paper's Tables 3-4) and writes to ``--output-dir``:
 
-* ``shapes`` (default): one shape of 4 classes per image on a cluttered background, no context
-  cue. What the paper claims is measured on it: explanations confined to the image that holds
-  the object (NQH on 2x2 composites of test images) and on the object (CH, PG against the exact
-  masks). Objects have a circumradius of 20-30% of the image side, so that the shapes are
-  resolvable at 32 px and the baseline learns them (test top-1 above 90%, checked and printed
-  before any claim), and a 2x2 composite's ``layer4`` map has 4x4 locations per cell.
-  A lambda sweep (``--lambda-sweep``: 0, lambda/4, lambda, 4 lambda, seed 0) is drawn as a plot.
-* ``spurious-cue``: the same shapes with a class-correlated striped cue beside the object in
-  training (``--cue-strength``) and a class-independent cue in test. It shows what GC does not
-  fix: a cue inside the object's own cell is out of reach of Eq. 5. The report adds top-1 on
-  cue-consistent / cue-conflicting test images and the Grad-CAM mass on the cue.
-
-Every flag of the data and training groups overrides the benchmark's default. Evaluation:
-:func:`captum_consistency.engine.evaluation.evaluate_interpretations` (element-wise Grad-CAM
-at ``--layer``: PG, SPG mean and std over 5 runs, CH against the exact object masks, NQH on 2x2
-composites, the share of all-zero maps, top-1) and FGSM accuracy
-(:func:`captum_consistency.robust.fgsm_accuracy`). The transfer table (the paper's Tables 3 and
-4): :func:`captum_consistency.engine.transfer.evaluate_transfer` scores each variant's models
-under ``--transfer`` methods of this library, Captum and pytorch-grad-cam (``fast``: the eleven
-methods of one or a few passes per image; ``all``: every registry name) on the first
-``--transfer-images`` test images, with the same composites for every method.
-
-Writes to ``--output-dir``:
-
-* ``results.json``: ``variants`` -> one entry per variant (``baseline``, ``gc``, ``gmp``,
-  ``gmp_gc``) with the means over seeds of ``top1``, ``pg``, ``spg_mean``, ``spg_std``,
-  ``ch``, ``nqh``, ``zero_maps``, ``fgsm`` (epsilon -> accuracy), ``train_time_s`` (and on
-  ``spurious-cue`` ``top1_consistent``, ``top1_conflicting``, ``cue_gap``, ``follows_cue``,
-  ``cue_mass``), ``transfer`` (method -> ``pg``, ``spg_mean``, ``ch``, ``nqh``, ``skipped``),
-  ``spread`` (their standard deviation over seeds), ``per_seed`` (with each seed's
-  ``transfer_warnings``) and ``num_seeds``; ``lambda_sweep`` (one point per lambda); ``claims``
+* ``results.json``: per variant the means over seeds of every metric, ``spread`` (their
+  standard deviation over seeds), ``per_seed`` and ``num_seeds``; ``lambda_sweep``; ``claims``
   (the paper's claims checked on the means); ``transfer`` (per method, GC against its
-  reference: relative NQH drop, CH and PG changes); ``config``, ``machine``, ``elapsed_s`` and
-  ``status``. Rewritten after every
+  reference); ``config``, ``machine``, ``elapsed_s`` and ``status``. Rewritten after every
   trained model, so an interrupted run keeps what it finished.
-* ``report.md``: whether the baseline learned the object, a table in the form of the paper's
-  Table 1 (mean ± spread over seeds), the claims, the transfer table with where GC helps and
-  where it does not, the lambda sweep and the set-up.
-* ``gradcam.png``: Figure-2-style panel (first seed of each variant): on ``shapes`` test 2x2
-  composites and the Grad-CAM of the class of the image in the green box; on ``spurious-cue``
-  single test images with their object and cue boxes.
-* ``lambda_sweep.png``: NQH, CH and top-1 against lambda.
+* ``report.md``: whether the baseline learned the object, the Table-1 form table
+  (:func:`~captum_consistency.report.table1_markdown`), the claims, the transfer table, the
+  lambda sweep and the set-up.
+* ``gradcam.png`` (:func:`~captum_consistency.viz.gradcam_panel`) and ``lambda_sweep.png``
+  (:func:`~captum_consistency.viz.lambda_sweep_plot`).
 
-Training: SGD (momentum 0.9, Nesterov, weight decay 5e-4), batch 64, learning rate 0.05 with a
-linear warm-up over the first 5% of the steps then a cosine decay to 0, stepped per batch;
-``lambda = 8``: the consistency term is the *mean* over the composite map's locations of the L1
-difference of two sum-1 maps, so its weight relative to the cross-entropy scales as
-``lambda / (2h x 2w)``; the paper's 25 on ImageNet's 14x14 composite map is
-``25 * 64 / 196 ~= 8`` on the 8x8 map of 32-px images. Distractors are taken from the batch
-(:func:`captum_consistency.data.gather_distractors`).
+Training: SGD (momentum 0.9, Nesterov), a linear warm-up over the first 5% of the steps then a
+cosine decay to 0, stepped per batch. The benchmarks, the choice of ``lambda = 8`` and the
+measured run are described in ``docs/results.md``.
 """
 
 from __future__ import annotations
@@ -73,21 +38,14 @@ import os
 import platform
 import sys
 import time
-import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
-from captum_consistency import (
-    CaptumConsistencyWarning,
-    GradCamConsistencyLoss,
-    compose_grid,
-    to_global_max_pool,
-)
+from captum_consistency import GradCamConsistencyLoss, compose_grid, to_global_max_pool
 from captum_consistency.data import (
     SHAPES,
     DatasetDistractorSampler,
@@ -96,18 +54,16 @@ from captum_consistency.data import (
     gather_distractors,
 )
 from captum_consistency.data.synthetic import MIN_IMAGE_SIZE
-from captum_consistency.engine import rank_seed, train_one_epoch
-from captum_consistency.engine.evaluation import SaliencyExplainer, evaluate_interpretations
-from captum_consistency.engine.transfer import TRANSFER_METHODS, evaluate_transfer
-from captum_consistency.metrics import content_heatmap
-from captum_consistency.quickstart import (
-    SmallResNet,
-    gradcam_panel,
-    lambda_sweep_plot,
-    summarize_seeds,
-    table1_markdown,
+from captum_consistency.engine import (
+    TRANSFER_METHODS,
+    evaluate_on_shapes,
+    rank_seed,
+    train_one_epoch,
 )
-from captum_consistency.robust import fgsm_accuracy
+from captum_consistency.engine.evaluation import SaliencyExplainer
+from captum_consistency.models import SmallResNet
+from captum_consistency.report import markdown_table, percent, summarize_seeds, table1_markdown
+from captum_consistency.viz import gradcam_panel, lambda_sweep_plot
 
 #: slug -> (display name, global max pooling, GC loss)
 VARIANTS: Dict[str, tuple] = {
@@ -237,9 +193,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--transfer-images", type=_positive_int, default=500,
                    help="test images (the first ones) scored under each transfer method")
     g.add_argument("--workers", type=_positive_int, default=min(4, os.cpu_count() or 1),
-                   help="models trained at once, each in its own process (a small network "
-                   "keeps one core busy, not two: two one-thread workers on two cores train "
-                   "about twice as many models per minute as one two-thread process)")
+                   help="models trained at once, each in its own one-thread process (a small "
+                   "network cannot keep several threads busy; processes on separate cores "
+                   "scale where threads do not)")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads per worker (default: 1 with several workers, "
                    "else all cores)")
@@ -322,6 +278,17 @@ def build_model(num_classes: int, width: int, gmp: bool) -> SmallResNet:
     return model
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int):
+    """Per-step schedule: linear warm-up over the first 5% of the steps, from ``lr / warmup``
+    to ``lr``, then a cosine decay to 0 over the rest."""
+    warmup = max(1, round(0.05 * total_steps))
+    sched = torch.optim.lr_scheduler
+    return sched.SequentialLR(optimizer, [
+        sched.LinearLR(optimizer, start_factor=1 / warmup, total_iters=max(1, warmup - 1)),
+        sched.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup)),
+    ], milestones=[warmup])
+
+
 def train_model(args, variant: str, seed: int, train_images, train_labels, device,
                 lam: Optional[float] = None) -> Dict[str, Any]:
     """Trains one variant with one seed (GC weight ``lam``, default ``args.lam``); returns the
@@ -335,17 +302,7 @@ def train_model(args, variant: str, seed: int, train_images, train_labels, devic
                         generator=torch.Generator().manual_seed(rank_seed(seed, 0, 2)))
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
-    total = args.epochs * len(loader)
-    warmup = max(1, round(0.05 * total))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    # Per-step schedule: train_one_epoch steps the optimizer; the hook steps the scheduler.
-    handle = optimizer.register_step_post_hook(lambda *_: scheduler.step())
+    scheduler = warmup_cosine(optimizer, args.epochs * len(loader))
     generator = torch.Generator().manual_seed(rank_seed(seed, 0, 3))
     loss_fn = make_distractors = None
     if gc:
@@ -361,121 +318,15 @@ def train_model(args, variant: str, seed: int, train_images, train_labels, devic
 
     t0 = time.perf_counter()
     history = []
-    try:
-        for epoch in range(args.epochs):
-            stats = train_one_epoch(
-                model, optimizer, loader, device, epoch, criterion=torch.nn.CrossEntropyLoss(),
-                loss_fn=loss_fn, make_distractors=make_distractors, generator=generator,
-                log_every=10, progress=not args.no_progress,
-            )
-            history.append({k: stats[k] for k in ("loss", "classification", "consistency", "top1")
-                            if k in stats})
-    finally:
-        handle.remove()
+    for epoch in range(args.epochs):
+        stats = train_one_epoch(
+            model, optimizer, loader, device, epoch, criterion=torch.nn.CrossEntropyLoss(),
+            loss_fn=loss_fn, make_distractors=make_distractors, generator=generator,
+            log_every=10, progress=not args.no_progress, lr_scheduler=scheduler,
+        )
+        history.append({k: stats[k] for k in ("loss", "classification", "consistency", "top1")
+                        if k in stats})
     return {"model": model.eval(), "train_time_s": time.perf_counter() - t0, "history": history}
-
-
-@torch.no_grad()
-def cue_statistics(model, loader, device, layer) -> Dict[str, float]:
-    """Top-1 on cue-consistent / cue-conflicting test images, how often a conflicting image is
-    classified as its cue's class, and the element-wise Grad-CAM mass on the cue."""
-    explainer = SaliencyExplainer(model, "elementwise-gradcam", layer=layer)
-    sums = torch.zeros(6, dtype=torch.float64)  # correct/count consistent, conflicting, cue-follow, cue mass sum/count
-    cue_mass_sum, cue_mass_n = 0.0, 0
-    for batch in loader:
-        images = batch.image.to(device)
-        labels = torch.as_tensor(batch.label).to(device)
-        cues = torch.as_tensor(batch.cue_label).to(device)
-        pred = model(images).argmax(1)
-        consistent = labels == cues
-        correct = pred == labels
-        sums[0] += (correct & consistent).sum().item()
-        sums[1] += consistent.sum().item()
-        sums[2] += (correct & ~consistent).sum().item()
-        sums[3] += (~consistent).sum().item()
-        sums[4] += ((pred == cues) & ~consistent).sum().item()
-        maps = explainer(images, torch.arange(images.shape[0], device=device), labels)
-        maps = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        mass = content_heatmap(maps.clamp_(min=0), batch.cue_mask.to(device))
-        ok = ~torch.isnan(mass)
-        cue_mass_sum += float(mass[ok].sum())
-        cue_mass_n += int(ok.sum())
-    div = lambda a, b: float(a / b) if b > 0 else None  # noqa: E731
-    return {
-        "top1_consistent": div(sums[0], sums[1]),
-        "top1_conflicting": div(sums[2], sums[3]),
-        "follows_cue": div(sums[4], sums[3]),
-        "cue_mass": cue_mass_sum / cue_mass_n if cue_mass_n else None,
-    }
-
-
-def evaluate_model(args, model, seed: int, test: SpuriousContextShapes, device,
-                   transfer: bool = True) -> Dict[str, Any]:
-    """Table 1's metrics (element-wise Grad-CAM at ``--layer``), FGSM accuracy and, with
-    ``transfer``, the transfer table's rows (``--transfer`` methods on the first
-    ``--transfer-images`` test images)."""
-    progress = not args.no_progress
-    crop_loader = DataLoader(test, batch_size=250)
-    whole_loader = DataLoader(test.with_annotations(), batch_size=250)
-    generator = torch.Generator().manual_seed(rank_seed(seed, 0, 5))
-    fallback = DistractorFallback(
-        test, DatasetDistractorSampler(test.targets, seed=rank_seed(seed, 0, 6),
-                                       num_classes=args.classes))
-
-    def make_distractors(images, targets, gc_targets):
-        # the fallback draws from ``generator`` too, so that evaluate_transfer's replay of the
-        # generator gives every method the same composites
-        return gather_distractors(images, targets, gc_targets, generator=generator,
-                                  fallback=lambda classes: fallback(classes, generator))
-
-    m = evaluate_interpretations(
-        model, "elementwise-gradcam", whole_loader, crop_loader, device,
-        num_classes=args.classes, make_distractors=make_distractors, generator=generator,
-        spg_generator=torch.Generator(device=device).manual_seed(rank_seed(seed, 0, 7)),
-        tolerance=15.0 * args.image_size / 224, progress=progress,
-        layer=getattr(model, args.layer),
-    )
-    out = {k: m[k] for k in ("top1", "pg", "spg_mean", "spg_std", "ch", "nqh", "skipped")}
-    # All-zero maps (the ReLU'd element-wise Grad-CAM of the class is <= 0 everywhere) are left
-    # out of PG/SPG/CH/NQH, as in the paper's metrics; how often they occur is reported here.
-    zero_img = m["skipped_detail"]["degenerate_maps_or_masks"]  # synthetic masks are never empty
-    zero_cmp = m["skipped_detail"]["degenerate_composites"]
-    out["zero_maps"] = zero_img / max(1, zero_img + m["num_images"])
-    out["zero_maps_composite"] = zero_cmp / max(1, zero_cmp + m["num_composites"])
-    if args.cue_prob > 0:
-        out.update(cue_statistics(model, whole_loader, device, getattr(model, args.layer)))
-        if out["top1_consistent"] is not None and out["top1_conflicting"] is not None:
-            out["cue_gap"] = out["top1_consistent"] - out["top1_conflicting"]
-    fgsm = fgsm_accuracy(model, crop_loader, epsilons=args.fgsm_eps, mean=test.mean,
-                         std=test.std, device=device, progress=progress)
-    out["fgsm"] = {f"{eps:g}": acc for eps, acc in fgsm.items()}
-    if transfer and args.transfer != "none":
-        subset = range(min(args.transfer_images, len(test)))
-        generator.manual_seed(rank_seed(seed, 0, 8))
-        # A method that only approximates its rule on this model (DeepLift through a global max
-        # pool) warns; the warning goes into the report next to its row instead of the log.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", CaptumConsistencyWarning)
-            rows = evaluate_transfer(
-                model, args.transfer,
-                DataLoader(Subset(test.with_annotations(), subset), batch_size=250),
-                DataLoader(Subset(test, subset), batch_size=250), device, num_classes=args.classes,
-                make_distractors=make_distractors, generator=generator,
-                spg_generator=torch.Generator(device=device).manual_seed(rank_seed(seed, 0, 9)),
-                tolerance=15.0 * args.image_size / 224, layer=getattr(model, args.layer),
-                errors="record", progress=progress,
-            )
-        for w in caught:
-            if not issubclass(w.category, CaptumConsistencyWarning):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        out["transfer_warnings"] = sorted({str(w.message) for w in caught
-                                           if issubclass(w.category, CaptumConsistencyWarning)})
-        # the metrics only (each method's time and image counts are the same for every seed)
-        out["transfer"] = {name: ({k: row[k] for k in ("pg", "spg_mean", "ch", "nqh", "skipped")}
-                                  if "error" not in row else {"error": row["error"]})
-                           for name, row in rows.items()}
-        out["transfer_time_s"] = {name: row.get("time_s") for name, row in rows.items()}
-    return out
 
 
 # ----------------------------------------------------------------------------------- reports
@@ -574,19 +425,16 @@ def _transfer_markdown(args, summaries: Dict[str, dict], comparison: List[Dict[s
     with_rows = [s for s in summaries.values() if s.get("transfer")]
     if not with_rows:
         return ["(no finished run yet)"]
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    methods = list(with_rows[0]["transfer"])
-    lines = ["| Method | Library | " + " | ".join(f"{s['name']}: PG / CH / NQH" for s in with_rows)
-             + " |", "|---|---|" + "---|" * len(with_rows)]
-    for m in methods:
+    rows = []
+    for m in with_rows[0]["transfer"]:
         cells = []
         for s in with_rows:
             r = s["transfer"].get(m) or {}
             cells.append("error" if r.get("error") else
-                         f"{pct(r.get('pg'))} / {pct(r.get('ch'))} / {pct(r.get('nqh'))}")
-        library = _LIBRARIES.get(m.split(":")[0], "captum-consistency")
-        lines.append(f"| `{m}` | {library} | "
-                     + " | ".join(cells) + " |")
+                         " / ".join(percent(r.get(k)) for k in ("pg", "ch", "nqh")))
+        rows.append([f"`{m}`", _LIBRARIES.get(m.split(":")[0], "captum-consistency"), *cells])
+    headers = ["Method", "Library", *(f"{s['name']}: PG / CH / NQH" for s in with_rows)]
+    lines = markdown_table(headers, rows).splitlines()
     lines.append("")
     for new, ref in (("gc", "baseline"), ("gmp_gc", "gmp")):
         rows = [c for c in comparison if c["pair"] == [new, ref]]
@@ -655,13 +503,10 @@ def _sweep_points(args, runs: Dict[str, List[dict]], sweep_runs: Dict[float, dic
 
 
 def _sweep_markdown(points: List[dict]) -> List[str]:
-    rows = ["| lambda | trained as | Top-1 (%) | PG | CH (%) | NQH (%) | Zero maps (%) |",
-            "|---|---|---|---|---|---|---|"]
-    pct = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    for p in points:
-        rows.append(f"| {p['lam']:g} | {p['source']} | {pct(p['top1'])} | {pct(p['pg'])} | "
-                    f"{pct(p['ch'])} | {pct(p['nqh'])} | {pct(p['zero_maps'])} |")
-    return rows
+    keys = ("top1", "pg", "ch", "nqh", "zero_maps")
+    rows = [[f"{p['lam']:g}", p["source"], *(percent(p[k]) for k in keys)] for p in points]
+    headers = ["lambda", "trained as", "Top-1 (%)", "PG", "CH (%)", "NQH (%)", "Zero maps (%)"]
+    return markdown_table(headers, rows).splitlines()
 
 
 def machine_info(args) -> Dict[str, Any]:
@@ -700,16 +545,12 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
     cue = args.cue_prob > 0
     table = table1_markdown({s["name"]: s for s in summaries.values()}, model="ResNet", cue=cue)
     eps = ", ".join(f"{e:g}" for e in args.fgsm_eps)
-    fgsm_rows = ["| Model | " + " | ".join(f"eps {e:g}" for e in args.fgsm_eps) + " |",
-                 "|---|" + "---|" * len(args.fgsm_eps)]
+    fgsm_rows = []
     for s in summaries.values():
-        cells = []
-        for e in args.fgsm_eps:
-            key = f"{e:g}"
-            mean = (s.get("fgsm") or {}).get(key)
-            sd = ((s.get("spread") or {}).get("fgsm") or {}).get(key)
-            cells.append("n/a" if mean is None else f"{100 * mean:.1f} ± {100 * (sd or 0):.1f}")
-        fgsm_rows.append(f"| ResNet {s['name']} | " + " | ".join(cells) + " |")
+        mean, sd = s.get("fgsm") or {}, (s.get("spread") or {}).get("fgsm") or {}
+        fgsm_rows.append([f"ResNet {s['name']}", *(percent(mean.get(f"{e:g}"), sd.get(f"{e:g}") or 0)
+                                                  for e in args.fgsm_eps)])
+    fgsm_table = markdown_table(["Model", *(f"eps {e:g}" for e in args.fgsm_eps)], fgsm_rows)
     side = 2 * args.image_size // (8 if args.layer == "layer4" else 4)  # composite map side
     n_seeds = max((s["num_seeds"] for s in summaries.values()), default=0)
     times = ", ".join(f"{s['name']} {s['train_time_s']:.0f} s" for s in summaries.values()
@@ -741,7 +582,7 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
         table,
         f"FGSM top-1 (%), epsilon on the 0-255 scale ({eps}):",
         "",
-        *fgsm_rows,
+        *fgsm_table.splitlines(),
         "",
         "## The paper's claims on these numbers",
         "",
@@ -941,13 +782,16 @@ def run_job(job: Tuple[str, int, float, Optional[float]]) -> Tuple[tuple, Dict[s
     """Trains and evaluates one ``(variant, seed, lam, sweep factor)`` job with the data of
     :func:`_init_worker`; returns the job, its metrics and the model's ``state_dict``."""
     args, (train_images, train_labels), test = _WORKER["args"], _WORKER["train"], _WORKER["test"]
-    v, seed, lam, _ = job
-    device = torch.device("cpu")
     v, seed, lam, factor = job
+    device = torch.device("cpu")
     trained = train_model(args, v, seed, train_images, train_labels, device, lam=lam)
     t_eval = time.perf_counter()
     # lambda-sweep models get Table 1's metrics only; the transfer table is per variant
-    metrics = evaluate_model(args, trained["model"], seed, test, device, transfer=factor is None)
+    model = trained["model"]
+    metrics = evaluate_on_shapes(
+        model, test, device, layer=getattr(model, args.layer), seed=seed,
+        fgsm_epsilons=args.fgsm_eps, transfer=args.transfer if factor is None else "none",
+        transfer_images=args.transfer_images, progress=not args.no_progress)
     metrics.update(seed=seed, train_time_s=round(trained["train_time_s"], 2),
                    eval_time_s=round(time.perf_counter() - t_eval, 2),
                    train_last_epoch=trained["history"][-1])

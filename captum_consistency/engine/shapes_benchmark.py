@@ -2,22 +2,25 @@
 
 :class:`~captum_consistency.data.SpuriousContextShapes` gives exact object masks and, on its
 ``spurious-cue`` setting, a context cue with its own mask and class. :func:`evaluate_on_shapes`
-runs the paper's evaluation on it (PG, SPG, CH, NQH, top-1, FGSM) and adds the share of
-all-zero maps; :func:`cue_statistics` measures how much a model relies on the cue.
+runs the paper's evaluation on it (PG, SPG, CH, NQH, top-1, FGSM, the transfer table) and adds
+the share of all-zero maps; :func:`cue_statistics` measures how much a model relies on the cue.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+import warnings
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from captum_consistency._warnings import CaptumConsistencyWarning
 from captum_consistency.data import DatasetDistractorSampler, DistractorFallback, gather_distractors
 from captum_consistency.engine.distributed import rank_seed
 from captum_consistency.engine.evaluation import SaliencyExplainer, evaluate_interpretations
+from captum_consistency.engine.transfer import evaluate_transfer
 from captum_consistency.metrics import content_heatmap
 from captum_consistency.robust import fgsm_accuracy
 
@@ -78,6 +81,8 @@ def evaluate_on_shapes(
     layer: nn.Module,
     seed: int = 0,
     fgsm_epsilons: Sequence[float] = (0.0, 1.0, 2.0, 4.0, 8.0),
+    transfer: Union[str, Sequence[str]] = "none",
+    transfer_images: int = 500,
     batch_size: int = 250,
     progress: bool = True,
 ) -> Dict[str, Any]:
@@ -88,7 +93,10 @@ def evaluate_on_shapes(
     side, CH against the exact object masks, NQH on 2x2 composites with distractors from the
     batch and a data-set fallback, top-1), the share of all-zero maps, which the metrics leave
     out, on whole images and on composites, :func:`cue_statistics` when the data set has a
-    context cue, and FGSM accuracy (:func:`~captum_consistency.robust.fgsm_accuracy`).
+    context cue, FGSM accuracy (:func:`~captum_consistency.robust.fgsm_accuracy`) and, unless
+    ``transfer`` is ``"none"``, the rows of the transfer table
+    (:func:`~captum_consistency.engine.evaluate_transfer`, the paper's Tables 3 and 4) on the
+    first ``transfer_images`` test images, with the same composites for every method.
 
     Args:
         model (torch.nn.Module): the classifier, in eval mode.
@@ -97,14 +105,21 @@ def evaluate_on_shapes(
         layer (torch.nn.Module): the Grad-CAM layer (e.g. ``model.layer4``).
         seed (int): seed of cells, distractors and SPG draws.
         fgsm_epsilons (sequence of float): FGSM strengths on the 0-255 scale.
+        transfer (str or sequence of str): methods of the transfer table
+            (:data:`~captum_consistency.engine.TRANSFER_METHODS` keys or registry names), or
+            ``"none"``.
+        transfer_images (int): how many test images (the first ones) the transfer rows score.
         batch_size (int): images per batch.
         progress (bool): progress bars.
 
     Returns:
         dict: ``top1``, ``pg``, ``spg_mean``, ``spg_std``, ``ch``, ``nqh``, ``skipped``,
-        ``zero_maps``, ``zero_maps_composite``, ``fgsm`` (``"eps"`` -> top-1) and, with a
-        cue, the keys of :func:`cue_statistics` and ``cue_gap`` (cue-consistent minus
-        cue-conflicting top-1).
+        ``zero_maps``, ``zero_maps_composite``, ``fgsm`` (``"eps"`` -> top-1); with a cue, the
+        keys of :func:`cue_statistics` and ``cue_gap`` (cue-consistent minus cue-conflicting
+        top-1); with ``transfer``, ``transfer`` (method -> ``pg``, ``spg_mean``, ``ch``,
+        ``nqh``, ``skipped``, or ``error``), ``transfer_time_s`` (method -> seconds) and
+        ``transfer_warnings`` (what the methods warned about this model, e.g. a rule that
+        only approximates through a global max pool).
     """
     crop_loader = DataLoader(test, batch_size=batch_size)
     whole_loader = DataLoader(test.with_annotations(), batch_size=batch_size)
@@ -114,14 +129,17 @@ def evaluate_on_shapes(
                                        num_classes=test.num_classes))
 
     def make_distractors(images, targets, gc_targets):
-        return gather_distractors(images, targets, gc_targets, generator=generator, fallback=fallback)
+        # the fallback draws from ``generator`` too, so that evaluate_transfer's replay of the
+        # generator gives every method the same composites
+        return gather_distractors(images, targets, gc_targets, generator=generator,
+                                  fallback=lambda classes: fallback(classes, generator))
 
+    common = dict(num_classes=test.num_classes, make_distractors=make_distractors,
+                  generator=generator, tolerance=15.0 * test.image_size / 224, layer=layer,
+                  progress=progress)
     m = evaluate_interpretations(
         model, "elementwise-gradcam", whole_loader, crop_loader, device,
-        num_classes=test.num_classes, make_distractors=make_distractors, generator=generator,
-        spg_generator=torch.Generator(device=device).manual_seed(rank_seed(seed, 0, 7)),
-        tolerance=15.0 * test.image_size / 224, progress=progress, layer=layer,
-    )
+        spg_generator=torch.Generator(device=device).manual_seed(rank_seed(seed, 0, 7)), **common)
     out = {k: m[k] for k in ("top1", "pg", "spg_mean", "spg_std", "ch", "nqh", "skipped")}
     # All-zero maps (the ReLU'd element-wise Grad-CAM of the class is <= 0 everywhere) are left
     # out of PG/SPG/CH/NQH, as in the paper's metrics; how often they occur is reported here.
@@ -136,4 +154,27 @@ def evaluate_on_shapes(
     fgsm = fgsm_accuracy(model, crop_loader, epsilons=fgsm_epsilons, mean=test.mean,
                          std=test.std, device=device, progress=progress)
     out["fgsm"] = {f"{eps:g}": acc for eps, acc in fgsm.items()}
+    if transfer == "none":
+        return out
+    subset = range(min(transfer_images, len(test)))
+    generator.manual_seed(rank_seed(seed, 0, 8))
+    # A method that only approximates its rule on this model (DeepLift through a global max
+    # pool) warns; the warning goes into the result, next to its row, instead of the log.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CaptumConsistencyWarning)
+        rows = evaluate_transfer(
+            model, transfer, DataLoader(Subset(test.with_annotations(), subset), batch_size=batch_size),
+            DataLoader(Subset(test, subset), batch_size=batch_size), device,
+            spg_generator=torch.Generator(device=device).manual_seed(rank_seed(seed, 0, 9)),
+            errors="record", **common)
+    for w in caught:
+        if not issubclass(w.category, CaptumConsistencyWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    out["transfer_warnings"] = sorted({str(w.message) for w in caught
+                                       if issubclass(w.category, CaptumConsistencyWarning)})
+    # the metrics only (each method's time and image counts are the same for every seed)
+    out["transfer"] = {name: ({k: row[k] for k in ("pg", "spg_mean", "ch", "nqh", "skipped")}
+                              if "error" not in row else {"error": row["error"]})
+                       for name, row in rows.items()}
+    out["transfer_time_s"] = {name: row.get("time_s") for name, row in rows.items()}
     return out
