@@ -60,6 +60,7 @@ from captum_consistency.engine import (
     rank_seed,
     train_one_epoch,
 )
+from captum_consistency.engine.cli import positive_int, recipe_parser
 from captum_consistency.engine.evaluation import SaliencyExplainer
 from captum_consistency.models import SmallResNet
 from captum_consistency.report import markdown_table, percent, summarize_seeds, table1_markdown
@@ -99,13 +100,6 @@ FAST = {
 LEARNED_TOP1 = 0.90
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text}")
-    return value
-
-
 def _epsilons(text: str) -> List[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -129,20 +123,18 @@ def _sweep_factors(text: str) -> List[float]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Train Baseline and GC (and GMP, GMP + GC) small ResNets on a procedural "
-        "shapes benchmark on the CPU and report the paper's metrics (Table 1), a lambda sweep "
-        "and Grad-CAM overlays (Figure 2). Flags marked 'benchmark' default to the values of "
-        "--benchmark.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = recipe_parser(
+        "Train Baseline and GC (and GMP, GMP + GC) small ResNets on a procedural shapes "
+        "benchmark on the CPU and report the paper's metrics (Table 1), a lambda sweep and "
+        "Grad-CAM overlays (Figure 2). Flags marked 'benchmark' default to the values of "
+        "--benchmark.")
     p.add_argument("--output-dir", default="runs/quickstart", help="where results go")
     p.add_argument("--benchmark", default="shapes", choices=tuple(BENCHMARKS),
                    help="shapes: the paper's claim (no context cue); spurious-cue: what GC "
                    "does not fix (a class-correlated cue beside the object)")
     p.add_argument("--fast", action="store_true",
                    help=f"tiny smoke run (under a minute): overrides {', '.join(FAST)}")
-    p.add_argument("--seeds", type=_positive_int, default=3, help="training seeds per variant")
+    p.add_argument("--seeds", type=positive_int, default=3, help="training seeds per variant")
     p.add_argument("--variants", default=None,
                    help=f"benchmark; comma-separated subset of {', '.join(VARIANTS)}")
     p.add_argument("--lambda-sweep", type=_sweep_factors, default=None, metavar="FACTORS",
@@ -162,15 +154,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--object-size", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="benchmark; object circumradius range, as a fraction of the image side")
     g.add_argument("--clutter", type=float, default=0.5, help="background clutter in [0, 1]")
-    g.add_argument("--train-size", type=_positive_int, default=2500, help="training images")
-    g.add_argument("--test-size", type=_positive_int, default=1000,
+    g.add_argument("--train-size", type=positive_int, default=2500, help="training images")
+    g.add_argument("--test-size", type=positive_int, default=1000,
                    help="test images (cue independent of the class)")
     g.add_argument("--data-seed", type=int, default=0, help="generator seed (shared by all runs)")
     g = p.add_argument_group("training")
-    g.add_argument("--width", type=_positive_int, default=None,
+    g.add_argument("--width", type=positive_int, default=None,
                    help="benchmark; channels of layer1 (doubled at each stage)")
-    g.add_argument("--epochs", type=_positive_int, default=None, help="benchmark")
-    g.add_argument("--batch-size", type=_positive_int, default=64)
+    g.add_argument("--epochs", type=positive_int, default=None, help="benchmark")
+    g.add_argument("--batch-size", type=positive_int, default=64)
     g.add_argument("--lr", type=float, default=0.05)
     g.add_argument("--weight-decay", type=float, default=5e-4)
     g.add_argument("--lam", type=float, default=8.0, help="GC weight lambda (see the docstring)")
@@ -185,18 +177,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("evaluation")
     g.add_argument("--fgsm-eps", type=_epsilons, default=[0.0, 1.0, 2.0, 4.0, 8.0],
                    help="FGSM epsilons on the 0-255 scale")
-    g.add_argument("--figure-images", type=_positive_int, default=6, help="rows of gradcam.png")
+    g.add_argument("--figure-images", type=positive_int, default=6, help="rows of gradcam.png")
     g.add_argument("--transfer", default="fast", choices=("none", *TRANSFER_METHODS),
                    help="explanation methods of the transfer table (the paper's Tables 3-4): "
                         "'fast' (one or a few passes per image), 'all' (every registry name, "
                         "tens to hundreds of passes per image for some) or 'none'")
-    g.add_argument("--transfer-images", type=_positive_int, default=500,
+    g.add_argument("--transfer-images", type=positive_int, default=500,
                    help="test images (the first ones) scored under each transfer method")
-    g.add_argument("--workers", type=_positive_int, default=min(4, os.cpu_count() or 1),
+    g.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1),
                    help="models trained at once, each in its own one-thread process (a small "
                    "network cannot keep several threads busy; processes on separate cores "
                    "scale where threads do not)")
-    g.add_argument("--threads", type=_positive_int, default=None,
+    g.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads per worker (default: 1 with several workers, "
                    "else all cores)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
