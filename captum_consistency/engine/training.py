@@ -244,7 +244,7 @@ def _gc_step(loss_fn, batch: TrainBatch, images: Tensor, targets: Tensor, device
 
 def _step_values(out, targets: Tensor, lr: float, multilabel: bool,
                  shared: bool) -> Dict[str, float]:
-    """The scalars of a logged step (one host sync)."""
+    """The scalars of a logged step, read on the host."""
     values = {
         "loss/total": float(out.loss.detach()),
         "loss/classification": float(out.classification.detach()),
