@@ -148,14 +148,17 @@ def score_gradients(
         outputs = (outputs,)
     if isinstance(activations, Tensor):
         activations = (activations,)
-    score: Union[Tensor, int] = 0
+    scores = []
     for output in outputs:
         if classes is None:
-            score = score + output.sum()
+            scores.append(output.sum())
         elif rows is None:
-            score = score + output.gather(1, classes.view(-1, 1)).sum()
+            scores.append(output.gather(1, classes.view(-1, 1)).sum())
         else:
-            score = score + output[rows, classes].sum()
+            scores.append(output[rows, classes].sum())
+    score = scores[0]
+    for other in scores[1:]:
+        score = score + other
     return torch.autograd.grad(score, tuple(activations), create_graph=create_graph, retain_graph=retain_graph)
 
 

@@ -41,7 +41,7 @@ from typing import Iterator, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from captum_consistency.composition import _check_cells
+from captum_consistency.composition import cell_rows_cols, check_cells
 
 __all__ = [
     "pointing_game",
@@ -589,7 +589,7 @@ def _check_nqh_cells(cells: Tensor, n: int, device: torch.device) -> Tensor:
             raise TypeError(
                 f"cells must be an integer tensor of shape ({n},), got {type(cells).__name__}"
             )
-    _check_cells(cells, n)
+    check_cells(cells, n)
     return cells.to(device)
 
 
@@ -602,6 +602,7 @@ def _negative_quadrants(maps: Tensor, totals: Tensor, cells: Tensor) -> Tensor:
     h2, w2 = height // 2, width // 2
     rows = torch.stack([maps[:, :h2].sum(dim=1), maps[:, h2:].sum(dim=1)], dim=1)  # (N, 2, W)
     per_cell = torch.stack([rows[..., :w2].sum(dim=-1), rows[..., w2:].sum(dim=-1)], dim=-1)
-    inside = per_cell.flatten(1).gather(1, cells.view(-1, 1)).squeeze(1)  # cell k = 2 row + col
+    row, col = cell_rows_cols(cells)
+    inside = per_cell[torch.arange(n, device=maps.device), row, col]
     nqh = ((totals - inside) / totals).clamp_(0, 1)
     return _nan_where(nqh, totals <= 0)
