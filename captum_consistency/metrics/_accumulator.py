@@ -11,13 +11,12 @@ from torch import Tensor
 from captum_consistency.metrics._functional import (
     _check_generator,
     _check_masks,
-    _check_nqh_cells,
     _check_positive_int,
     _check_tolerance,
-    _negative_quadrants,
     _prepare_saliency,
     _score_images,
 )
+from captum_consistency.metrics.heatmaps import _check_nqh_cells, _negative_quadrants
 
 __all__ = ["InterpretationMetrics"]
 
