@@ -14,42 +14,20 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from captum_consistency.attr._layers import _AVG_POOLS, _DROPOUTS, _MAX_POOLS, _RESHAPES
+
 #: Added to the positive forward ``sum_k w+_ik x_k`` before dividing, as in TorchRay and the
 #: authors' Caffe code, so that a unit with no excitatory input passes nothing back.
 EXCITATION_EPS = 1e-20
 
 # Excitation rule: positive weights, no bias, normalised by the layer's own positive forward.
 _EXCITATION_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_EXCITATION_POOL = (
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-)
+_EXCITATION_POOL = _AVG_POOLS
 # Passed through unchanged (batch norm's scaling and shift are ignored, as in the reference).
 _PASS_THROUGH = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 # Ordinary gradient: ReLU and max pooling route the signal; the others are identities or reshapes
 # in evaluation mode.
-_ORDINARY = (
-    nn.ReLU,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Identity,
-)
+_ORDINARY = (nn.ReLU,) + _MAX_POOLS + _DROPOUTS + (nn.AlphaDropout, nn.FeatureAlphaDropout) + _RESHAPES
 _RESIDUAL_BLOCKS = (BasicBlock, Bottleneck)
 
 

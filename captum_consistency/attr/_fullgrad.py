@@ -13,38 +13,29 @@ from captum.log import log_usage
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from captum_consistency.attr._layers import Inputs, Target, _class_index, _FrozenParameters
+from captum_consistency.attr._layers import (
+    _AVG_POOLS,
+    _DROPOUTS,
+    _MAX_POOLS,
+    _RESHAPES,
+    Inputs,
+    Target,
+    _class_index,
+    _FrozenParameters,
+)
 
 __all__ = ["FullGrad", "FullGradDecomposition", "fullgrad_postprocess"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BATCH_NORM = nn.modules.batchnorm._BatchNorm
 # Leaf modules under which the bias decomposition is complete (piecewise linear, no hidden bias).
-_PIECEWISE_LINEAR = _CONV + (
-    nn.Linear,
-    _BATCH_NORM,
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Identity,
+_PIECEWISE_LINEAR = (
+    _CONV
+    + (nn.Linear, _BATCH_NORM, nn.ReLU, nn.LeakyReLU, nn.PReLU)
+    + _MAX_POOLS
+    + _AVG_POOLS
+    + _DROPOUTS
+    + _RESHAPES
 )
 
 

@@ -13,6 +13,26 @@ __all__ = ["resolve_layer", "layer_name", "check_layer_in_model"]
 Inputs = Union[Tensor, Tuple[Tensor, ...]]
 Target = Union[None, int, Sequence[int], Tensor]
 
+# Families of leaf modules, for the methods that give each kind of module its own rule.
+_AVG_POOLS = (
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+)
+_MAX_POOLS = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)  # identities in eval mode
+_RESHAPES = (nn.Flatten, nn.Unflatten, nn.Identity)
+
 
 def layer_name(model: nn.Module, layer: nn.Module, argname: str = "layer") -> str:
     """The name of ``layer`` in ``model`` (``""`` for the model itself).

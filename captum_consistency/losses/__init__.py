@@ -3,7 +3,7 @@
 * [`GradCamConsistencyLoss`][captum_consistency.GradCamConsistencyLoss] (module ``gc``): the
   training loss, classification plus ``lambda`` times the consistency term, with its output
   [`ConsistencyLossOutput`][captum_consistency.ConsistencyLossOutput].
-* [`gc_consistency`][captum_consistency.losses.functional.gc_consistency] (module
+* [`gc_consistency`][captum_consistency.gc_consistency] (module
   ``functional``): Eq. 5 as a function of two maps.
 * [`ScaledBCEWithLogitsLoss`][captum_consistency.engine.ScaledBCEWithLogitsLoss] (module
   ``classification``): the authors' multi-label classification loss.

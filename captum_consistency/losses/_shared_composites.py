@@ -15,6 +15,9 @@ from captum_consistency.composition import (
     random_cells,
 )
 
+#: What the GC loss accepts as ``distractors``: images, a callable returning them, or nothing.
+Distractors = Union[Tensor, Callable[[], Tensor], None]
+
 
 class _SharedComposites:
     """The shared-composite half of :class:`~captum_consistency.GradCamConsistencyLoss`
@@ -24,13 +27,8 @@ class _SharedComposites:
     _checked_groups_on_device: bool
 
     def _shared_composites(
-        self,
-        images: Tensor,
-        targets: Tensor,
-        gradcam_targets: Tensor,
-        distractors: Union[Tensor, Callable[[], Tensor], None],
-        cells: Optional[Tensor],
-        groups: Optional[Tensor],
+        self, images: Tensor, targets: Tensor, gradcam_targets: Tensor, distractors: Distractors,
+        cells: Optional[Tensor], groups: Optional[Tensor],
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """The shared composites: ``(composites (G + U, C, 2H, 2W), cells (N,), groups, replicate)``.
 
@@ -117,7 +115,7 @@ class _SharedComposites:
         images: Tensor,
         targets: Tensor,
         gradcam_targets: Tensor,
-        distractors: Union[Tensor, Callable[[], Tensor], None],
+        distractors: Distractors,
         ungrouped: Tensor,
     ) -> Tensor:
         """``(U, 3, C, H, W)`` distractors of the ungrouped images, on ``images.device``."""
@@ -140,7 +138,7 @@ class _SharedComposites:
         return images[index[ungrouped].to(images.device, non_blocking=True)]
 
 
-def _resolve(distractors: Union[Tensor, Callable[[], Tensor], None]) -> Optional[Tensor]:
+def _resolve(distractors: Distractors) -> Optional[Tensor]:
     if distractors is None or isinstance(distractors, Tensor):
         return distractors
     if callable(distractors):

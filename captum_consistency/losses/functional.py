@@ -1,6 +1,6 @@
 """The Grad-CAM consistency term of Pillai & Pirsiavash (AAAI 2021, Eq. 5) as a function.
 
-[`gc_consistency`][captum_consistency.losses.functional.gc_consistency] is to
+[`gc_consistency`][captum_consistency.gc_consistency] is to
 [`GradCamConsistencyLoss`][captum_consistency.GradCamConsistencyLoss] what
 ``torch.nn.functional.cross_entropy`` is to ``torch.nn.CrossEntropyLoss``: the loss module
 builds the composites, runs the model and computes the maps, then calls it.

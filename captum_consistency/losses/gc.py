@@ -15,7 +15,7 @@ from captum_consistency.attr._elementwise_grad_cam import elementwise_grad_cam, 
 from captum_consistency.attr._layers import check_layer_in_model
 from captum_consistency.attr._recording import LayerRecorder, score_gradients
 from captum_consistency.composition import NUM_CELLS, compose_grid
-from captum_consistency.losses._shared_composites import _resolve, _SharedComposites
+from captum_consistency.losses._shared_composites import Distractors, _resolve, _SharedComposites
 from captum_consistency.losses.functional import gc_consistency
 from captum_consistency.saliency import DEFAULT_EPS
 
@@ -222,7 +222,7 @@ class GradCamConsistencyLoss(_SharedComposites, nn.Module):
         self,
         images: Tensor,
         targets: Tensor,
-        distractors: Union[Tensor, Callable[[], Tensor], None] = None,
+        distractors: Distractors = None,
         cells: Optional[Tensor] = None,
         gradcam_targets: Optional[Tensor] = None,
         groups: Optional[Tensor] = None,
@@ -308,7 +308,7 @@ class GradCamConsistencyLoss(_SharedComposites, nn.Module):
         images: Tensor,
         targets: Tensor,
         gradcam_targets: Tensor,
-        distractors: Union[Tensor, Callable[[], Tensor], None],
+        distractors: Distractors,
         cells: Optional[Tensor],
         groups: Optional[Tensor],
     ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:

@@ -259,6 +259,17 @@ def _check_generator(generator: Optional[torch.Generator], device: torch.device)
         )
 
 
+def _prepare_pairs(
+    saliency: Tensor, masks: Tensor, generator: Optional[torch.Generator] = None
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(maps, totals, masks)`` of checked (map, mask) pairs; ``generator`` (if any) checked
+    against the maps' device."""
+    maps, totals = _prepare_saliency(saliency)
+    masks = _check_masks(masks, maps.shape, maps.device)
+    _check_generator(generator, maps.device)
+    return maps, totals, masks
+
+
 _MAX_CATEGORIES = 2**24  # torch.multinomial's limit
 
 

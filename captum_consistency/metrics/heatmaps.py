@@ -11,12 +11,12 @@ from torch import Tensor
 
 from captum_consistency.composition import cell_rows_cols, check_cells
 from captum_consistency.metrics._functional import (
-    _check_masks,
     _chunks,
     _content,
     _degenerate,
     _nan_where,
     _nonempty,
+    _prepare_pairs,
     _prepare_saliency,
 )
 
@@ -51,8 +51,7 @@ def content_heatmap(saliency: Tensor, masks: Tensor) -> Tensor:
         >>> content_heatmap(saliency, masks)
         tensor([0.6250])
     """
-    maps, totals = _prepare_saliency(saliency)
-    masks = _check_masks(masks, maps.shape, maps.device)
+    maps, totals, masks = _prepare_pairs(saliency, masks)
     out = maps.new_empty(maps.shape[0])
     for chunk in _chunks(maps.shape[0], maps[0].numel() if len(maps) else 1, maps.device):
         m, t, k = maps[chunk], totals[chunk], masks[chunk]

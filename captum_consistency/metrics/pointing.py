@@ -13,11 +13,9 @@ import torch
 from torch import Tensor
 
 from captum_consistency.metrics._functional import (
-    _check_generator,
-    _check_masks,
     _check_positive_int,
     _check_tolerance,
-    _prepare_saliency,
+    _prepare_pairs,
     _score_images,
 )
 
@@ -68,8 +66,7 @@ def pointing_game(saliency: Tensor, masks: Tensor, tolerance: float = 15) -> Ten
         tensor([1., 0.])
     """
     tolerance = _check_tolerance(tolerance)
-    maps, totals = _prepare_saliency(saliency)
-    masks = _check_masks(masks, maps.shape, maps.device)
+    maps, totals, masks = _prepare_pairs(saliency, masks)
     return _score_images(maps, totals, masks, tolerance, 0, 0, None, ch=False).pg
 
 
@@ -123,9 +120,7 @@ def stochastic_pointing_game(
     """
     tolerance = _check_tolerance(tolerance)
     num_samples = _check_positive_int(num_samples, "num_samples")
-    maps, totals = _prepare_saliency(saliency)
-    masks = _check_masks(masks, maps.shape, maps.device)
-    _check_generator(generator, maps.device)
+    maps, totals, masks = _prepare_pairs(saliency, masks, generator)
     scores = _score_images(
         maps, totals, masks, tolerance, num_samples, 1, generator, pg=False, ch=False
     )
