@@ -183,12 +183,8 @@ def compose_grid(
 
 
 def compose_shared(
-    images: Tensor,
-    composite_of: Tensor,
-    cells: Tensor,
-    num_composites: int,
-    distractors: Optional[Tensor] = None,
-    distractors_of: Optional[Tensor] = None,
+    images: Tensor, composite_of: Tensor, cells: Tensor, num_composites: int,
+    distractors: Optional[Tensor] = None, distractors_of: Optional[Tensor] = None,
 ) -> Tensor:
     """Composites that hold several of the images: image ``i`` in cell ``cells[i]`` of
     composite ``composite_of[i]`` (the GC loss's shared composites).
@@ -212,7 +208,9 @@ def compose_shared(
     """
     device = images.device
     grid, by_cell = _empty_grids(images, num_composites)
-    _write_cells(by_cell, composite_of.to(device, non_blocking=True), cells.to(device, non_blocking=True), images)
+    _write_cells(
+        by_cell, composite_of.to(device, non_blocking=True), cells.to(device, non_blocking=True), images
+    )
     if distractors is not None and distractors_of is not None:
         other = distractor_cells(cells[distractors_of]).flatten()
         owner = composite_of[distractors_of].repeat_interleave(NUM_DISTRACTORS)

@@ -237,7 +237,9 @@ class ContrastiveExcitationBackprop(LayerAttribution, GradientAttribution):
         return handles
 
     @log_usage()
-    def attribute(self, inputs: Inputs, target: Target = None, additional_forward_args: Optional[object] = None) -> Tensor:
+    def attribute(
+        self, inputs: Inputs, target: Target = None, additional_forward_args: Optional[object] = None
+    ) -> Tensor:
         r"""Computes the cMWP saliency of ``target`` at ``layer``.
 
         Args:

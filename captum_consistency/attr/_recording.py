@@ -159,7 +159,9 @@ def score_gradients(
     score = scores[0]
     for other in scores[1:]:
         score = score + other
-    return torch.autograd.grad(score, tuple(activations), create_graph=create_graph, retain_graph=retain_graph)
+    return torch.autograd.grad(
+        score, tuple(activations), create_graph=create_graph, retain_graph=retain_graph
+    )
 
 
 class LayerGradients(NamedTuple):

@@ -57,7 +57,8 @@ class _SharedComposites:
         extra = None
         if ungrouped.numel():
             extra = self._ungrouped_distractors(images, targets, gradcam_targets, distractors, ungrouped)
-        composite = compose_shared(images, composite_of, cells, num_groups + ungrouped.numel(), extra, ungrouped)
+        num_composites = num_groups + ungrouped.numel()
+        composite = compose_shared(images, composite_of, cells, num_composites, extra, ungrouped)
         device = images.device
         return (
             composite,

@@ -2,7 +2,8 @@ r"""Building blocks of the paper's interpretation metrics (Pillai & Pirsiavash, 
 
 The public metrics live in ``metrics.pointing`` (PG, SPG) and ``metrics.heatmaps`` (CH, NQH);
 this module holds what they and
-[`InterpretationMetrics`][captum_consistency.metrics.InterpretationMetrics] share: input checks, chunking and the exact tolerance test. Every metric scores a whole batch
+[`InterpretationMetrics`][captum_consistency.metrics.InterpretationMetrics] share: input
+checks, chunking and the exact tolerance test. Every metric scores a whole batch
 of maps ``(N, H, W)`` (or ``(N, 1, H, W)``) at once, on the maps' device, with no Python loop
 over samples or pixels; on CPU the batch is split into a few chunks of about
 ``CPU_CHUNK_ELEMENTS`` values so that temporaries stay cache-sized. The metrics run under
