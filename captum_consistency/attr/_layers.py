@@ -45,8 +45,7 @@ def layer_name(model: nn.Module, layer: nn.Module, argname: str = "layer") -> st
             return name
     raise ValueError(
         f"{argname} ({type(layer).__name__}) is not a submodule of the model "
-        f"({type(model).__name__}); pass a module of the model itself or its name, e.g. "
-        "model.layer4 or 'layer4'"
+        f"({type(model).__name__}); pass a module of the model itself, e.g. model.layer4"
     )
 
 

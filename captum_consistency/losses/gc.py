@@ -81,7 +81,7 @@ class GradCamConsistencyLoss(_SharedComposites, nn.Module):
         \big\| g^y_c - \mathrm{comp}(k, g^y_x, 0, 0, 0) \big\|_1
 
     (Eqs. 4-5), the L1 term being the mean over the composite map's locations, as the authors
-    compute it. The map is at feature resolution: for ResNets the composite's map is exactly
+    compute it: :func:`~captum_consistency.gc_consistency` of the two maps. The map is at feature resolution: for ResNets the composite's map is exactly
     twice the single one (``14x14`` vs ``7x7`` at ``layer4``). Where it is not (AlexNet's
     pooled features: 6 vs 13), both maps are first resized bilinearly to pixel resolution and
     then normalised. The target ``g^y_x`` is not detached by default, as in the authors' code.
