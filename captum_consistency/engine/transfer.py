@@ -53,19 +53,16 @@ def evaluate_transfer(
     whole_loader: Optional[Any],
     crop_loader: Optional[Any],
     device: torch.device,
-    num_classes: int,
-    multilabel: bool = False,
+    num_classes: int, multilabel: bool = False,
+    # the NQH composites
     make_distractors: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None,
-    generator: Optional[torch.Generator] = None,
-    spg_generator: Optional[torch.Generator] = None,
-    tolerance: float = 15,
-    num_samples: int = 100,
+    generator: Optional[torch.Generator] = None, distractor_ok: Optional[Tensor] = None,
+    # the pointing games
+    spg_generator: Optional[torch.Generator] = None, tolerance: float = 15, num_samples: int = 100,
     num_runs: int = 5,
-    layer: Optional[nn.Module] = None,
-    distractor_ok: Optional[Tensor] = None,
-    method_options: Optional[Mapping[str, Dict[str, Any]]] = None,
-    errors: str = "raise",
-    progress: bool = True,
+    # the methods
+    layer: Optional[nn.Module] = None, method_options: Optional[Mapping[str, Dict[str, Any]]] = None,
+    errors: str = "raise", progress: bool = True,
 ) -> Dict[str, Dict[str, Any]]:
     r"""PG, SPG, CH and NQH of ``model`` under each of ``methods``, in the form of Tables 3-4.
 
