@@ -14,6 +14,8 @@ from captum_consistency.attr._elementwise_grad_cam import (
 from captum_consistency.attr._excitation_backprop import ContrastiveExcitationBackprop
 from captum_consistency.attr._fullgrad import FullGrad, FullGradDecomposition
 from captum_consistency.attr._registry import (
+    ARCHITECTURE_FAMILIES,
+    METHODS,
     SaliencyMethod,
     available_attributions,
     default_layers,
@@ -33,6 +35,8 @@ __all__ = [
     "SaliencyMethod",
     "default_layers",
     "detect_architecture",
+    "METHODS",
+    "ARCHITECTURE_FAMILIES",
     "CaptumAttribution",
     "PytorchGradCamAttribution",
     "vit_reshape_transform",
