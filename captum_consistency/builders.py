@@ -33,14 +33,15 @@ __all__ = ["ARCHITECTURES", "build_model", "gradcam_layer", "gradcam_layer_name"
 #: The families whose models cannot take the GC loss's composites (see ``_VIT_REFUSAL``).
 _REFUSED_FAMILIES = ("vit",)
 
-#: Architectures the recipes can build.
 ARCHITECTURES: Tuple[str, ...] = tuple(
     sorted(n for n in torchvision.models.list_models(module=torchvision.models)
            if family_of_model_name(n) not in (None,) + _REFUSED_FAMILIES)
 )
 """Architectures that :func:`build_model` (and ``recipes/train.py --arch``) can build: every
 torchvision classification model of the ResNet (``resnet*``, ``resnext*``, ``wide_resnet*``),
-VGG, AlexNet, ConvNeXt, EfficientNet (B0-B7, V2), MobileNetV3, DenseNet and RegNet families."""
+VGG, AlexNet, ConvNeXt, EfficientNet (B0-B7, V2), MobileNetV3, DenseNet and RegNet families
+of :data:`captum_consistency.attr.ARCHITECTURE_FAMILIES` (the families are the registry's; these
+are torchvision's model names)."""
 
 _VIT_REFUSAL = (
     "vision transformers cannot be trained with the GC loss: their position embeddings fix the "

@@ -348,3 +348,21 @@ def test_both_distractor_schemes_regularise_an_unlabelled_image_alike():
         assert not targets[distractors[:, 0, 0, 0].long(), regularised].any()
         drawn.add(regularised)
     assert drawn == {0, 1, 2, 3}
+
+
+def test_one_check_of_the_regularised_classes():
+    """The distractor functions, the sampler, the fallback and the training loop check the
+    regularised classes with one function, so they refuse the same inputs with the same words."""
+    from captum_consistency.engine.training import _check_gradcam_targets
+
+    sampler = DatasetDistractorSampler(torch.tensor([0, 1, 2, 0, 1, 2]), seed=0, rank=0)
+    fallback = DistractorFallback(list(torch.zeros(6, 3, 2, 2)), sampler)
+    checks = (lambda g: in_batch_distractors(torch.zeros(4, 3), g), sampler.sample, fallback)
+    for call in checks + (_check_gradcam_targets,):
+        with pytest.raises(TypeError, match="must be an integer tensor .*bool mask"):
+            call(torch.tensor([True, False, True, False]))
+    for call in checks:
+        with pytest.raises(ValueError, match=r"must lie in -1\.\.2 .*got values in \[0, 3\]"):
+            call(torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"shape \(N,\)"):
+        sampler.sample(torch.zeros(2, 2, dtype=torch.long))

@@ -2,23 +2,11 @@
 
 The adapters live in ``_captum_adapter`` (:class:`CaptumAttribution`, :data:`REDUCTIONS`) and
 ``_pgc_adapter`` (:class:`PytorchGradCamAttribution`, :func:`vit_reshape_transform`), the checks
-of the modified-gradient rules in ``_nonlinearities``; this module keeps their former import
-path.
+of the modified-gradient rules in ``_nonlinearities``; this module keeps the adapters' former
+import path.
 """
 
-from captum_consistency.attr._captum_adapter import (
-    REDUCTIONS,
-    CaptumAttribution,
-    occlusion_window,
-    smoothgrad_noise,
-)
-from captum_consistency.attr._nonlinearities import (
-    _ACTIVATIONS,
-    _DEEPLIFT_EXTRA,
-    unhandled_nonlinearities,
-    warn_unhandled,
-    with_unique_module_calls,
-)
+from captum_consistency.attr._captum_adapter import REDUCTIONS, CaptumAttribution
 from captum_consistency.attr._pgc_adapter import PytorchGradCamAttribution, vit_reshape_transform
 
 __all__ = [
@@ -26,9 +14,4 @@ __all__ = [
     "PytorchGradCamAttribution",
     "REDUCTIONS",
     "vit_reshape_transform",
-    "occlusion_window",
-    "smoothgrad_noise",
-    "unhandled_nonlinearities",
-    "warn_unhandled",
-    "with_unique_module_calls",
 ]

@@ -89,9 +89,12 @@ _FAMILIES: Dict[str, _Family] = {
     "vit": _Family(VisionTransformer, {"vit_": "ViT-"}, {"layer": _vit_layer}),
 }
 
-#: Architecture families with default layers, as :func:`detect_architecture` names them
-#: (torchvision classes; ``resnet`` includes ResNeXt and Wide ResNet, ``efficientnet`` V2).
 ARCHITECTURE_FAMILIES: Tuple[str, ...] = tuple(_FAMILIES)
+"""The torchvision architecture families with default layers, as
+:func:`~captum_consistency.attr.detect_architecture` names them: ``resnet`` (with ResNeXt and
+Wide ResNet), ``vgg``, ``alexnet``, ``convnext``, ``efficientnet`` (with V2), ``mobilenetv3``,
+``densenet``, ``regnet`` and ``vit``. Not to be confused with
+:data:`captum_consistency.builders.ARCHITECTURES`, the model names the recipes build."""
 
 #: The families cMWP has default layers for: the ReLU networks its excitation rules cover.
 CMWP_FAMILIES: Tuple[str, ...] = tuple(f for f, v in _FAMILIES.items() if "saliency_layer" in v.layers)

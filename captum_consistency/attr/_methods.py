@@ -80,9 +80,11 @@ _SPECS: Dict[str, _Spec] = {
     "pgc:ablationcam": _Spec("pytorch-grad-cam", "AblationCAM", "cam", _PGC_RULE),
 }
 
-#: Every name accepted by :func:`get_attribution`, in the order of
-#: :func:`available_attributions`: captum-consistency's four, then ``captum:*`` and ``pgc:*``.
 METHODS: Tuple[str, ...] = tuple(_SPECS)
+"""Every name accepted by :func:`~captum_consistency.attr.get_attribution`, in the order of
+:func:`~captum_consistency.attr.available_attributions`: captum-consistency's four, then
+``captum:*`` and ``pgc:*``. The evaluation's and the transfer benchmark's method lists are this
+tuple."""
 _LIBRARY_PREFIX = {"captum": "captum:", "pgc": "pgc:", "pytorch-grad-cam": "pgc:"}
 
 
