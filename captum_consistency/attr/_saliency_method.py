@@ -1,8 +1,8 @@
 """The registry's configured method: one call, ``attribute(inputs, target)``, for every library.
 
 :class:`SaliencyMethod` validates the targets, keeps the peer libraries' per-call notices out of
-the way, replaces non-finite maps and upsamples layer maps; :func:`~captum_consistency.attr.
-get_attribution` builds it.
+the way, replaces non-finite maps and upsamples layer maps;
+:func:`~captum_consistency.attr.get_attribution` builds it.
 """
 
 from __future__ import annotations
