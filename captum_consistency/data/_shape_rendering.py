@@ -38,6 +38,24 @@ _CUE_MAX_GAP = 0.04
 _STRIPES_PER_CUE = 3.5
 _DARK = 0.08
 
+#: Largest object radius (fraction of the image side) that leaves room for the cue beside it.
+_MAX_RADIUS_WITH_CUE = _RADIUS_RANGE[1]
+_MAX_RADIUS = 0.45
+
+
+def _check_object_size(value) -> Tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"object_size must be a pair (min, max) of radii, got {value!r}") from None
+    if not (0.05 <= lo <= hi <= _MAX_RADIUS):
+        raise ValueError(
+            f"object_size must satisfy 0.05 <= min <= max <= {_MAX_RADIUS} (circumradius as a "
+            f"fraction of the image side), got {value!r}"
+        )
+    return lo, hi
+
+
 # Streams of the label hash.
 _U_LABEL, _U_CUE_KEEP, _U_CUE_CLASS, _U_STRAY, _U_STRAY_CLASS, _U_CUE_PRESENT = range(6)
 _MASK64 = (1 << 64) - 1

@@ -59,6 +59,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from captum_consistency.data._shape_rendering import (
+    _MAX_RADIUS_WITH_CUE,
     _RADIUS_RANGE,
     _U_CUE_CLASS,
     _U_CUE_KEEP,
@@ -67,6 +68,7 @@ from captum_consistency.data._shape_rendering import (
     _U_STRAY,
     _U_STRAY_CLASS,
     SHAPES,
+    _check_object_size,
     _hash_uniform,
     render,
 )
@@ -120,24 +122,6 @@ class SyntheticSample(NamedTuple):
     stray_mask: Tensor
     stray_label: int
     index: int
-
-
-#: Largest object radius (fraction of the image side) that leaves room for the cue beside it.
-_MAX_RADIUS_WITH_CUE = _RADIUS_RANGE[1]
-_MAX_RADIUS = 0.45
-
-
-def _check_object_size(value) -> Tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"object_size must be a pair (min, max) of radii, got {value!r}") from None
-    if not (0.05 <= lo <= hi <= _MAX_RADIUS):
-        raise ValueError(
-            f"object_size must satisfy 0.05 <= min <= max <= {_MAX_RADIUS} (circumradius as a "
-            f"fraction of the image side), got {value!r}"
-        )
-    return lo, hi
 
 
 def _check_probability(name: str, value) -> float:
