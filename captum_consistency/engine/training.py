@@ -239,8 +239,10 @@ def sample_positive_class(targets: Tensor, generator: Optional[torch.Generator] 
     """One positive class per row of a multi-hot matrix, uniformly among the positives.
 
     This is the class whose Grad-CAM is regularised for a multi-label image (the authors pick
-    one ground-truth category at random). A row without any positive (an image without
-    annotations) draws uniformly among all classes. The draw happens on the generator's device.
+    one ground-truth category at random). The same draw as
+    :func:`captum_consistency.data.sample_present_classes`, which ``--distractors dataset``
+    uses: a row without any positive (an image without annotations) draws uniformly among all
+    classes. The draw happens on the generator's device.
 
     Args:
         targets (Tensor): ``(N, C)`` multi-hot.
@@ -255,13 +257,9 @@ def sample_positive_class(targets: Tensor, generator: Optional[torch.Generator] 
         >>> sample_positive_class(targets)[1]
         tensor(1)
     """
-    if targets.dim() != 2:
-        raise ValueError(f"targets must be (N, num_classes) multi-hot, got {tuple(targets.shape)}")
-    gen_device = generator.device if generator is not None else targets.device
-    weights = (targets > 0).to(device=gen_device, dtype=torch.float32)
-    empty = weights.sum(dim=1, keepdim=True) == 0
-    weights = torch.where(empty, torch.ones_like(weights), weights)
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1).to(targets.device)
+    from captum_consistency.data._targets import sample_present_classes
+
+    return sample_present_classes(targets, generator)
 
 
 def multilabel_f1(tp: Tensor, fp: Tensor, fn: Tensor) -> Tuple[Tensor, float]:
@@ -383,15 +381,9 @@ class _Meter:
 
 def _check_gradcam_targets(gradcam_targets: Tensor) -> Tensor:
     """The loader's regularised classes: integer class ids (a dtype check, no host sync)."""
-    if not isinstance(gradcam_targets, Tensor) or gradcam_targets.dtype == torch.bool or (
-        gradcam_targets.dtype.is_floating_point or gradcam_targets.dtype.is_complex
-    ):
-        raise TypeError(
-            "the loader's gradcam_targets must be an integer tensor of class ids, got "
-            f"{getattr(gradcam_targets, 'dtype', type(gradcam_targets).__name__)} (a bool mask "
-            "would be read as the classes 0 and 1)"
-        )
-    return gradcam_targets
+    from captum_consistency.data._targets import check_gradcam_targets
+
+    return check_gradcam_targets(gradcam_targets, where="the loader's gradcam_targets", values=False)
 
 
 def _loader_brings_distractors(loader: Any) -> bool:
