@@ -25,7 +25,7 @@ from torchvision.models import (
     VisionTransformer,
 )
 
-from captum_consistency.attr._excitation_backprop import resolve_layer
+from captum_consistency.attr._layers import resolve_layer
 
 __all__ = [
     "ARCHITECTURE_FAMILIES",

@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from captum_consistency.attr._captum_adapter import CaptumAttribution, occlusion_window, smoothgrad_noise
 from captum_consistency.attr._elementwise_grad_cam import LayerElementwiseGradCam
-from captum_consistency.attr._excitation_backprop import ContrastiveExcitationBackprop, resolve_layer
+from captum_consistency.attr._excitation_backprop import ContrastiveExcitationBackprop
+from captum_consistency.attr._layers import layer_name as _layer_name
+from captum_consistency.attr._layers import resolve_layer
 from captum_consistency.attr._families import (
     ARCHITECTURE_FAMILIES,
     CMWP_FAMILIES,
@@ -60,7 +62,7 @@ __all__ = [
 def _resolve_named(model: nn.Module, layer: Union[str, nn.Module], argname: str) -> Tuple[nn.Module, str]:
     """:func:`resolve_layer` (which refuses a module outside the model), and the module's name."""
     module = resolve_layer(model, layer, argname)
-    return module, next(name for name, m in model.named_modules() if m is module)
+    return module, _layer_name(model, module, argname)
 
 
 def _num_classes(model: nn.Module, arch: Optional[str], classifier: Optional[nn.Module]) -> Optional[int]:

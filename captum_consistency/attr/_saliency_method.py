@@ -17,7 +17,7 @@ from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
 from captum_consistency._warnings import CaptumConsistencyWarning
-from captum_consistency.attr._excitation_backprop import _target_tensor
+from captum_consistency.attr._layers import _target_tensor
 from captum_consistency.attr._methods import _SPECS
 
 __all__ = ["SaliencyMethod"]
