@@ -7,8 +7,8 @@ metrics, and transfer evaluation with other attribution methods.
 """
 
 from captum_consistency._warnings import CaptumConsistencyWarning, SkippedImageWarning
-from captum_consistency.composition import cell_mask, compose_grid, split_grid
-from captum_consistency.losses import ConsistencyLossOutput, GradCamConsistencyLoss, LayerRecorder
+from captum_consistency.composition import cell_mask, cell_rows_cols, compose_grid, split_grid
+from captum_consistency.losses import ConsistencyLossOutput, GradCamConsistencyLoss, LayerRecorder, gc_consistency
 from captum_consistency.models import fold_batch_norm, to_global_max_pool
 from captum_consistency.saliency import normalize_saliency
 
@@ -18,10 +18,12 @@ __all__ = [
     "compose_grid",
     "split_grid",
     "cell_mask",
+    "cell_rows_cols",
     "normalize_saliency",
     "GradCamConsistencyLoss",
     "ConsistencyLossOutput",
     "LayerRecorder",
+    "gc_consistency",
     "to_global_max_pool",
     "fold_batch_norm",
     "CaptumConsistencyWarning",

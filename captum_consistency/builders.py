@@ -20,24 +20,28 @@ import torch
 import torchvision
 from torch import nn
 
-from captum_consistency.attr._registry import default_layers, detect_architecture
+from captum_consistency.attr._families import (
+    default_layers,
+    detect_architecture,
+    family_of_model_name,
+    static_layer_name,
+)
 from captum_consistency.models import to_global_max_pool
 
 __all__ = ["ARCHITECTURES", "build_model", "gradcam_layer", "gradcam_layer_name", "unwrap_model"]
 
-_FAMILY_PREFIXES = (
-    "resnet", "resnext", "wide_resnet", "vgg", "alexnet", "convnext_", "efficientnet_",
-    "mobilenet_v3_", "densenet", "regnet_",
-)
+#: The families whose models cannot take the GC loss's composites (see ``_VIT_REFUSAL``).
+_REFUSED_FAMILIES = ("vit",)
 
-#: Architectures the recipes can build.
 ARCHITECTURES: Tuple[str, ...] = tuple(
     sorted(n for n in torchvision.models.list_models(module=torchvision.models)
-           if n.startswith(_FAMILY_PREFIXES))
+           if family_of_model_name(n) not in (None,) + _REFUSED_FAMILIES)
 )
 """Architectures that :func:`build_model` (and ``recipes/train.py --arch``) can build: every
 torchvision classification model of the ResNet (``resnet*``, ``resnext*``, ``wide_resnet*``),
-VGG, AlexNet, ConvNeXt, EfficientNet (B0-B7, V2), MobileNetV3, DenseNet and RegNet families."""
+VGG, AlexNet, ConvNeXt, EfficientNet (B0-B7, V2), MobileNetV3, DenseNet and RegNet families
+of :data:`captum_consistency.attr.ARCHITECTURE_FAMILIES` (the families are the registry's; these
+are torchvision's model names)."""
 
 _VIT_REFUSAL = (
     "vision transformers cannot be trained with the GC loss: their position embeddings fix the "
@@ -94,7 +98,7 @@ def build_model(arch: str, num_classes: int, gmp: bool = False) -> nn.Module:
 def _check_arch(arch: str) -> None:
     if arch in ARCHITECTURES:
         return
-    if isinstance(arch, str) and arch.startswith("vit_"):
+    if isinstance(arch, str) and family_of_model_name(arch) in _REFUSED_FAMILIES:
         raise ValueError(f"arch {arch!r}: {_VIT_REFUSAL}")
     raise ValueError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {arch!r}")
 
@@ -123,12 +127,13 @@ def gradcam_layer_name(arch: str) -> str:
         'features.29'
     """
     _check_arch(arch)
-    if arch.startswith("regnet_"):
-        # RegNet's builder computes its widths with tensor ops, which the meta device refuses.
-        return "trunk_output"
+    family = family_of_model_name(arch)
+    name = static_layer_name(family)
+    if name is not None:
+        return name
     with torch.device("meta"):  # module names only: no memory, no initialisation cost
         model = getattr(torchvision.models, arch)(weights=None)
-    return default_layers(model)["layer"]
+    return default_layers(model, family)["layer"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -12,7 +12,17 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["compose_grid", "split_grid", "random_cells", "cell_mask", "NUM_CELLS"]
+__all__ = [
+    "compose_grid",
+    "compose_shared",
+    "split_grid",
+    "random_cells",
+    "cell_mask",
+    "cell_rows_cols",
+    "distractor_cells",
+    "check_cells",
+    "NUM_CELLS",
+]
 
 NUM_CELLS = 4
 NUM_DISTRACTORS = NUM_CELLS - 1
@@ -31,7 +41,37 @@ def random_cells(
     return cells.to(device) if device is not None else cells
 
 
-def _check_cells(cells: Tensor, n: int) -> None:
+def cell_rows_cols(cells: Tensor) -> Tuple[Tensor, Tensor]:
+    """Row and column of each cell in the 2x2 grid: ``(k // 2, k % 2)``.
+
+    This is the package's one statement of the cell convention (0 top-left, 1 top-right,
+    2 bottom-left, 3 bottom-right, i.e. ``k = 2 * row + col``), used by the composer, by
+    :func:`cell_mask` and by the Negative Quadrants Heatmap.
+
+    Args:
+        cells (Tensor): integer cells in {0, 1, 2, 3}, any shape.
+
+    Returns:
+        ``(rows, cols)``, integer tensors shaped like ``cells``.
+
+    Examples::
+
+        >>> cell_rows_cols(torch.tensor([0, 1, 2, 3]))
+        (tensor([0, 0, 1, 1]), tensor([0, 1, 0, 1]))
+    """
+    return cells // 2, cells % 2
+
+
+def check_cells(cells: Tensor, n: int) -> None:
+    """Raises unless ``cells`` is an ``(n,)`` integer tensor with values in {0, 1, 2, 3}.
+
+    The range is checked on the cells' own device (on an accelerator, a host-device
+    synchronisation).
+
+    Raises:
+        TypeError: not an integer tensor.
+        ValueError: a wrong shape or a value outside 0..3.
+    """
     if not isinstance(cells, Tensor):
         raise TypeError(f"cells must be a LongTensor of shape ({n},), got {type(cells).__name__}")
     if cells.dtype.is_floating_point or cells.dtype == torch.bool or cells.dtype.is_complex:
@@ -62,12 +102,26 @@ def _slot_to_cell_table(device: torch.device) -> Tensor:
     return table
 
 
+def distractor_cells(cells: Tensor) -> Tensor:
+    """The three cells left to the distractors of a positive image in cell ``k``, in increasing
+    order: ``(N,) -> (N, 3)`` (distractor ``j`` of :func:`compose_grid` goes to column ``j``).
+
+    Examples::
+
+        >>> distractor_cells(torch.tensor([0, 2]))
+        tensor([[1, 2, 3],
+                [0, 1, 3]])
+    """
+    return _slot_to_cell_table(cells.device)[cells][..., 1:]
+
+
 def compose_grid(
     positive: Tensor,
     distractors: Optional[Tensor] = None,
     cells: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     return_cells: bool = False,
+    check: bool = True,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     r"""Places each positive image in cell ``k`` of a 2x2 grid, distractors in the other cells.
 
@@ -85,6 +139,10 @@ def compose_grid(
             the check free of a host-device synchronisation.
         generator (torch.Generator, optional): source of the random cells.
         return_cells (bool): also return the cells used.
+        check (bool): check the inputs. ``False`` is for callers whose inputs are valid by
+            construction (the GC loss composing a map with the cells it has just used): the
+            shapes are then trusted and ``cells`` must already be on ``positive.device``, which
+            keeps a training step free of host-device synchronisations.
 
     Returns:
         The grid ``(N, C, 2H, 2W)`` in ``positive``'s memory format (channels-last in,
@@ -101,63 +159,109 @@ def compose_grid(
         torch.Size([8, 3, 448, 448])
         >>> target = compose_grid(saliency, cells=cells)  # zero-padded map, Eq. 4
     """
-    if not isinstance(positive, Tensor) or positive.dim() != 4:
-        shape = tuple(positive.shape) if isinstance(positive, Tensor) else type(positive).__name__
-        raise ValueError(f"positive must be a (N, C, H, W) tensor, got {shape}")
-    n, c, h, w = positive.shape
-    if distractors is not None:
-        if not isinstance(distractors, Tensor) or distractors.dim() != 5:
-            shape = (
-                tuple(distractors.shape) if isinstance(distractors, Tensor) else type(distractors).__name__
-            )
-            raise ValueError(f"distractors must be a (N, 3, C, H, W) tensor, got {shape}")
-        if distractors.shape[1] != NUM_DISTRACTORS:
-            raise ValueError(
-                f"distractors must hold exactly 3 images per sample (dim 1), got {distractors.shape[1]}"
-            )
-        if distractors.shape[0] != n or distractors.shape[2:] != positive.shape[1:]:
-            raise ValueError(
-                "distractors must have shape (N, 3, C, H, W) = "
-                f"{(n, NUM_DISTRACTORS, c, h, w)} to match positive, got {tuple(distractors.shape)}"
-            )
+    if check:
+        _check_sources(positive, distractors)
+    n = positive.shape[0]
     if cells is None:
         cells = random_cells(n, generator=generator, device=positive.device)
-    else:
+    elif check:
         # Checked on their own device: CPU cells (as random_cells makes them) are checked
         # without a host-device synchronisation, then copied asynchronously.
-        _check_cells(cells, n)
+        check_cells(cells, n)
         cells = cells.to(positive.device, non_blocking=True)
-
-    grid = _compose_checked_cells(positive, distractors, cells)
-    return (grid, cells) if return_cells else grid
-
-
-def _compose_checked_cells(positive: Tensor, distractors: Optional[Tensor], cells: Tensor) -> Tensor:
-    """:func:`compose_grid` on inputs already checked (cells on ``positive.device``).
-
-    Each source image is written once, straight to its cell of the output: four batched
-    ``index_put_`` (one per slot, over the whole batch) into a ``(N, 2, 2, C, H, W)`` view of
-    the grid, so the composite costs one read of the sources and one write of the grid, with
-    no intermediate copy. The grid keeps ``positive``'s memory format (channels-last stays
-    channels-last, as the model expects it). Differentiable with respect to every source.
-    """
-    n, c, h, w = positive.shape
-    channels_last = positive.is_contiguous(memory_format=torch.channels_last) and not positive.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    grid = torch.empty((n, c, 2 * h, 2 * w), dtype=positive.dtype, device=positive.device, memory_format=fmt)
-    if distractors is None:
-        grid.zero_()  # zero-padding: the other three cells stay empty
-    # view() only splits the two spatial dimensions, which works in either memory format.
-    by_cell = grid.view(n, c, 2, h, 2, w).permute(0, 2, 4, 1, 3, 5)  # [:, row, col] is a cell
+    # Each source is written once, straight to its cell of the output (one batched index_put_
+    # per slot), so the composite costs one read of the sources and one write of the grid.
+    grid, by_cell = _empty_grids(positive, n, zero=distractors is None)
     rows = torch.arange(n, device=positive.device)
     slot_to_cell = _slot_to_cell_table(positive.device)[cells]  # (N, 4)
     sources = [positive]
     if distractors is not None:
         sources += [distractors[:, j].to(positive.dtype) for j in range(NUM_DISTRACTORS)]
     for slot, source in enumerate(sources):
-        cell = slot_to_cell[:, slot]
-        by_cell[rows, cell // 2, cell % 2] = source
+        _write_cells(by_cell, rows, slot_to_cell[:, slot], source)
+    return (grid, cells) if return_cells else grid
+
+
+def compose_shared(
+    images: Tensor, composite_of: Tensor, cells: Tensor, num_composites: int,
+    distractors: Optional[Tensor] = None, distractors_of: Optional[Tensor] = None,
+) -> Tensor:
+    """Composites that hold several of the images: image ``i`` in cell ``cells[i]`` of
+    composite ``composite_of[i]`` (the GC loss's shared composites).
+
+    Every cell of every composite must be written exactly once, by an image or by a
+    distractor, so the grid starts uninitialised. Channels-last images give channels-last
+    composites, as in :func:`compose_grid`.
+
+    Args:
+        images (Tensor): ``(N, C, H, W)``.
+        composite_of (Tensor): ``(N,)`` CPU int64, the composite of each image.
+        cells (Tensor): ``(N,)`` CPU int64, the cell of each image.
+        num_composites (int): ``G``.
+        distractors (Tensor, optional): ``(U, 3, C, H, W)`` distractors of the images
+            ``distractors_of`` (``(U,)`` CPU int64 batch positions): they fill the other three
+            cells of those images' composites in increasing cell order, as in
+            :func:`compose_grid`.
+
+    Returns:
+        Tensor ``(G, C, 2H, 2W)``.
+    """
+    device = images.device
+    grid, by_cell = _empty_grids(images, num_composites)
+    _write_cells(
+        by_cell, composite_of.to(device, non_blocking=True), cells.to(device, non_blocking=True), images
+    )
+    if distractors is not None and distractors_of is not None:
+        other = distractor_cells(cells[distractors_of]).flatten()
+        owner = composite_of[distractors_of].repeat_interleave(NUM_DISTRACTORS)
+        _write_cells(
+            by_cell,
+            owner.to(device, non_blocking=True),
+            other.to(device, non_blocking=True),
+            distractors.flatten(0, 1).to(images.dtype),
+        )
     return grid
+
+
+def _check_sources(positive: Tensor, distractors: Optional[Tensor]) -> None:
+    if not isinstance(positive, Tensor) or positive.dim() != 4:
+        shape = tuple(positive.shape) if isinstance(positive, Tensor) else type(positive).__name__
+        raise ValueError(f"positive must be a (N, C, H, W) tensor, got {shape}")
+    if distractors is None:
+        return
+    n, c, h, w = positive.shape
+    if not isinstance(distractors, Tensor) or distractors.dim() != 5:
+        shape = tuple(distractors.shape) if isinstance(distractors, Tensor) else type(distractors).__name__
+        raise ValueError(f"distractors must be a (N, 3, C, H, W) tensor, got {shape}")
+    if distractors.shape[1] != NUM_DISTRACTORS:
+        raise ValueError(
+            f"distractors must hold exactly 3 images per sample (dim 1), got {distractors.shape[1]}"
+        )
+    if distractors.shape[0] != n or distractors.shape[2:] != positive.shape[1:]:
+        raise ValueError(
+            "distractors must have shape (N, 3, C, H, W) = "
+            f"{(n, NUM_DISTRACTORS, c, h, w)} to match positive, got {tuple(distractors.shape)}"
+        )
+
+
+def _empty_grids(like: Tensor, num: int, zero: bool = False) -> Tuple[Tensor, Tensor]:
+    """``num`` grids ``(num, C, 2H, 2W)`` for ``like``'s ``(C, H, W)`` images, in ``like``'s
+    memory format (channels-last stays channels-last, as the model expects it), and their view
+    ``(num, 2, 2, C, H, W)`` indexed by cell row and column. ``zero``: zero-padded cells."""
+    _, c, h, w = like.shape
+    channels_last = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    grid = torch.empty((num, c, 2 * h, 2 * w), dtype=like.dtype, device=like.device, memory_format=fmt)
+    if zero:
+        grid.zero_()
+    # view() only splits the two spatial dimensions, which works in either memory format.
+    return grid, grid.view(num, c, 2, h, 2, w).permute(0, 2, 4, 1, 3, 5)
+
+
+def _write_cells(by_cell: Tensor, composites: Tensor, cells: Tensor, sources: Tensor) -> None:
+    """Writes ``sources[i]`` into cell ``cells[i]`` of grid ``composites[i]`` (differentiably)."""
+    rows, cols = cell_rows_cols(cells)
+    by_cell[composites, rows, cols] = sources
 
 
 def split_grid(grid: Tensor) -> Tensor:
@@ -208,10 +312,11 @@ def cell_mask(cells: Tensor, size: Tuple[int, int]) -> Tensor:
     """
     if not isinstance(cells, Tensor) or cells.dim() != 1:
         raise ValueError(f"cells must be a (N,) tensor, got {getattr(cells, 'shape', type(cells))}")
-    _check_cells(cells, cells.shape[0])
+    check_cells(cells, cells.shape[0])
     h, w = size
     rows = torch.arange(h, device=cells.device) >= h // 2  # (H,) True in the bottom half
     cols = torch.arange(w, device=cells.device) >= w // 2
-    want_row = (cells // 2).bool().view(-1, 1, 1)
-    want_col = (cells % 2).bool().view(-1, 1, 1)
+    cell_row, cell_col = cell_rows_cols(cells)
+    want_row = cell_row.bool().view(-1, 1, 1)
+    want_col = cell_col.bool().view(-1, 1, 1)
     return (rows.view(1, h, 1) == want_row) & (cols.view(1, 1, w) == want_col)

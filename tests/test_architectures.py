@@ -128,3 +128,30 @@ def test_input_size_check_builds_every_family():
     assert next(model.parameters()).is_meta
     with pytest.raises(ValueError, match="too small for convnext_tiny"):
         check_input_size("convnext_tiny", 8, 2)
+
+
+def test_one_table_of_families_names_the_builders_layers_and_reports(monkeypatch):
+    """The registry's family table is the one source of the buildable architectures, their
+    Grad-CAM layers (without building a model where the layer is fixed) and their report names."""
+    from captum_consistency.attr import ARCHITECTURE_FAMILIES, METHODS, available_attributions, default_layers
+    from captum_consistency.attr._families import family_of_model_name
+    from captum_consistency.builders import ARCHITECTURES
+    from captum_consistency.engine.datasets import ARCH_NAMES, model_name
+
+    assert METHODS == tuple(available_attributions())
+    assert {family_of_model_name(a) for a in ARCHITECTURES} == set(ARCHITECTURE_FAMILIES) - {"vit"}
+    assert set(ARCH_NAMES) == set(ARCHITECTURES)
+    assert (ARCH_NAMES["resnet18"], ARCH_NAMES["resnet50"], ARCH_NAMES["alexnet"]) == ("ResNet18", "ResNet50", "AlexNet")
+    assert ARCH_NAMES["resnext50_32x4d"] == "ResNeXt50_32x4d" and ARCH_NAMES["convnext_tiny"] == "ConvNeXt-tiny"
+    assert model_name({"arch": "resnet18", "gmp": True}) == "ResNet18 GMP + GC"  # lambda 25 by default
+    assert model_name({"arch": "alexnet", "data": "coco", "args": {"gc_lambda": 0.0}}) == "AlexNet Baseline"
+    with pytest.raises(ValueError, match="unknown arch 'resnet18'; valid: resnet, vgg"):
+        default_layers(torchvision.models.resnet18(), "resnet18")
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the layer name of a family with a fixed layer needs no model")
+
+    for arch in ("resnet50", "regnet_y_400mf", "densenet121", "convnext_tiny", "alexnet"):
+        monkeypatch.setattr(torchvision.models, arch, no_build)
+    assert [gradcam_layer_name(a) for a in ("resnet50", "regnet_y_400mf", "densenet121", "convnext_tiny", "alexnet")] \
+        == ["layer4", "trunk_output", "features.denseblock4", "features", "features"]

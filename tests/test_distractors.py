@@ -316,9 +316,53 @@ def test_sample_present_classes_draws_a_present_class_uniformly():
     targets = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.float32)
     gen = torch.Generator().manual_seed(0)
     draws = torch.stack([sample_present_classes(targets, gen) for _ in range(1500)])
-    assert (draws[:, 1] == -1).all() and (draws[:, 2] == 1).all()
+    assert draws.dtype == torch.long and (draws[:, 2] == 1).all()
     counts = np.bincount(draws[:, 0].numpy(), minlength=4)
     assert counts[1] == 0
     assert _chi_square(counts[[0, 2, 3]]) < _chi_bound(2)
+    # A row without any class (an unannotated image) draws uniformly among all classes.
+    assert _chi_square(np.bincount(draws[:, 1].numpy(), minlength=4)) < _chi_bound(3)
     with pytest.raises(ValueError, match="multi-hot"):
         sample_present_classes(torch.tensor([0, 1]))
+
+
+def test_both_distractor_schemes_regularise_an_unlabelled_image_alike():
+    """``--distractors batch`` (the training loop's sample_positive_class) and ``--distractors
+    dataset`` (DatasetWithDistractors) choose the regularised class of a multi-label image by
+    one rule, also for an image without labels: the same draws from the same stream."""
+    from captum_consistency.engine import sample_positive_class
+
+    targets = torch.tensor([[0, 0, 0, 0], [1, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]])
+    for seed in range(10):
+        batch_rule = sample_positive_class(targets, torch.Generator().manual_seed(seed))
+        assert torch.equal(batch_rule, sample_present_classes(targets, torch.Generator().manual_seed(seed)))
+    images = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 3, 2, 2)
+    data = list(zip(images, targets))
+    drawn = set()
+    for seed in range(40):
+        sampler = DatasetDistractorSampler(targets, seed=seed, rank=0)
+        stream = torch.Generator().manual_seed(sampler.stream_seed())
+        expected = int(sample_present_classes(targets[:1], stream)[0])
+        _, distractors, regularised = DatasetWithDistractors(data, sampler)[0]
+        assert regularised == expected
+        assert not targets[distractors[:, 0, 0, 0].long(), regularised].any()
+        drawn.add(regularised)
+    assert drawn == {0, 1, 2, 3}
+
+
+def test_one_check_of_the_regularised_classes():
+    """The distractor functions, the sampler, the fallback and the training loop check the
+    regularised classes with one function, so they refuse the same inputs with the same words."""
+    from captum_consistency.engine.training import _check_gradcam_targets
+
+    sampler = DatasetDistractorSampler(torch.tensor([0, 1, 2, 0, 1, 2]), seed=0, rank=0)
+    fallback = DistractorFallback(list(torch.zeros(6, 3, 2, 2)), sampler)
+    checks = (lambda g: in_batch_distractors(torch.zeros(4, 3), g), sampler.sample, fallback)
+    for call in checks + (_check_gradcam_targets,):
+        with pytest.raises(TypeError, match="must be an integer tensor .*bool mask"):
+            call(torch.tensor([True, False, True, False]))
+    for call in checks:
+        with pytest.raises(ValueError, match=r"must lie in -1\.\.2 .*got values in \[0, 3\]"):
+            call(torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(ValueError, match=r"shape \(N,\)"):
+        sampler.sample(torch.zeros(2, 2, dtype=torch.long))

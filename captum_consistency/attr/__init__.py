@@ -13,7 +13,11 @@ from captum_consistency.attr._elementwise_grad_cam import (
 )
 from captum_consistency.attr._excitation_backprop import ContrastiveExcitationBackprop
 from captum_consistency.attr._fullgrad import FullGrad, FullGradDecomposition
+# LayerRecorder is importable from here too; it is documented (and listed) at the top level.
+from captum_consistency.attr._recording import LayerGradients, LayerRecorder, layer_gradients, score_gradients
 from captum_consistency.attr._registry import (
+    ARCHITECTURE_FAMILIES,
+    METHODS,
     SaliencyMethod,
     available_attributions,
     default_layers,
@@ -25,6 +29,9 @@ __all__ = [
     "LayerElementwiseGradCam",
     "elementwise_grad_cam",
     "grad_cam",
+    "LayerGradients",
+    "layer_gradients",
+    "score_gradients",
     "ContrastiveExcitationBackprop",
     "FullGrad",
     "FullGradDecomposition",
@@ -33,6 +40,8 @@ __all__ = [
     "SaliencyMethod",
     "default_layers",
     "detect_architecture",
+    "METHODS",
+    "ARCHITECTURE_FAMILIES",
     "CaptumAttribution",
     "PytorchGradCamAttribution",
     "vit_reshape_transform",

@@ -19,6 +19,9 @@ from captum.log import log_usage
 from torch import Tensor
 from torch.nn import Module
 
+from captum_consistency.attr._layers import check_layer_in_model
+from captum_consistency.attr._recording import _UnsupportedLayerOutput, layer_gradients
+
 __all__ = ["LayerElementwiseGradCam", "elementwise_grad_cam", "grad_cam", "check_layer_in_model"]
 
 
@@ -64,17 +67,6 @@ def grad_cam(activations: Tensor, gradients: Tensor, relu: bool = True) -> Tenso
     """
     weights = gradients.mean(dim=tuple(range(2, gradients.dim())), keepdim=True)
     return elementwise_grad_cam(activations, weights, relu=relu)
-
-
-def check_layer_in_model(model: Any, layer: Module, argname: str = "layer") -> None:
-    """Raises ``ValueError`` when ``model`` is a ``Module`` that does not contain ``layer``."""
-    if not isinstance(layer, Module):
-        raise TypeError(f"{argname} must be a torch.nn.Module, got {type(layer).__name__}")
-    if isinstance(model, Module) and not any(m is layer for m in model.modules()):
-        raise ValueError(
-            f"{argname} ({type(layer).__name__}) is not a submodule of the model "
-            f"({type(model).__name__}); pass a module of the model itself, e.g. model.layer4"
-        )
 
 
 def _check_target(target: TargetType) -> None:
@@ -131,7 +123,7 @@ class LayerElementwiseGradCam(LayerAttribution, GradientAttribution):
     A plain attribution (no ``create_graph``, inputs that do not require grad) records the
     autograd graph from the layer on only, so it costs about one inference forward pass; for a
     model in eval mode on the CPU that pass runs on a channels-last copy of 4-D inputs
-    (oneDNN convolutions are ~20% faster so; the values are the same to float rounding).
+    (oneDNN convolutions are faster so; the values are the same to float rounding).
 
     Args:
         forward_func (Callable): the model or any function returning ``(N, num_classes)``.
@@ -240,10 +232,11 @@ class LayerElementwiseGradCam(LayerAttribution, GradientAttribution):
         The map needs ``dy/dA`` and ``A``, nothing below the layer. Captum's generic path
         records the whole forward; here the part below the layer runs under ``no_grad`` and
         recording starts at the layer's output, which makes a plain (non-differentiable)
-        attribution cost about one inference forward pass. Returns ``None`` when the generic
-        path is needed: a differentiable map (``create_graph`` or inputs that require grad),
-        ``DataParallel`` device ids, the layer's input, a layer output that is not one tensor,
-        or a layer output modified in place further on.
+        attribution cost about one inference forward pass (:func:`layer_gradients` with
+        ``start_graph=True``; the model may modify the layer's output in place, it gets a copy).
+        Returns ``None`` when the generic path is needed: a differentiable map (``create_graph``
+        or inputs that require grad), ``DataParallel`` device ids, the layer's input, or a layer
+        output that is not one tensor.
         """
         if (
             self.device_ids is not None
@@ -253,52 +246,36 @@ class LayerElementwiseGradCam(LayerAttribution, GradientAttribution):
             or any(isinstance(x, Tensor) and x.requires_grad for x in inputs)
         ):
             return None
-        recorded: List[Tensor] = []
+        layer = cast(Module, self.layer)
 
-        def start_recording(module: Module, _inputs: Any, output: Any) -> Any:
-            if not isinstance(output, Tensor) or recorded:
-                raise _FallBack()
-            leaf = output.detach().requires_grad_()
-            recorded.append(leaf)
-            torch.set_grad_enabled(True)  # the rest of the forward (the head) is recorded
-            return leaf
-
-        handle = cast(Module, self.layer).register_forward_hook(start_recording)
-        try:
-            run_inputs = _channels_last_on_cpu(self.forward_func, inputs)
-            try:
+        def forward(run_inputs: Tuple[Tensor, ...]) -> Callable[[], Tensor]:
+            def run() -> Tensor:
                 with torch.no_grad():
-                    output = _run_forward(self.forward_func, run_inputs, target, additional_forward_args)
-            except RuntimeError as error:
-                if run_inputs is inputs or "leaf Variable that requires grad" in str(error):
+                    return _run_forward(self.forward_func, run_inputs, target, additional_forward_args)
+
+            return run
+
+        run_inputs = _channels_last_on_cpu(self.forward_func, inputs)
+        try:
+            try:
+                recorded = layer_gradients(forward(run_inputs), layer, start_graph=True)
+            except RuntimeError:
+                if run_inputs is inputs:
                     raise
                 # e.g. a ``.view`` in the model that needs NCHW-contiguous activations:
                 # run the model on the caller's tensors as they are.
-                recorded.clear()
-                with torch.no_grad():
-                    output = _run_forward(self.forward_func, inputs, target, additional_forward_args)
-        except _FallBack:
+                recorded = layer_gradients(forward(inputs), layer, start_graph=True)
+        except _UnsupportedLayerOutput:
             return None
-        except RuntimeError as error:
-            if "leaf Variable that requires grad" in str(error):  # an in-place op on A
-                return None
-            raise
-        finally:
-            handle.remove()
-        if not recorded or not isinstance(output, Tensor) or not output.requires_grad:
-            return None
-        kwargs = dict(grad_kwargs or {})
-        (grads,) = torch.autograd.grad(torch.unbind(output), recorded, **kwargs)
-        return recorded[0], grads
+        return recorded.activations, recorded.gradients
 
 
 def _channels_last_on_cpu(forward_func: Callable[..., Tensor], inputs: Tuple[Tensor, ...]) -> Tuple[Tensor, ...]:
     """The inputs in channels-last memory format when that speeds up a CPU forward pass.
 
-    oneDNN convolutions on the CPU run about 20% faster on channels-last tensors than on NCHW
-    ones, which they otherwise reorder at every layer (ResNet-18, batch 32, 224 px: 0.47 s vs
-    0.60 s on two cores). Only 4-D floating-point CPU tensors that are NCHW-contiguous are
-    converted, and only for a model in eval mode (a model in training mode would update its
+    oneDNN convolutions on the CPU run faster on channels-last tensors than on NCHW ones, which
+    they otherwise reorder at every layer. Only 4-D floating-point CPU tensors that are
+    NCHW-contiguous are converted, and only for a model in eval mode (a model in training mode would update its
     batch-norm statistics twice if the forward pass had to be run again). The values are
     unchanged; on accelerators the caller keeps the choice of memory format.
     """
@@ -312,7 +289,3 @@ def _channels_last_on_cpu(forward_func: Callable[..., Tensor], inputs: Tuple[Ten
     if not any(convert):
         return inputs
     return tuple(x.contiguous(memory_format=torch.channels_last) if c else x for x, c in zip(inputs, convert))
-
-
-class _FallBack(Exception):
-    """Raised inside the forward hook to leave the fast path."""

@@ -13,160 +13,36 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
-import torch.nn.functional as F
 from captum._utils.common import _format_additional_forward_args, _format_tensor_into_tuples
 from captum.attr._utils.attribution import GradientAttribution, LayerAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
-from torchvision.models.resnet import BasicBlock, Bottleneck
-from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.models.resnet import Bottleneck
+
+from captum_consistency.attr._excitation_rules import (
+    _EXCITATION_LINEAR,
+    _EXCITATION_POOL,
+    _ORDINARY,
+    _PASS_THROUGH,
+    _RESIDUAL_BLOCKS,
+    EXCITATION_EPS,
+    _Excitation,
+    _PassThrough,
+    _positive_forward,
+    _ResidualSum,
+    find_classifier_layer,
+)
+from captum_consistency.attr._layers import (
+    Inputs,
+    Target,
+    _class_index,
+    _FrozenParameters,
+    _target_tensor,  # imported from here by the registry
+    resolve_layer,
+)
 
 __all__ = ["ContrastiveExcitationBackprop", "resolve_layer", "find_classifier_layer"]
-
-#: Added to the positive forward ``sum_k w+_ik x_k`` before dividing, as in TorchRay and the
-#: authors' Caffe code, so that a unit with no excitatory input passes nothing back.
-EXCITATION_EPS = 1e-20
-
-# Excitation rule: positive weights, no bias, normalised by the layer's own positive forward.
-_EXCITATION_LINEAR = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_EXCITATION_POOL = (
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-)
-# Passed through unchanged (batch norm's scaling and shift are ignored, as in the reference).
-_PASS_THROUGH = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
-# Ordinary gradient: ReLU and max pooling route the signal; the others are identities or reshapes
-# in evaluation mode.
-_ORDINARY = (
-    nn.ReLU,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Identity,
-)
-_RESIDUAL_BLOCKS = (BasicBlock, Bottleneck)
-
-
-def resolve_layer(model: nn.Module, layer: Union[str, nn.Module], argname: str = "layer") -> nn.Module:
-    """Returns the submodule of ``model`` given by name (``"layer3"``, ``"features.23"``) or itself.
-
-    Raises:
-        TypeError: ``layer`` is neither a string nor a module.
-        ValueError: ``layer`` is not a submodule of ``model``.
-    """
-    if isinstance(layer, str):
-        modules = dict(model.named_modules())
-        if layer not in modules:
-            names = [n for n in modules if n]
-            preview = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-            raise ValueError(
-                f"{argname}={layer!r} is not a submodule of {type(model).__name__}; "
-                f"valid names include: {preview}"
-            )
-        return modules[layer]
-    if isinstance(layer, nn.Module):
-        if not any(m is layer for m in model.modules()):
-            raise ValueError(
-                f"{argname} ({type(layer).__name__}) is not a submodule of the model "
-                f"({type(model).__name__}); pass a module of the model itself or its name"
-            )
-        return layer
-    raise TypeError(
-        f"{argname} must be a submodule name (str) or a torch.nn.Module, got {type(layer).__name__}"
-    )
-
-
-def find_classifier_layer(model: nn.Module) -> nn.Module:
-    """The last ``nn.Linear`` or ``nn.Conv{1,2,3}d`` of ``model`` in module registration order."""
-    last = None
-    for module in model.modules():
-        if isinstance(module, _EXCITATION_LINEAR):
-            last = module
-    if last is None:
-        raise ValueError(
-            f"{type(model).__name__} has no nn.Linear or nn.Conv layer to use as the classifier; "
-            "pass classifier_layer explicitly"
-        )
-    return last
-
-
-def _positive_forward(module: nn.Module, weight: Optional[Tensor]) -> Callable[[Tensor], Tensor]:
-    """``x -> f(x, w+)`` without bias for conv/linear layers, the pooling itself for pools."""
-    if isinstance(module, nn.Linear):
-        return lambda x: F.linear(x, weight)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return lambda x: module._conv_forward(x, weight, None)
-    # ``forward`` (not ``__call__``) so that the hooks installed on the module do not re-enter.
-    return module.forward
-
-
-class _Excitation(torch.autograd.Function):
-    r"""Identity on the layer's output; backward ``p' = x * J_{w+}^T (p / (f(x, w+) + eps))``."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, out: Tensor, positive: Callable[[Tensor], Tensor]) -> Tensor:
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            z = positive(x_in)
-        ctx.save_for_backward(x)  # version-checked: an in-place change of x later is an error
-        ctx.x_in, ctx.z = x_in, z
-        return out.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], None, None]:
-        (x,) = ctx.saved_tensors
-        z = ctx.z
-        (g,) = torch.autograd.grad(z, ctx.x_in, grad / (z.detach() + EXCITATION_EPS), retain_graph=True)
-        return g * x, None, None
-
-
-class _PassThrough(torch.autograd.Function):
-    """Identity on the layer's output; backward passes the signal to the input unchanged."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, out: Tensor) -> Tensor:
-        return out.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tuple[Tensor, None]:
-        return grad, None
-
-
-class _ResidualSum(torch.autograd.Function):
-    r"""``y = relu(b + i)`` of a residual block; backward splits ``p * [y > 0]`` in proportion
-    ``b / (b + i)`` and ``i / (b + i)`` between the residual branch ``b`` and the shortcut ``i``."""
-
-    @staticmethod
-    def forward(
-        ctx: Any, y: Tensor, branch: Tensor, identity: Tensor, branch_value: Tensor, identity_value: Tensor
-    ) -> Tensor:
-        total = branch_value + identity_value
-        ctx.save_for_backward(branch_value, identity_value, total)
-        return y.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tuple[None, Tensor, Tensor, None, None]:
-        branch_value, identity_value, total = ctx.saved_tensors
-        active = total > 0  # the ReLU after the addition
-        grad = torch.where(active, grad, torch.zeros_like(grad))
-        total = torch.where(active, total, torch.ones_like(total))
-        return None, branch_value / total * grad, identity_value / total * grad, None, None
 
 
 class ContrastiveExcitationBackprop(LayerAttribution, GradientAttribution):
@@ -362,10 +238,7 @@ class ContrastiveExcitationBackprop(LayerAttribution, GradientAttribution):
 
     @log_usage()
     def attribute(
-        self,
-        inputs: Union[Tensor, Tuple[Tensor, ...]],
-        target: Union[None, int, Sequence[int], Tensor] = None,
-        additional_forward_args: Optional[object] = None,
+        self, inputs: Inputs, target: Target = None, additional_forward_args: Optional[object] = None
     ) -> Tensor:
         r"""Computes the cMWP saliency of ``target`` at ``layer``.
 
@@ -393,29 +266,25 @@ class ContrastiveExcitationBackprop(LayerAttribution, GradientAttribution):
         inputs = tuple(t.detach() for t in _format_tensor_into_tuples(inputs))
         extra = _format_additional_forward_args(additional_forward_args) or ()
         modes = {m: m.training for m in model.modules()}
-        flags = {p: p.requires_grad for p in model.parameters()}
         state: Dict[str, Any] = {}
         handles: List[RemovableHandle] = []
         try:
             model.eval()
-            for p in flags:
-                p.requires_grad_(False)
-            handles = self._install_hooks(state)
-            with torch.enable_grad():
-                output = model(*inputs, *extra)
-            for key, what in (("saliency", "layer"), ("contrast", "contrast_layer"),
-                              ("classifier", "classifier_layer")):
-                if key not in state:
-                    raise ValueError(f"{what} was not called in the model's forward pass")
-            if not isinstance(output, Tensor) or output.dim() < 2:
-                raise ValueError("the model must return a tensor (N, num_classes, ...)")
-            grad_output = _one_hot(output, target)
-            return self._backward(output, grad_output, state)
+            with _FrozenParameters(model):
+                handles = self._install_hooks(state)
+                with torch.enable_grad():
+                    output = model(*inputs, *extra)
+                for key, what in (("saliency", "layer"), ("contrast", "contrast_layer"),
+                                  ("classifier", "classifier_layer")):
+                    if key not in state:
+                        raise ValueError(f"{what} was not called in the model's forward pass")
+                if not isinstance(output, Tensor) or output.dim() < 2:
+                    raise ValueError("the model must return a tensor (N, num_classes, ...)")
+                grad_output = _one_hot(output, target)
+                return self._backward(output, grad_output, state)
         finally:
             for handle in handles:
                 handle.remove()
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
             for m, mode in modes.items():
                 m.training = mode
 
@@ -456,42 +325,12 @@ class ContrastiveExcitationBackprop(LayerAttribution, GradientAttribution):
         return signal.sum(dim=1, keepdim=True).clamp(min=0)
 
 
-def _one_hot(output: Tensor, target: Union[None, int, Sequence[int], Tensor]) -> Tensor:
+
+def _one_hot(output: Tensor, target: Target) -> Tensor:
     """One-hot ``(N, K, ...)`` signal at the model output, validating ``target``."""
-    n, k = output.shape[0], output.shape[1]
-    if target is None:
-        scores = output.detach().flatten(2).sum(2) if output.dim() > 2 else output.detach()
-        index = scores.argmax(dim=1)
-    else:
-        index = _target_tensor(target, n, output.device)
-        bad = (index < 0) | (index >= k)
-        if bool(bad.any()):
-            raise ValueError(
-                f"target {index[bad].tolist()} outside the classifier's range [0, {k})"
-            )
+    n = output.shape[0]
+    index = _class_index(output, target)
     grad = torch.zeros_like(output)
     shape = (n, 1) + (1,) * (output.dim() - 2)
     grad.scatter_(1, index.view(shape).expand(shape[:1] + (1,) + output.shape[2:]), 1.0)
     return grad
-
-
-def _target_tensor(target: Union[int, Sequence[int], Tensor], n: int, device: torch.device) -> Tensor:
-    if isinstance(target, bool):
-        raise TypeError("target must be an int, a sequence of ints or an integer tensor, got bool")
-    if isinstance(target, int):
-        return torch.full((n,), target, dtype=torch.long, device=device)
-    if isinstance(target, Tensor):
-        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise TypeError(f"target tensor must have an integer dtype, got {target.dtype}")
-        index = target.to(device=device, dtype=torch.long).reshape(-1)
-    elif isinstance(target, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in target):
-        index = torch.tensor(list(target), dtype=torch.long, device=device)
-    else:
-        raise TypeError(
-            f"target must be an int, a sequence of ints or an integer tensor, got {type(target).__name__}"
-        )
-    if index.numel() == 1:
-        return index.expand(n)
-    if index.numel() != n:
-        raise ValueError(f"target has {index.numel()} entries for a batch of {n}")
-    return index

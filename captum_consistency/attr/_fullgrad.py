@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,38 +13,29 @@ from captum.log import log_usage
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from captum_consistency.attr._excitation_backprop import _target_tensor
+from captum_consistency.attr._layers import (
+    _AVG_POOLS,
+    _DROPOUTS,
+    _MAX_POOLS,
+    _RESHAPES,
+    Inputs,
+    Target,
+    _class_index,
+    _FrozenParameters,
+)
 
 __all__ = ["FullGrad", "FullGradDecomposition", "fullgrad_postprocess"]
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BATCH_NORM = nn.modules.batchnorm._BatchNorm
 # Leaf modules under which the bias decomposition is complete (piecewise linear, no hidden bias).
-_PIECEWISE_LINEAR = _CONV + (
-    nn.Linear,
-    _BATCH_NORM,
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Identity,
+_PIECEWISE_LINEAR = (
+    _CONV
+    + (nn.Linear, _BATCH_NORM, nn.ReLU, nn.LeakyReLU, nn.PReLU)
+    + _MAX_POOLS
+    + _AVG_POOLS
+    + _DROPOUTS
+    + _RESHAPES
 )
 
 
@@ -255,8 +246,8 @@ class FullGrad(GradientAttribution):
 
     def _run(
         self,
-        inputs: Union[Tensor, Tuple[Tensor, ...]],
-        target: Union[None, int, Sequence[int], Tensor],
+        inputs: Inputs,
+        target: Target,
         additional_forward_args: Optional[object],
         on_grad: Callable[[str, Tensor, Tensor], None],
     ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -272,7 +263,6 @@ class FullGrad(GradientAttribution):
         extra = _format_additional_forward_args(additional_forward_args) or ()
         layers = self._bias_layers()
         biases = {name: _implicit_bias(module).detach() for name, module in layers}
-        flags = {p: p.requires_grad for p in self.model.parameters()}
         handles: List[RemovableHandle] = []
         sums: List[Tensor] = []
 
@@ -304,29 +294,19 @@ class FullGrad(GradientAttribution):
 
         x = inputs.detach().requires_grad_(True)
         try:
-            for p in flags:
-                p.requires_grad_(False)
-            for name, module in layers:
-                handles.append(module.register_forward_hook(hook(name)))
-            with torch.enable_grad():
-                output = self.model(x, *extra)
-                if not isinstance(output, Tensor) or output.dim() != 2:
-                    raise ValueError("FullGrad needs a model returning (N, num_classes)")
-                n, k = output.shape
-                if target is None:
-                    index = output.detach().argmax(1)
-                else:
-                    index = _target_tensor(target, n, output.device)
-                    bad = (index < 0) | (index >= k)
-                    if bool(bad.any()):
-                        raise ValueError(f"target {index[bad].tolist()} outside the classifier's range [0, {k})")
-                selected = output.gather(1, index.view(-1, 1)).squeeze(1)
-                (grad,) = torch.autograd.grad(selected.sum(), x)
+            with _FrozenParameters(self.model):
+                for name, module in layers:
+                    handles.append(module.register_forward_hook(hook(name)))
+                with torch.enable_grad():
+                    output = self.model(x, *extra)
+                    if not isinstance(output, Tensor) or output.dim() != 2:
+                        raise ValueError("FullGrad needs a model returning (N, num_classes)")
+                    index = _class_index(output, target)
+                    selected = output.gather(1, index.view(-1, 1)).squeeze(1)
+                    (grad,) = torch.autograd.grad(selected.sum(), x)
         finally:
             for handle in handles:
                 handle.remove()
-            for p, flag in flags.items():
-                p.requires_grad_(flag)
         totals = torch.stack(sums) if sums else selected.new_zeros((0, selected.shape[0]))
         return selected.detach(), grad * x.detach(), totals
 
@@ -359,10 +339,7 @@ class FullGrad(GradientAttribution):
 
     @log_usage()
     def decompose(
-        self,
-        inputs: Union[Tensor, Tuple[Tensor, ...]],
-        target: Union[None, int, Sequence[int], Tensor] = None,
-        additional_forward_args: Optional[object] = None,
+        self, inputs: Inputs, target: Target = None, additional_forward_args: Optional[object] = None
     ) -> FullGradDecomposition:
         r"""The full-gradient decomposition of the target outputs, unprocessed.
 
@@ -394,8 +371,8 @@ class FullGrad(GradientAttribution):
     @log_usage()
     def attribute(
         self,
-        inputs: Union[Tensor, Tuple[Tensor, ...]],
-        target: Union[None, int, Sequence[int], Tensor] = None,
+        inputs: Inputs,
+        target: Target = None,
         additional_forward_args: Optional[object] = None,
         return_convergence_delta: bool = False,
     ) -> Union[Tensor, Tuple[Tensor, Tensor]]:

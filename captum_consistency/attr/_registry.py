@@ -3,328 +3,66 @@
 Every method is configured per torchvision architecture family and called the same way,
 ``get_attribution(name, model).attribute(images, target)``, returning non-negative
 ``(N, 1, H, W)`` maps for :mod:`captum_consistency.metrics`. The names, the wrapped classes and
-the rule that makes each attribution non-negative are listed in :data:`METHODS` and on the
-documentation's "Attribution methods" page.
+the rule that makes each attribution non-negative are listed in :data:`METHODS` (module
+``_methods``) and on the documentation's "Attribution methods" page; the architecture families
+and their default layers are in module ``_families``.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
-from captum._utils.gradient import _forward_layer_eval
-from captum.attr import LayerAttribution
 from torch import Tensor, nn
-from torchvision.models import (
-    VGG,
-    AlexNet,
-    ConvNeXt,
-    DenseNet,
-    EfficientNet,
-    MobileNetV3,
-    RegNet,
-    ResNet,
-    VisionTransformer,
-)
 
-from captum_consistency._warnings import CaptumConsistencyWarning
-from captum_consistency.attr._adapters import (
+from captum_consistency.attr._captum_adapter import CaptumAttribution, occlusion_window, smoothgrad_noise
+from captum_consistency.attr._elementwise_grad_cam import LayerElementwiseGradCam
+from captum_consistency.attr._excitation_backprop import ContrastiveExcitationBackprop
+from captum_consistency.attr._layers import layer_name as _layer_name
+from captum_consistency.attr._layers import resolve_layer
+from captum_consistency.attr._families import (
+    ARCHITECTURE_FAMILIES,
+    CMWP_FAMILIES,
+    _check_family,
+    default_layers,
+    detect_architecture,
+)
+from captum_consistency.attr._fullgrad import FullGrad
+from captum_consistency.attr._methods import (
+    _SPECS,
+    METHODS,
+    available_attributions,
+    canonical_name,
+    uses_cam_layer,
+)
+from captum_consistency.attr._nonlinearities import (
     _ACTIVATIONS,
     _DEEPLIFT_EXTRA,
-    CaptumAttribution,
-    PytorchGradCamAttribution,
-    occlusion_window,
-    smoothgrad_noise,
     unhandled_nonlinearities,
-    vit_reshape_transform,
     warn_unhandled,
     with_unique_module_calls,
 )
-from captum_consistency.attr._elementwise_grad_cam import LayerElementwiseGradCam
-from captum_consistency.attr._excitation_backprop import (
-    ContrastiveExcitationBackprop,
-    _target_tensor,
-    resolve_layer,
-)
-from captum_consistency.attr._fullgrad import FullGrad
+from captum_consistency.attr._pgc_adapter import PytorchGradCamAttribution, vit_reshape_transform
+from captum_consistency.attr._saliency_method import SaliencyMethod
 
 __all__ = [
     "get_attribution",
     "available_attributions",
+    "canonical_name",
+    "uses_cam_layer",
     "default_layers",
     "detect_architecture",
     "SaliencyMethod",
     "METHODS",
-    "ARCHITECTURES",
+    "ARCHITECTURE_FAMILIES",
 ]
 
 
-@dataclass(frozen=True)
-class _Spec:
-    library: str  # "captum-consistency", "captum" or "pytorch-grad-cam"
-    wrapped: str  # the class that computes it
-    layer: Optional[str]  # None, "cam" (a CAM layer) or "cmwp" (cMWP's three layers)
-    rule: str  # how its output is made a non-negative map
-    reduction: Optional[str] = None  # Captum: the channel reduction (adapters.REDUCTIONS)
-    defaults: Mapping[str, Any] = field(default_factory=dict)  # Captum: attribute() defaults
-
-
-_GRADCAM_RULE = "ReLU of the layer map (Selvaraju et al. 2017, Eq. 2), bilinear upsampling"
-_MAX_ABS = "max over channels of |a| (Simonyan et al. 2014; TorchRay's gradient_to_saliency)"
-_ABS_SUM = "|sum over channels of a| (Captum visualize_image_attr: channel sum, absolute value)"
-_PGC_RULE = (
-    "pytorch-grad-cam's own: ReLU of the layer map, per-image min-max scaling to [0, 1], "
-    "cv2 bilinear resize to the input"
-)
-
-_SPECS: Dict[str, _Spec] = {
-    # ------------------------------------------------------------------ captum-consistency
-    "gradcam": _Spec("captum-consistency", "captum.attr.LayerGradCam", "cam", _GRADCAM_RULE, "relu",
-                     {"relu_attributions": True}),
-    "elementwise-gradcam": _Spec(
-        "captum-consistency", "captum_consistency.attr.LayerElementwiseGradCam", "cam",
-        "ReLU of the layer map (the paper's Eq. 3), bilinear upsampling", "relu",
-        {"relu_attributions": True}),
-    "cmwp": _Spec("captum-consistency", "captum_consistency.attr.ContrastiveExcitationBackprop",
-                  "cmwp", "channel sum of the contrastive signal clamped at 0 (TorchRay), "
-                  "bilinear upsampling"),
-    "fullgrad": _Spec("captum-consistency", "captum_consistency.attr.FullGrad", None,
-                      "|.| of every term, rescaled to [0, 1] per term (the authors' psi), summed"),
-    # ------------------------------------------------------------------ Captum
-    "captum:saliency": _Spec("captum", "captum.attr.Saliency", None, _MAX_ABS, "max-abs",
-                             {"abs": True}),
-    "captum:smoothgrad": _Spec(
-        "captum", "captum.attr.NoiseTunnel(Saliency)", None,
-        "mean of the raw gradients over noisy copies, then " + _MAX_ABS, "max-abs",
-        {"nt_type": "smoothgrad", "nt_samples": 16, "nt_samples_batch_size": 1, "abs": False}),
-    "captum:input-x-gradient": _Spec("captum", "captum.attr.InputXGradient", None, _ABS_SUM,
-                                     "abs-sum"),
-    "captum:integrated-gradients": _Spec("captum", "captum.attr.IntegratedGradients", None,
-                                         _ABS_SUM, "abs-sum"),
-    "captum:deeplift": _Spec("captum", "captum.attr.DeepLift", None, _ABS_SUM, "abs-sum"),
-    "captum:guided-backprop": _Spec("captum", "captum.attr.GuidedBackprop", None, _MAX_ABS,
-                                    "max-abs"),
-    "captum:deconvolution": _Spec("captum", "captum.attr.Deconvolution", None, _MAX_ABS,
-                                  "max-abs"),
-    "captum:guided-gradcam": _Spec("captum", "captum.attr.GuidedGradCam", "cam", _MAX_ABS,
-                                   "max-abs"),
-    "captum:layer-gradcam": _Spec("captum", "captum.attr.LayerGradCam", "cam", _GRADCAM_RULE,
-                                  "relu", {"relu_attributions": True}),
-    "captum:occlusion": _Spec(
-        "captum", "captum.attr.Occlusion", None,
-        "positive part of the channel mean, max(0, f(x) - f(x occluded)) (Zeiler and Fergus "
-        "2014: occluding evidence lowers the score)", "relu-mean"),
-    # ------------------------------------------------------------------ pytorch-grad-cam
-    "pgc:gradcam": _Spec("pytorch-grad-cam", "GradCAM", "cam", _PGC_RULE),
-    "pgc:hirescam": _Spec("pytorch-grad-cam", "HiResCAM", "cam", _PGC_RULE),
-    "pgc:gradcam-elementwise": _Spec("pytorch-grad-cam", "GradCAMElementWise", "cam", _PGC_RULE),
-    "pgc:gradcam++": _Spec("pytorch-grad-cam", "GradCAMPlusPlus", "cam", _PGC_RULE),
-    "pgc:xgradcam": _Spec("pytorch-grad-cam", "XGradCAM", "cam", _PGC_RULE),
-    "pgc:layercam": _Spec("pytorch-grad-cam", "LayerCAM", "cam", _PGC_RULE),
-    "pgc:eigencam": _Spec("pytorch-grad-cam", "EigenCAM", "cam", _PGC_RULE),
-    "pgc:eigengradcam": _Spec("pytorch-grad-cam", "EigenGradCAM", "cam", _PGC_RULE),
-    "pgc:scorecam": _Spec("pytorch-grad-cam", "ScoreCAM", "cam", _PGC_RULE),
-    "pgc:ablationcam": _Spec("pytorch-grad-cam", "AblationCAM", "cam", _PGC_RULE),
-}
-
-#: Every name accepted by :func:`get_attribution`, in the order of
-#: :func:`available_attributions`: captum-consistency's four, then ``captum:*`` and ``pgc:*``.
-METHODS: Tuple[str, ...] = tuple(_SPECS)
-
-_FAMILIES: Dict[str, type] = {
-    "resnet": ResNet,
-    "vgg": VGG,
-    "alexnet": AlexNet,
-    "convnext": ConvNeXt,
-    "efficientnet": EfficientNet,
-    "mobilenetv3": MobileNetV3,
-    "densenet": DenseNet,
-    "regnet": RegNet,
-    "vit": VisionTransformer,
-}
-#: Architecture families with default layers (torchvision classes; ResNet includes ResNeXt and
-#: Wide ResNet, EfficientNet includes V2).
-ARCHITECTURES: Tuple[str, ...] = tuple(_FAMILIES)
-_CMWP_FAMILIES = ("resnet", "vgg", "alexnet")
-_LIBRARY_PREFIX = {"captum": "captum:", "pgc": "pgc:", "pytorch-grad-cam": "pgc:"}
-
-# Messages Captum emits on every call of these methods; they carry no information here.
-_CAPTUM_NOISE = (
-    r"Setting backward hooks on ReLU activations",
-    r"Input Tensor \d+ did not already require gradients",
-    r"Setting forward, backward hooks and attributes on non-linear",
-)
-
-
-def canonical_name(name: str) -> str:
-    """The registry key of ``name`` (case, ``_``/``-`` and a ``pytorch-grad-cam:`` prefix
-    normalised); raises ``ValueError`` listing the known names for an unknown one."""
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
-    key = name.strip().lower().replace("_", "-")
-    if key.startswith("pytorch-grad-cam:"):
-        key = "pgc:" + key.split(":", 1)[1]
-    if key not in _SPECS:
-        raise ValueError(f"unknown attribution {name!r}; valid: {', '.join(METHODS)}")
-    return key
-
-
-def uses_cam_layer(name: str) -> bool:
-    """Whether method ``name`` reads a CAM layer (``layer=`` of :func:`get_attribution`)."""
-    return _SPECS[canonical_name(name)].layer == "cam"
-
-
-def available_attributions(library: Optional[str] = None) -> List[str]:
-    """The method names accepted by :func:`get_attribution`.
-
-    Args:
-        library (str, optional): ``"captum"`` or ``"pgc"`` (``"pytorch-grad-cam"``) for that
-            library's names only, ``"captum-consistency"`` for this library's four; ``None``:
-            all.
-
-    Returns:
-        list of str: ``["gradcam", "elementwise-gradcam", "cmwp", "fullgrad",
-        "captum:saliency", ..., "pgc:gradcam", ...]``.
-
-    Raises:
-        ValueError: an unknown ``library``.
-
-    Examples::
-
-        >>> available_attributions("pgc")[:3]
-        ['pgc:gradcam', 'pgc:hirescam', 'pgc:gradcam-elementwise']
-        >>> for name in available_attributions():
-        ...     saliency = get_attribution(name, model).attribute(images, labels)
-    """
-    if library is None:
-        return list(METHODS)
-    if library == "captum-consistency":
-        return [n for n in METHODS if ":" not in n]
-    if library not in _LIBRARY_PREFIX:
-        raise ValueError(f"unknown library {library!r}; valid: captum, pgc, captum-consistency")
-    return [n for n in METHODS if n.startswith(_LIBRARY_PREFIX[library])]
-
-
-def detect_architecture(model: nn.Module) -> Optional[str]:
-    """The torchvision family of ``model`` (one of :data:`ARCHITECTURES`), or ``None``.
-
-    Args:
-        model (torch.nn.Module): the model; subclasses of torchvision's classes count.
-
-    Returns:
-        str or None: e.g. ``"resnet"`` for ``resnet50`` or ``resnext50_32x4d``.
-
-    Examples::
-
-        >>> detect_architecture(torchvision.models.convnext_tiny())
-        'convnext'
-    """
-    for arch, cls in _FAMILIES.items():
-        if isinstance(model, cls):
-            return arch
-    return None
-
-
-def _name_of(model: nn.Module, module: nn.Module) -> str:
-    for name, m in model.named_modules():
-        if m is module:
-            return name
-    raise ValueError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")
-
-
-def _last(model: nn.Module, container: str, kind: type, from_end: int = 1) -> str:
-    """Name of the ``from_end``-th last module of type ``kind`` inside ``model.<container>``."""
-    parent = resolve_layer(model, container, container)
-    found = [name for name, m in parent.named_modules() if isinstance(m, kind)]
-    if len(found) < from_end:
-        raise ValueError(f"{container} has fewer than {from_end} {kind.__name__} modules")
-    return f"{container}.{found[-from_end]}"
-
-
-def default_layers(model: nn.Module, arch: Optional[str] = None) -> Dict[str, str]:
-    r"""The default layers of each architecture family, by role.
-
-    ``layer`` is the CAM layer (Grad-CAM, the ``pgc:`` CAMs, Captum's ``LayerGradCam`` and
-    ``GuidedGradCam``): the output of the last convolutional stage, where the GC loss
-    regularises the map.
-
-    - ``resnet``: ``layer4``; cMWP saliency at ``layer3``, contrast at ``avgpool`` (the pooled
-      features), classifier ``fc``.
-    - ``vgg``: the last ReLU of ``features`` (relu5, before pool5); cMWP saliency at pool4 (the
-      second-to-last max pool of ``features``), contrast at relu7 (the last ReLU of
-      ``classifier``), classifier its last ``Linear``.
-    - ``alexnet``: ``features`` (conv5 after its ReLU and pool5, 6x6 at 224 px, the layer the
-      GC loss regularises in the authors' code); cMWP saliency at pool2, contrast at relu7,
-      classifier the last ``Linear``.
-    - ``convnext``, ``efficientnet``, ``mobilenetv3``: ``features`` (the last stage; for
-      EfficientNet and MobileNetV3 its final 1x1 convolution block).
-    - ``densenet``: ``features.denseblock4``. Not ``features``: ``DenseNet.forward`` applies
-      ``F.relu(..., inplace=True)`` to the output of ``features`` (= ``norm5``), which
-      overwrites activations that hooks have recorded, differently on the CPU (shared
-      storage) and the GPU (copied) in pytorch-grad-cam.
-    - ``regnet``: ``trunk_output``.
-    - ``vit``: ``ln_1`` of the last encoder block (pytorch-grad-cam's choice for vision
-      transformers): the last block's output reaches the classifier through the class token
-      only, so its patch tokens have no gradient.
-
-    For VGG-16 the cMWP layers are ``features.23``, ``classifier.4`` and ``classifier.6``, those
-    of TorchRay's pointing-game benchmark. cMWP has defaults for ``resnet``, ``vgg`` and
-    ``alexnet`` only, the ReLU networks its excitation rules cover.
-
-    Args:
-        model (torch.nn.Module): the model (module names are read from it).
-        arch (str, optional): one of :data:`ARCHITECTURES`; ``None``: detected from the model.
-
-    Returns:
-        dict with the name of ``layer`` and, for ResNet, VGG and AlexNet, of
-        ``saliency_layer``, ``contrast_layer`` and ``classifier_layer`` (cMWP).
-
-    Raises:
-        ValueError: an unknown ``arch``, or a model of no known family.
-
-    Examples::
-
-        >>> default_layers(torchvision.models.vgg16())["saliency_layer"]
-        'features.23'
-        >>> default_layers(torchvision.models.densenet121())
-        {'layer': 'features.denseblock4'}
-    """
-    if arch is None:
-        arch = detect_architecture(model)
-        if arch is None:
-            raise ValueError(
-                f"no default layers for {type(model).__name__}; known torchvision families: "
-                f"{', '.join(ARCHITECTURES)}"
-            )
-    if arch == "resnet":
-        return {
-            "layer": "layer4",
-            "saliency_layer": "layer3",
-            "contrast_layer": "avgpool",
-            "classifier_layer": "fc",
-        }
-    if arch in ("vgg", "alexnet"):
-        return {
-            "layer": "features" if arch == "alexnet" else _last(model, "features", nn.ReLU),
-            "saliency_layer": _last(model, "features", nn.MaxPool2d, from_end=2),
-            "contrast_layer": _last(model, "classifier", nn.ReLU),
-            "classifier_layer": _last(model, "classifier", nn.Linear),
-        }
-    if arch in ("convnext", "efficientnet", "mobilenetv3"):
-        return {"layer": "features"}
-    if arch == "densenet":
-        return {"layer": "features.denseblock4"}
-    if arch == "regnet":
-        return {"layer": "trunk_output"}
-    if arch == "vit":
-        blocks = resolve_layer(model, "encoder.layers", "encoder.layers")
-        last = list(blocks.named_children())[-1][0]
-        return {"layer": f"encoder.layers.{last}.ln_1"}
-    raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHITECTURES)}")
+def _resolve_named(model: nn.Module, layer: Union[str, nn.Module], argname: str) -> Tuple[nn.Module, str]:
+    """:func:`resolve_layer` (which refuses a module outside the model), and the module's name."""
+    module = resolve_layer(model, layer, argname)
+    return module, _layer_name(model, module, argname)
 
 
 def _num_classes(model: nn.Module, arch: Optional[str], classifier: Optional[nn.Module]) -> Optional[int]:
@@ -337,131 +75,6 @@ def _num_classes(model: nn.Module, arch: Optional[str], classifier: Optional[nn.
     if isinstance(classifier, nn.modules.conv._ConvNd):
         return classifier.out_channels
     return None
-
-
-@dataclass
-class SaliencyMethod:
-    r"""A configured saliency method with the uniform call ``attribute(inputs, target)``.
-
-    Attributes:
-        name (str): the registry name (e.g. ``"gradcam"``, ``"captum:integrated-gradients"``,
-            ``"pgc:gradcam++"``).
-        arch (str, optional): the architecture family whose defaults were used (``None`` for
-            a model of no known family).
-        model (torch.nn.Module): the model.
-        method: the object that computes the map: ``ContrastiveExcitationBackprop`` or
-            ``FullGrad`` for ``cmwp`` and ``fullgrad``, a
-            :class:`~captum_consistency.attr.CaptumAttribution` around the Captum object
-            (``.method``) for ``gradcam``, ``elementwise-gradcam`` and ``captum:*``, a
-            :class:`~captum_consistency.attr.PytorchGradCamAttribution` for ``pgc:*``.
-        layers (dict[str, str]): the layers it uses, by role.
-        num_classes (int, optional): the classifier's output size, used to validate targets.
-        rule (str): how the attribution is made a non-negative map.
-
-    Examples::
-
-        >>> cmwp = get_attribution("cmwp", torchvision.models.resnet50().eval())
-        >>> cmwp.layers
-        {'layer': 'layer3', 'contrast_layer': 'avgpool', 'classifier_layer': 'fc'}
-        >>> saliency = cmwp(images, target=labels)  # (N, 1, H, W), same as .attribute
-        >>> cmwp(images, target=labels, upsample=False).shape  # (N, 1, 14, 14) at layer3
-    """
-
-    name: str
-    arch: Optional[str]
-    model: nn.Module
-    method: Any
-    layers: Dict[str, str]
-    num_classes: Optional[int]
-    rule: str = ""
-    _prepare: Optional[Callable[[Tensor, Optional[object]], None]] = field(default=None, repr=False)
-    _layer: Optional[nn.Module] = field(default=None, repr=False)  # maps at its resolution
-
-    def attribute(
-        self,
-        inputs: Tensor,
-        target: Union[None, int, Sequence[int], Tensor] = None,
-        additional_forward_args: Optional[object] = None,
-        upsample: bool = True,
-    ) -> Tensor:
-        r"""Non-negative saliency ``(N, 1, H, W)`` of ``target`` for images ``(N, C, H, W)``.
-
-        Maps computed at a layer (Grad-CAM, cMWP, Captum's ``LayerGradCam``) are upsampled
-        bilinearly (``align_corners=False``, Captum's ``LayerAttribution.interpolate``) to the
-        input size; with ``upsample=False`` they keep the layer's resolution, so that a caller
-        that resizes them to another size (the evaluation, to the original image size)
-        interpolates once. A sample whose map holds NaN or infinity (a peer library's failure,
-        e.g. a 0/0 in a normalisation) is returned as an all-zero map, which the metrics skip
-        and count, with a warning.
-
-        Args:
-            inputs (Tensor): ``(N, C, H, W)`` images, normalised as the model expects.
-            target (int, sequence of int or Tensor, optional): class per sample or one for all;
-                ``None``: the predicted class.
-            additional_forward_args (Any, optional): extra arguments for the model (not for
-                the ``pgc:`` methods).
-            upsample (bool): resize layer-resolution maps to the input size.
-
-        Returns:
-            Tensor ``(N, 1, H, W)`` (or the layer's ``h, w``), float32, detached, ``>= 0``;
-            empty maps ``(0, 1, H, W)`` (``(0, 1, h, w)``) for an empty batch.
-
-        Raises:
-            ValueError: a target outside ``[0, num_classes)``, or inputs that are not images.
-        """
-        if not isinstance(inputs, Tensor) or inputs.dim() != 4:
-            raise ValueError(f"inputs must be a tensor (N, C, H, W), got {getattr(inputs, 'shape', inputs)!r}")
-        n = inputs.shape[0]
-        if n == 0:  # several wrapped methods index the first sample
-            size = tuple(inputs.shape[-2:])
-            if not upsample and self._layer is not None:
-                (acts,) = _forward_layer_eval(self.model, inputs, self._layer, additional_forward_args)
-                size = tuple(acts.shape[2:])
-            return torch.zeros((0, 1) + size, device=inputs.device)
-        if target is None and self.name not in ("cmwp", "fullgrad"):
-            # Captum needs explicit targets: explain the predicted class (cmwp and fullgrad
-            # resolve it themselves)
-            with torch.no_grad():
-                target = self.model(inputs, *(_as_tuple(additional_forward_args))).argmax(1)
-        if target is not None:
-            target = _target_tensor(target, n, inputs.device)
-            if self.num_classes is not None:
-                bad = (target < 0) | (target >= self.num_classes)
-                if bool(bad.any()):
-                    raise ValueError(
-                        f"target {target[bad].tolist()} outside the classifier's range "
-                        f"[0, {self.num_classes})"
-                    )
-        if self._prepare is not None:
-            prepare, self._prepare = self._prepare, None
-            prepare(inputs[:1], additional_forward_args)
-        with torch.enable_grad(), warnings.catch_warnings():
-            for message in _CAPTUM_NOISE:
-                warnings.filterwarnings("ignore", message=message)
-            out = self.method.attribute(inputs, target=target, additional_forward_args=additional_forward_args)
-        out = out.detach().float()
-        finite = torch.isfinite(out).flatten(1).all(1)
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            warnings.warn(
-                f"{self.name}: {bad} of {n} maps are not finite (NaN or infinity from the "
-                f"{_SPECS[self.name].library} method); they are returned as all-zero maps, which "
-                "the metrics skip and count",
-                CaptumConsistencyWarning,
-                stacklevel=2,
-            )
-            out = torch.where(finite.view(-1, 1, 1, 1), out, torch.zeros((), device=out.device))
-        if upsample and tuple(out.shape[-2:]) != tuple(inputs.shape[-2:]):
-            out = LayerAttribution.interpolate(out, tuple(inputs.shape[-2:]), "bilinear")
-        return out
-
-    __call__ = attribute
-
-
-def _as_tuple(args: Optional[object]) -> Tuple[Any, ...]:
-    if args is None:
-        return ()
-    return args if isinstance(args, tuple) else (args,)
 
 
 def _captum_method(key: str, model: nn.Module, layer: Optional[nn.Module]):
@@ -571,7 +184,7 @@ def get_attribution(
     Args:
         name (str): a registry name (case-insensitive; ``_`` and ``-`` are interchangeable).
         model (torch.nn.Module): the classifier, returning ``(N, num_classes)``.
-        arch (str, optional): one of :data:`ARCHITECTURES`, for a model with a family's
+        arch (str, optional): one of :data:`ARCHITECTURE_FAMILIES`, for a model with a family's
             module names; ``None``: detected from the model's class.
         layer (str or torch.nn.Module, optional): the CAM layer, or cMWP's saliency layer;
             ignored by methods without a layer.
@@ -602,17 +215,13 @@ def get_attribution(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if arch is None:
         arch = detect_architecture(model)
-    elif arch not in ARCHITECTURES:
-        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHITECTURES)}")
-
-    def named(value: Union[None, str, nn.Module], default: Optional[str], argname: str) -> Tuple[nn.Module, str]:
-        module = resolve_layer(model, value if value is not None else default, argname)
-        return module, _name_of(model, module)
+    else:
+        _check_family(arch)
 
     classifier = None
     if classifier_layer is not None:
         classifier = resolve_layer(model, classifier_layer, "classifier_layer")
-    elif key == "cmwp" and arch in _CMWP_FAMILIES:
+    elif key == "cmwp" and arch in CMWP_FAMILIES:
         classifier = resolve_layer(model, default_layers(model, arch)["classifier_layer"], "classifier_layer")
     num_classes = _num_classes(model, arch, classifier)
 
@@ -628,26 +237,30 @@ def get_attribution(
         if layer is None and arch is None:
             raise ValueError(
                 f"{key} needs a target layer and {type(model).__name__} is not a torchvision "
-                f"family with a default ({', '.join(ARCHITECTURES)}): pass layer='<module name>' "
+                f"family with a default ({', '.join(ARCHITECTURE_FAMILIES)}): pass layer='<module name>' "
                 "(e.g. the last convolutional stage), or arch=... for a model with a family's "
                 "module names"
             )
-        module, layer_name = named(layer, default_layers(model, arch)["layer"] if layer is None else None, "layer")
+        module, layer_name = _resolve_named(model, default_layers(model, arch)["layer"] if layer is None else layer,
+                                            "layer")
         layers = {"layer": layer_name}
     elif spec.layer == "cmwp":
-        if arch not in _CMWP_FAMILIES and (layer is None or contrast_layer is None or classifier_layer is None):
+        if arch not in CMWP_FAMILIES and (layer is None or contrast_layer is None or classifier_layer is None):
             family = f"a {arch} model" if arch else f"{type(model).__name__}"
             raise ValueError(
-                f"cmwp has default layers for {', '.join(_CMWP_FAMILIES)} (the ReLU networks its "
+                f"cmwp has default layers for {', '.join(CMWP_FAMILIES)} (the ReLU networks its "
                 f"excitation rules cover); for {family} pass layer=, contrast_layer= and "
                 "classifier_layer="
             )
-        defaults = default_layers(model, arch) if arch in _CMWP_FAMILIES else {}
-        module, layer_name = named(layer, defaults.get("saliency_layer"), "layer")
-        contrast, contrast_name = named(contrast_layer, defaults.get("contrast_layer"), "contrast_layer")
+        defaults = default_layers(model, arch) if arch in CMWP_FAMILIES else {}
+        module, layer_name = _resolve_named(model, layer if layer is not None else defaults.get("saliency_layer"),
+                                            "layer")
+        contrast, contrast_name = _resolve_named(
+            model, contrast_layer if contrast_layer is not None else defaults.get("contrast_layer"),
+            "contrast_layer")
         assert classifier is not None
         layers = {"layer": layer_name, "contrast_layer": contrast_name,
-                  "classifier_layer": _name_of(model, classifier)}
+                  "classifier_layer": _resolve_named(model, classifier, "classifier_layer")[1]}
 
     prepare: Optional[Callable[[Tensor, Optional[object]], None]] = None
     if key == "cmwp":

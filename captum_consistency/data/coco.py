@@ -30,13 +30,12 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from captum_consistency.data.imagenet import _load_or_skip, load_rgb
+from captum_consistency.data._images import _CORRUPT_POLICIES, _load_or_skip, load_rgb
 from captum_consistency.data.transforms import _stack_images
 
 __all__ = ["CocoMultiLabel", "CocoSample", "CocoBatch", "collate_coco_samples", "segmentation_to_rle"]
 
 _EMPTY_POLICIES = ("skip", "keep", "error")
-_CORRUPT_POLICIES = ("error", "skip")
 
 
 class CocoSample(NamedTuple):

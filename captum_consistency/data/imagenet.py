@@ -18,8 +18,6 @@ decoded while loading).
 from __future__ import annotations
 
 import os
-import warnings
-import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -29,7 +27,14 @@ from PIL import Image
 from torch import Tensor
 from torchvision.datasets import ImageFolder
 
-from captum_consistency._warnings import SkippedImageWarning
+from captum_consistency.data._images import (
+    _CORRUPT_POLICIES,
+    _SKIP_CORRUPT_HINT,
+    CorruptImageError,
+    _load_or_skip,
+    load_rgb,
+)
+from captum_consistency.data._voc import VocObject, parse_voc_xml
 from captum_consistency.data.transforms import _stack_images
 
 from captum_consistency.metrics import boxes_to_mask  # re-exported: one rasteriser for all
@@ -47,140 +52,7 @@ __all__ = [
 ]
 
 _MISSING_POLICIES = ("error", "skip", "empty")
-_CORRUPT_POLICIES = ("error", "skip")
 _MISMATCH_POLICIES = ("error", "rescale")
-
-
-class CorruptImageError(OSError):
-    """An image file that exists but cannot be decoded (truncated, not an image, ...).
-
-    A subclass of :class:`OSError` raised by :func:`load_rgb` (and so by
-    :class:`ImageNetWithBoxes` with ``on_corrupt="error"``); its message names the file.
-
-    Examples::
-
-        >>> try:
-        ...     img = load_rgb("val/n01440764/broken.JPEG")
-        ... except CorruptImageError as e:
-        ...     print(e)
-        cannot decode image val/n01440764/broken.JPEG: UnidentifiedImageError: ...
-    """
-
-
-def load_rgb(path: Union[str, os.PathLike]) -> Image.Image:
-    """Opens and fully decodes an image as RGB, or raises :class:`CorruptImageError` naming it.
-
-    PIL opens files lazily; ``convert("RGB")`` forces the decode, so a truncated or garbled
-    file fails here, with its path, rather than later inside a transform.
-
-    Args:
-        path (str or PathLike): the image file.
-
-    Returns:
-        PIL.Image.Image: the decoded image in RGB mode.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        CorruptImageError: the file cannot be decoded.
-
-    Examples::
-
-        >>> img = load_rgb("val/n01440764/ILSVRC2012_val_00000293.JPEG")
-        >>> img.mode
-        'RGB'
-    """
-    try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB")
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"image file not found: {path}") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise CorruptImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
-
-
-#: How to skip undecodable images, in the error that stops on one.
-_SKIP_CORRUPT_HINT = (
-    "pass on_corrupt='skip' (--skip-corrupt in the recipes) to skip and count undecodable images"
-)
-
-
-def _load_or_skip(loader: Callable[[str], Image.Image], path: str, on_corrupt: str) -> Optional[Image.Image]:
-    """``loader(path)``; with ``on_corrupt="skip"`` an undecodable file warns and gives ``None``.
-
-    With ``on_corrupt="error"`` the :class:`CorruptImageError` says how to skip such files.
-    """
-    try:
-        return loader(path)
-    except CorruptImageError as e:
-        if on_corrupt == "skip":
-            warnings.warn(
-                f"skipping undecodable image (on_corrupt='skip'): {e}", SkippedImageWarning,
-                stacklevel=3,
-            )
-            return None
-        raise CorruptImageError(f"{e}; {_SKIP_CORRUPT_HINT}") from e
-
-
-class VocObject(NamedTuple):
-    """One ``<object>`` of a PASCAL VOC / ILSVRC XML file."""
-
-    name: str
-    box: Tuple[float, float, float, float]  # xmin, ymin, xmax, ymax as stored
-    difficult: bool
-
-
-def parse_voc_xml(path: Union[str, os.PathLike]) -> Tuple[List[VocObject], Optional[Tuple[int, int]]]:
-    """Parses a PASCAL VOC / ILSVRC bounding-box XML file with :mod:`xml.etree`.
-
-    Args:
-        path (str or PathLike): the XML file.
-
-    Returns:
-        ``(objects, size)``: the list of :class:`VocObject` (class name, ``(xmin, ymin, xmax,
-        ymax)`` exactly as stored, ``difficult`` flag, 0 when absent) and the ``(H, W)`` from
-        ``<size>``, or ``None`` when the file has no usable ``<size>``.
-
-    Raises:
-        ValueError: malformed XML, or an ``<object>`` without a name or a complete
-            ``<bndbox>``; the message names the file.
-
-    Examples::
-
-        >>> objects, size = parse_voc_xml("boxes/val/ILSVRC2012_val_00000001.xml")
-        >>> objects[0].name, objects[0].box, objects[0].difficult, size
-        ('n01751748', (111.0, 108.0, 441.0, 193.0), False, (375, 500))
-    """
-    try:
-        root = ET.parse(path).getroot()
-    except ET.ParseError as e:
-        raise ValueError(f"malformed bounding-box XML {path}: {e}") from e
-    size = None
-    size_el = root.find("size")
-    if size_el is not None:
-        try:
-            w = int(float(size_el.findtext("width", "0")))
-            h = int(float(size_el.findtext("height", "0")))
-        except ValueError as e:
-            raise ValueError(f"bounding-box XML {path}: non-numeric <size>: {e}") from e
-        if h > 0 and w > 0:
-            size = (h, w)
-    objects = []
-    for k, obj in enumerate(root.iter("object")):
-        name = (obj.findtext("name") or "").strip()
-        box = obj.find("bndbox")
-        if not name or box is None:
-            raise ValueError(f"bounding-box XML {path}: <object> #{k} lacks <name> or <bndbox>")
-        try:
-            coords = tuple(float(box.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax"))
-        except (TypeError, ValueError) as e:
-            raise ValueError(
-                f"bounding-box XML {path}: <object> #{k} has a missing or non-numeric "
-                f"xmin/ymin/xmax/ymax"
-            ) from e
-        difficult = (obj.findtext("difficult") or "0").strip() not in ("0", "", "false", "False")
-        objects.append(VocObject(name, coords, difficult))  # type: ignore[arg-type]
-    return objects, size
 
 
 class ImageSample(NamedTuple):
@@ -302,8 +174,8 @@ class ImageNetWithBoxes(ImageFolder):
     Reads ``<root>/<split>/<class>/<image>`` like :class:`~torchvision.datasets.ImageFolder`
     (classes are the sub-folders, sorted, never a fixed 1000) and, when ``boxes_dir`` is given,
     the PASCAL VOC XML file ``<boxes_dir>/[<class>/]<image stem>.xml`` of every image. The XMLs
-    are parsed once, at construction, into flat arrays (a few seconds for the 50,000 validation
-    images), so the workers of a :class:`~torch.utils.data.DataLoader` never touch them.
+    are parsed once, at construction, into flat arrays, so the workers of a
+    :class:`~torch.utils.data.DataLoader` never touch them.
 
     Each item is an :class:`ImageSample` ``(image, target, boxes, difficult, size, index)``:
     the boxes are those whose ``<name>`` is the image's class, in the original image's pixel

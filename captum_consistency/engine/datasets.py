@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from captum_consistency.attr._families import display_name
 from captum_consistency.builders import ARCHITECTURES, build_model
 from captum_consistency.data import (
     IMAGENET_MEAN,
@@ -40,6 +41,7 @@ from captum_consistency.data import (
     train_transform,
 )
 from captum_consistency.engine.checkpoint import load_checkpoint, load_model_weights
+from captum_consistency.engine.training import default_schedule
 
 __all__ = [
     "DATA_KINDS",
@@ -208,14 +210,18 @@ def build_dataset(
     return DataInfo(ds, list(ds.classes), True, ds.collate_fn, ds.targets, mean, std)
 
 
-ARCH_NAMES = {"resnet18": "ResNet18", "resnet50": "ResNet50", "alexnet": "AlexNet"}
+#: Report names of the architectures :func:`~captum_consistency.builders.build_model` builds
+#: (``"resnet18"`` -> ``"ResNet18"``, ``"convnext_tiny"`` -> ``"ConvNeXt-tiny"``).
+ARCH_NAMES: Dict[str, str] = {arch: display_name(arch) for arch in ARCHITECTURES}
 
 
 def model_name(ckpt: dict) -> str:
-    """``ResNet18 GMP + GC``-style name from a checkpoint (lambda 0: ``Baseline``)."""
+    """``ResNet18 GMP + GC``-style name from a checkpoint (lambda 0: ``Baseline``; a checkpoint
+    without a recorded lambda had the default of its data, :func:`default_schedule`)."""
     lam = (ckpt.get("args") or {}).get("gc_lambda")
     if lam is None:
-        lam = 1.0 if ckpt.get("data") == "coco" else 25.0
+        data = ckpt.get("data") if ckpt.get("data") in DATA_KINDS else "imagenet"
+        lam = default_schedule(data, ckpt.get("arch")).gc_lambda
     parts = []
     if ckpt.get("gmp"):
         parts.append("GMP")

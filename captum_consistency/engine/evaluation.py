@@ -36,13 +36,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_consistency.attr import detect_architecture, elementwise_grad_cam, get_attribution, grad_cam
+from captum_consistency.attr import (
+    LayerRecorder,
+    detect_architecture,
+    elementwise_grad_cam,
+    get_attribution,
+    grad_cam,
+    score_gradients,
+)
 from captum_consistency.attr._registry import METHODS, canonical_name, uses_cam_layer
 from captum_consistency.builders import gradcam_layer, unwrap_model
 from captum_consistency.composition import compose_grid, random_cells
 from captum_consistency.engine.distributed import all_reduce_sum, is_main_process
 from captum_consistency.engine.training import _Meter, as_train_batch, autocast
-from captum_consistency.losses import LayerRecorder
 from captum_consistency.metrics import InterpretationMetrics, boxes_to_mask
 
 __all__ = [
@@ -131,8 +137,9 @@ class SaliencyExplainer:
             maps: Optional[Tensor] = None
             for r in range(num_rounds):
                 sel = (rounds == r).nonzero().squeeze(1)
-                score = logits[image_index[sel], classes[sel]].sum()
-                (grads,) = torch.autograd.grad(score, acts, retain_graph=r + 1 < num_rounds)
+                (grads,) = score_gradients(
+                    logits, acts, classes[sel], rows=image_index[sel], retain_graph=r + 1 < num_rounds
+                )
                 m = cam(acts[image_index[sel]].detach().float(), grads[image_index[sel]].float())
                 if maps is None:
                     maps = m.new_empty((p,) + tuple(m.shape[1:]))

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_consistency.composition import random_cells
@@ -122,44 +121,18 @@ def default_schedule(data: str, arch: str) -> Schedule:
     raise ValueError(f"data must be 'imagenet', 'coco' or 'synthetic', got {data!r}")
 
 
-class ScaledBCEWithLogitsLoss(nn.Module):
-    r"""``weight * BCEWithLogits(logits, targets)``, the authors' multi-label loss (weight 80).
-
-    With ``weight = num_classes`` this is the BCE summed over categories and averaged over
-    images.
-
-    Args:
-        weight (float): the factor (80 for MS-COCO).
-
-    Examples::
-
-        >>> criterion = ScaledBCEWithLogitsLoss(80.0)
-        >>> loss = criterion(logits, multi_hot)       # multi_hot: (N, 80) in {0, 1}
-    """
-
-    def __init__(self, weight: float = 80.0) -> None:
-        super().__init__()
-        self.weight = float(weight)
-
-    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """The scaled loss of a batch.
-
-        Args:
-            logits (Tensor): ``(N, K)`` logits (computed in float32 even under autocast).
-            targets (Tensor): ``(N, K)`` multi-hot targets in ``{0, 1}``.
-
-        Returns:
-            Tensor: scalar, ``weight`` times the mean BCE-with-logits over all entries.
-        """
-        return self.weight * F.binary_cross_entropy_with_logits(logits.float(), targets.float())
+# The loss lives with the other losses; imported here so that engine.training keeps exporting it.
+from captum_consistency.losses.classification import ScaledBCEWithLogitsLoss  # noqa: E402
 
 
 def sample_positive_class(targets: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
     """One positive class per row of a multi-hot matrix, uniformly among the positives.
 
     This is the class whose Grad-CAM is regularised for a multi-label image (the authors pick
-    one ground-truth category at random). A row without any positive (an image without
-    annotations) draws uniformly among all classes. The draw happens on the generator's device.
+    one ground-truth category at random). The same draw as
+    :func:`captum_consistency.data.sample_present_classes`, which ``--distractors dataset``
+    uses: a row without any positive (an image without annotations) draws uniformly among all
+    classes. The draw happens on the generator's device.
 
     Args:
         targets (Tensor): ``(N, C)`` multi-hot.
@@ -174,13 +147,9 @@ def sample_positive_class(targets: Tensor, generator: Optional[torch.Generator] 
         >>> sample_positive_class(targets)[1]
         tensor(1)
     """
-    if targets.dim() != 2:
-        raise ValueError(f"targets must be (N, num_classes) multi-hot, got {tuple(targets.shape)}")
-    gen_device = generator.device if generator is not None else targets.device
-    weights = (targets > 0).to(device=gen_device, dtype=torch.float32)
-    empty = weights.sum(dim=1, keepdim=True) == 0
-    weights = torch.where(empty, torch.ones_like(weights), weights)
-    return torch.multinomial(weights, 1, generator=generator).squeeze(1).to(targets.device)
+    from captum_consistency.data._targets import sample_present_classes
+
+    return sample_present_classes(targets, generator)
 
 
 def _to_device(images: Tensor, targets: Tensor, device: torch.device, channels_last: bool):
@@ -192,15 +161,9 @@ def _to_device(images: Tensor, targets: Tensor, device: torch.device, channels_l
 
 def _check_gradcam_targets(gradcam_targets: Tensor) -> Tensor:
     """The loader's regularised classes: integer class ids (a dtype check, no host sync)."""
-    if not isinstance(gradcam_targets, Tensor) or gradcam_targets.dtype == torch.bool or (
-        gradcam_targets.dtype.is_floating_point or gradcam_targets.dtype.is_complex
-    ):
-        raise TypeError(
-            "the loader's gradcam_targets must be an integer tensor of class ids, got "
-            f"{getattr(gradcam_targets, 'dtype', type(gradcam_targets).__name__)} (a bool mask "
-            "would be read as the classes 0 and 1)"
-        )
-    return gradcam_targets
+    from captum_consistency.data._targets import check_gradcam_targets
+
+    return check_gradcam_targets(gradcam_targets, where="the loader's gradcam_targets", values=False)
 
 
 def _loader_brings_distractors(loader: Any) -> bool:

@@ -21,12 +21,12 @@ from captum_consistency.engine.evaluation import evaluate_interpretations
 __all__ = ["TRANSFER_METHODS", "evaluate_transfer"]
 
 #: Method lists for :func:`evaluate_transfer`. ``"fast"``: eleven methods across the three
-#: libraries that cost one forward and one backward pass per image (or a layer's SVD), 1 to
-#: 8 Grad-CAMs in ``benchmarks/bench_attributions.py``: the paper's cMWP and FullGrad,
-#: Captum's saliency, input x gradient, guided backprop and DeepLift, pytorch-grad-cam's
-#: Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM and EigenCAM. ``"all"``: every registry name,
-#: including the methods that run tens to hundreds of forward passes per image (SmoothGrad 34,
-#: integrated gradients 97, occlusion 150, AblationCAM 340, ScoreCAM 450 Grad-CAMs).
+#: libraries that cost one forward and one backward pass per image (or a layer's SVD): the
+#: paper's cMWP and FullGrad, Captum's saliency, input x gradient, guided backprop and
+#: DeepLift, pytorch-grad-cam's Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM and EigenCAM.
+#: ``"all"``: every registry name, including the methods that run tens to hundreds of forward
+#: passes per image (SmoothGrad, integrated gradients, occlusion, AblationCAM, ScoreCAM; their
+#: cost is measured in docs/benchmarks.md).
 TRANSFER_METHODS: Dict[str, Tuple[str, ...]] = {
     "fast": (
         "cmwp",
@@ -53,19 +53,16 @@ def evaluate_transfer(
     whole_loader: Optional[Any],
     crop_loader: Optional[Any],
     device: torch.device,
-    num_classes: int,
-    multilabel: bool = False,
+    num_classes: int, multilabel: bool = False,
+    # the NQH composites
     make_distractors: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None,
-    generator: Optional[torch.Generator] = None,
-    spg_generator: Optional[torch.Generator] = None,
-    tolerance: float = 15,
-    num_samples: int = 100,
+    generator: Optional[torch.Generator] = None, distractor_ok: Optional[Tensor] = None,
+    # the pointing games
+    spg_generator: Optional[torch.Generator] = None, tolerance: float = 15, num_samples: int = 100,
     num_runs: int = 5,
-    layer: Optional[nn.Module] = None,
-    distractor_ok: Optional[Tensor] = None,
-    method_options: Optional[Mapping[str, Dict[str, Any]]] = None,
-    errors: str = "raise",
-    progress: bool = True,
+    # the methods
+    layer: Optional[nn.Module] = None, method_options: Optional[Mapping[str, Dict[str, Any]]] = None,
+    errors: str = "raise", progress: bool = True,
 ) -> Dict[str, Dict[str, Any]]:
     r"""PG, SPG, CH and NQH of ``model`` under each of ``methods``, in the form of Tables 3-4.
 

@@ -17,12 +17,8 @@ itself (top-1, multi-label F1) in the training and evaluation loops.
 
 from captum_consistency.metrics._accumulator import InterpretationMetrics
 from captum_consistency.metrics._classification import ClassificationMeter, multilabel_f1
-from captum_consistency.metrics._functional import (
-    content_heatmap,
-    negative_quadrants_heatmap,
-    pointing_game,
-    stochastic_pointing_game,
-)
+from captum_consistency.metrics.heatmaps import content_heatmap, negative_quadrants_heatmap
+from captum_consistency.metrics.pointing import pointing_game, stochastic_pointing_game
 from captum_consistency.metrics._preprocess import boxes_to_mask, resize_saliency
 
 __all__ = [

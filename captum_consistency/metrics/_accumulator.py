@@ -9,15 +9,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from captum_consistency.metrics._functional import (
-    _check_generator,
-    _check_masks,
-    _check_nqh_cells,
     _check_positive_int,
     _check_tolerance,
-    _negative_quadrants,
+    _prepare_pairs,
     _prepare_saliency,
     _score_images,
 )
+from captum_consistency.metrics.heatmaps import _check_nqh_cells, _negative_quadrants
 
 __all__ = ["InterpretationMetrics"]
 
@@ -162,10 +160,8 @@ class InterpretationMetrics:
         Raises:
             ValueError: bad ``saliency``, ``masks`` or ``labels`` (see the functional metrics).
         """
-        maps, totals = _prepare_saliency(saliency)
-        masks = _check_masks(masks, maps.shape, maps.device)
+        maps, totals, masks = _prepare_pairs(saliency, masks, self.generator)
         labels = self._check_labels(labels, maps.shape[0], maps.device)
-        _check_generator(self.generator, maps.device)
         self._bind(maps.device)
         if maps.shape[0] == 0:
             return

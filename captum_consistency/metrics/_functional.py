@@ -1,24 +1,14 @@
-r"""The paper's interpretation metrics (Pillai & Pirsiavash, AAAI 2021, Sec. 4.3), batched.
+r"""Building blocks of the paper's interpretation metrics (Pillai & Pirsiavash, AAAI 2021, Sec. 4.3).
 
-All four metrics score a batch of saliency maps ``(N, H, W)`` (or ``(N, 1, H, W)``) at once, on
-the maps' device, with no Python loop over samples or pixels (on CPU the batch is split into a
-few chunks of about ``CPU_CHUNK_ELEMENTS`` values so that temporaries stay cache-sized):
-
-* [`pointing_game`][captum_consistency.metrics.pointing_game] (PG, Zhang et al. 2016): is the
-  map's maximum within ``tolerance`` pixels of the object?
-* [`stochastic_pointing_game`][captum_consistency.metrics.stochastic_pointing_game] (SPG): the
-  pointing game for ``num_samples`` locations drawn from the map normalised to a distribution.
-* [`content_heatmap`][captum_consistency.metrics.content_heatmap] (CH): the fraction of the
-  map's mass inside the object.
-* [`negative_quadrants_heatmap`][captum_consistency.metrics.negative_quadrants_heatmap] (NQH):
-  the fraction of a 2x2 composite's map outside the positive cell.
-
-The metrics are evaluation tools: they run under ``torch.no_grad()`` and accept maps that
-require grad (e.g. straight from a Captum attribution) without recording a graph.
-
-Degenerate samples, an all-zero map or an empty mask, score ``NaN``; aggregate with
-[`InterpretationMetrics`][captum_consistency.metrics.InterpretationMetrics], which skips and
-counts them.
+The public metrics live in ``metrics.pointing`` (PG, SPG) and ``metrics.heatmaps`` (CH, NQH);
+this module holds what they and
+[`InterpretationMetrics`][captum_consistency.metrics.InterpretationMetrics] share: input
+checks, chunking and the exact tolerance test. Every metric scores a whole batch
+of maps ``(N, H, W)`` (or ``(N, 1, H, W)``) at once, on the maps' device, with no Python loop
+over samples or pixels; on CPU the batch is split into a few chunks of about
+``CPU_CHUNK_ELEMENTS`` values so that temporaries stay cache-sized. The metrics run under
+``torch.no_grad()`` and accept maps that require grad (e.g. straight from a Captum attribution)
+without recording a graph.
 
 How the tolerance test is exact and fast: a point ``(u, v)`` hits the mask when some mask pixel
 ``(x, y)`` has ``(x - u)^2 + (y - v)^2 < t^2``. The disk of radius ``t`` is a stack of horizontal
@@ -41,14 +31,8 @@ from typing import Iterator, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from captum_consistency.composition import _check_cells
 
-__all__ = [
-    "pointing_game",
-    "stochastic_pointing_game",
-    "content_heatmap",
-    "negative_quadrants_heatmap",
-]
+__all__: list = []  # private building blocks; the metrics are in pointing.py and heatmaps.py
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,6 +260,17 @@ def _check_generator(generator: Optional[torch.Generator], device: torch.device)
         )
 
 
+def _prepare_pairs(
+    saliency: Tensor, masks: Tensor, generator: Optional[torch.Generator] = None
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(maps, totals, masks)`` of checked (map, mask) pairs; ``generator`` (if any) checked
+    against the maps' device."""
+    maps, totals = _prepare_saliency(saliency)
+    masks = _check_masks(masks, maps.shape, maps.device)
+    _check_generator(generator, maps.device)
+    return maps, totals, masks
+
+
 _MAX_CATEGORIES = 2**24  # torch.multinomial's limit
 
 
@@ -389,219 +384,3 @@ def _score_images(
         if ch:
             out_ch[chunk] = _content(m, t, k, bad)
     return _ImageScores(out_pg, out_spg, out_ch, degenerate)
-
-
-# --------------------------------------------------------------------------------------------
-# Public metrics.
-# --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def pointing_game(saliency: Tensor, masks: Tensor, tolerance: float = 15) -> Tensor:
-    r"""Pointing Game (Zhang et al. 2016) with a tolerance margin, one result per sample.
-
-    A sample is a *hit* when the saliency map's maximum lies within ``tolerance`` pixels of the
-    object, that is when some mask pixel is at Euclidean distance strictly less than
-    ``tolerance`` from the maximum:
-
-    $$
-    \mathrm{hit}(m, M) = \mathbb{1}\Big[\exists (x, y) \in M :\;
-        (x - u^\star)^2 + (y - v^\star)^2 < t^2\Big],
-    \qquad (u^\star, v^\star) = \arg\max_{(u, v)} m(u, v).
-    $$
-
-    This is the test of TorchRay's ``PointingGame.evaluate`` and of the paper's evaluation
-    (Sec. 4.3: "we dilate the object mask ... by a margin of 15 pixels"), computed exactly for
-    the whole batch. On ties, the first maximum in row-major order is used (as
-    ``torch.argmax``). Accuracy is ``#hits / (#hits + #misses)``; the paper averages it per
-    class, see [`InterpretationMetrics`][captum_consistency.metrics.InterpretationMetrics].
-
-    Args:
-        saliency (Tensor): ``(N, H, W)`` or ``(N, 1, H, W)`` non-negative maps, already at the
-            masks' resolution (see [`resize_saliency`][captum_consistency.metrics.resize_saliency]).
-        masks (Tensor): boolean ``(N, H, W)`` object masks (see
-            [`boxes_to_mask`][captum_consistency.metrics.boxes_to_mask] for boxes).
-        tolerance (float): the margin ``t`` in pixels; the paper uses 15 at 224x224.
-
-    Returns:
-        Tensor: ``(N,)`` of the saliency's floating dtype: 1.0 for a hit, 0.0 for a miss,
-            NaN for a degenerate sample (all-zero map or empty mask), whose maximum is
-            meaningless.
-
-    Raises:
-        ValueError: negative or NaN ``saliency``, a non-boolean ``masks`` or mismatched shapes.
-
-    Examples:
-        >>> saliency = torch.zeros(2, 64, 64)
-        >>> saliency[0, 10, 10] = saliency[1, 50, 50] = 1.0
-        >>> masks = torch.zeros(2, 64, 64, dtype=torch.bool)
-        >>> masks[:, 20:30, 20:30] = True
-        >>> pointing_game(saliency, masks)  # (10, 10) is 10*sqrt(2) < 15 px from (20, 20)
-        tensor([1., 0.])
-    """
-    tolerance = _check_tolerance(tolerance)
-    maps, totals = _prepare_saliency(saliency)
-    masks = _check_masks(masks, maps.shape, maps.device)
-    return _score_images(maps, totals, masks, tolerance, 0, 0, None, ch=False).pg
-
-
-@torch.no_grad()
-def stochastic_pointing_game(
-    saliency: Tensor,
-    masks: Tensor,
-    tolerance: float = 15,
-    num_samples: int = 100,
-    generator: Optional[torch.Generator] = None,
-) -> Tensor:
-    r"""Stochastic Pointing Game (SPG, Pillai & Pirsiavash 2021, Sec. 4.3), one value per sample.
-
-    The map normalised to sum one is a distribution over pixels; ``S = num_samples`` locations
-    are drawn from it with replacement and each is tested like the
-    [`pointing_game`][captum_consistency.metrics.pointing_game]:
-
-    $$
-    \mathrm{SPG}(m, M) = \frac{1}{S} \sum_{s=1}^{S} \mathbb{1}\Big[\exists (x, y) \in M :
-        (x - u_s)^2 + (y - v_s)^2 < t^2\Big],
-    \qquad (u_s, v_s) \sim \frac{m}{\sum m}.
-    $$
-
-    Its expectation is the map's mass within ``tolerance`` of the object. The paper reports the
-    mean and standard deviation over 5 runs (different draws), which
-    [`InterpretationMetrics`][captum_consistency.metrics.InterpretationMetrics] does.
-    Invariant to scaling the map by a positive constant; with a one-hot map it equals the
-    pointing game.
-
-    Args:
-        saliency (Tensor): ``(N, H, W)`` or ``(N, 1, H, W)`` non-negative maps.
-        masks (Tensor): boolean ``(N, H, W)`` object masks.
-        tolerance (float): margin ``t`` in pixels (15 in the paper).
-        num_samples (int): locations drawn per map (100 in the paper).
-        generator (torch.Generator, optional): source of the draws, on the saliency's device.
-
-    Returns:
-        Tensor: ``(N,)`` fractions in ``[0, 1]`` (multiples of ``1 / num_samples``); NaN for
-            a degenerate sample (all-zero map or empty mask).
-
-    Raises:
-        ValueError: negative or NaN ``saliency``, a non-boolean ``masks``, mismatched shapes,
-            or a ``generator`` on another device.
-
-    Examples:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> saliency = torch.rand(8, 224, 224)
-        >>> masks = torch.zeros(8, 224, 224, dtype=torch.bool)
-        >>> masks[:, 50:150, 50:150] = True
-        >>> spg = stochastic_pointing_game(saliency, masks, generator=g)  # about 0.32 each
-    """
-    tolerance = _check_tolerance(tolerance)
-    num_samples = _check_positive_int(num_samples, "num_samples")
-    maps, totals = _prepare_saliency(saliency)
-    masks = _check_masks(masks, maps.shape, maps.device)
-    _check_generator(generator, maps.device)
-    scores = _score_images(
-        maps, totals, masks, tolerance, num_samples, 1, generator, pg=False, ch=False
-    )
-    return scores.spg.squeeze(1)
-
-
-@torch.no_grad()
-def content_heatmap(saliency: Tensor, masks: Tensor) -> Tensor:
-    r"""Content Heatmap (CH, Pillai & Pirsiavash 2021, Sec. 4.3): the map's mass inside the mask.
-
-    $$
-    \mathrm{CH}(m, M) = \frac{\sum_{(x, y) \in M} m(x, y)}{\sum_{(x, y)} m(x, y)} \in [0, 1].
-    $$
-
-    Higher is better. It is the limit of the stochastic pointing game with no margin and
-    infinitely many draws, and equals Quantus' ``RelevanceMassAccuracy`` on non-negative maps.
-
-    Args:
-        saliency (Tensor): ``(N, H, W)`` or ``(N, 1, H, W)`` non-negative maps.
-        masks (Tensor): boolean ``(N, H, W)`` object masks.
-
-    Returns:
-        Tensor: ``(N,)`` fractions in ``[0, 1]``; NaN for a degenerate sample (all-zero map
-            or empty mask).
-
-    Raises:
-        ValueError: negative or NaN ``saliency``, a non-boolean ``masks`` or mismatched shapes.
-
-    Examples:
-        >>> saliency = torch.tensor([[[1.0, 3.0], [0.0, 4.0]]])
-        >>> masks = torch.tensor([[[True, False], [False, True]]])
-        >>> content_heatmap(saliency, masks)
-        tensor([0.6250])
-    """
-    maps, totals = _prepare_saliency(saliency)
-    masks = _check_masks(masks, maps.shape, maps.device)
-    out = maps.new_empty(maps.shape[0])
-    for chunk in _chunks(maps.shape[0], maps[0].numel() if len(maps) else 1, maps.device):
-        m, t, k = maps[chunk], totals[chunk], masks[chunk]
-        out[chunk] = _content(m, t, k, _degenerate(t, _nonempty(k)))
-    return out
-
-
-@torch.no_grad()
-def negative_quadrants_heatmap(saliency: Tensor, cells: Tensor) -> Tensor:
-    r"""Negative Quadrants Heatmap (NQH, Pillai & Pirsiavash 2021, Sec. 4.3).
-
-    The fraction of a 2x2 composite's saliency that falls in the three distractor cells, i.e.
-    outside the positive cell ``k``:
-
-    $$
-    \mathrm{NQH}(m, k) = 1 - \frac{\sum_{(x, y) \in Q_k} m(x, y)}{\sum_{(x, y)} m(x, y)}
-        \in [0, 1],
-    $$
-
-    where ``Q_k`` is cell ``k`` of the grid with the convention of
-    [`compose_grid`][captum_consistency.compose_grid] (row ``k // 2``, column ``k % 2``,
-    split at ``H // 2`` and ``W // 2``; see [`cell_mask`][captum_consistency.cell_mask]).
-    Lower is better. It equals ``1 - CH`` with the cell's mask, and one minus Quantus'
-    ``Focus`` for a mosaic whose only positive quadrant is cell ``k``.
-
-    Args:
-        saliency (Tensor): ``(N, H, W)`` or ``(N, 1, H, W)`` non-negative maps of composites.
-        cells (Tensor): ``(N,)`` integer positive cells in ``{0, 1, 2, 3}``, as returned by
-            ``compose_grid(..., return_cells=True)``.
-
-    Returns:
-        Tensor: ``(N,)`` fractions in ``[0, 1]``; NaN for an all-zero map.
-
-    Raises:
-        ValueError: negative or NaN ``saliency``, or ``cells`` of the wrong shape or outside
-            ``0..3``.
-
-    Examples:
-        >>> images, cells = compose_grid(x, distractors, return_cells=True)
-        >>> saliency = cam.attribute(images, target=labels)  # (N, 1, h, w)
-        >>> nqh = negative_quadrants_heatmap(saliency, cells)
-    """
-    maps, totals = _prepare_saliency(saliency)
-    cells = _check_nqh_cells(cells, maps.shape[0], maps.device)
-    return _negative_quadrants(maps, totals, cells)
-
-
-def _check_nqh_cells(cells: Tensor, n: int, device: torch.device) -> Tensor:
-    if not isinstance(cells, Tensor):
-        try:
-            cells = torch.as_tensor(cells)
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError(
-                f"cells must be an integer tensor of shape ({n},), got {type(cells).__name__}"
-            )
-    _check_cells(cells, n)
-    return cells.to(device)
-
-
-def _negative_quadrants(maps: Tensor, totals: Tensor, cells: Tensor) -> Tensor:
-    n, height, width = maps.shape
-    if n == 0:
-        return maps.new_empty(0)
-    # Mass of the four cells from two split sums (one pass over the maps). The split is the
-    # one of ``cell_mask``: rows >= H // 2 are the bottom cells, columns >= W // 2 the right.
-    h2, w2 = height // 2, width // 2
-    rows = torch.stack([maps[:, :h2].sum(dim=1), maps[:, h2:].sum(dim=1)], dim=1)  # (N, 2, W)
-    per_cell = torch.stack([rows[..., :w2].sum(dim=-1), rows[..., w2:].sum(dim=-1)], dim=-1)
-    inside = per_cell.flatten(1).gather(1, cells.view(-1, 1)).squeeze(1)  # cell k = 2 row + col
-    nqh = ((totals - inside) / totals).clamp_(0, 1)
-    return _nan_where(nqh, totals <= 0)

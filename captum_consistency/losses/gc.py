@@ -5,97 +5,24 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_consistency.attr._elementwise_grad_cam import (
-    check_layer_in_model,
-    elementwise_grad_cam,
-    grad_cam,
-)
-from captum_consistency.composition import (
-    _SLOT_TO_CELL,
-    NUM_CELLS,
-    NUM_DISTRACTORS,
-    _check_cells,
-    _compose_checked_cells,
-    compose_grid,
-    random_cells,
-)
-from captum_consistency.saliency import DEFAULT_EPS, normalize_saliency
+from captum_consistency.attr._elementwise_grad_cam import elementwise_grad_cam, grad_cam
+from captum_consistency.attr._layers import check_layer_in_model
+from captum_consistency.attr._recording import LayerRecorder, score_gradients
+from captum_consistency.composition import NUM_CELLS, compose_grid
+from captum_consistency.losses._shared_composites import Distractors, _resolve, _SharedComposites
+from captum_consistency.losses.functional import gc_consistency
+from captum_consistency.saliency import DEFAULT_EPS
 
-__all__ = ["GradCamConsistencyLoss", "ConsistencyLossOutput", "LayerRecorder"]
+__all__ = ["GradCamConsistencyLoss", "ConsistencyLossOutput"]
 
 #: The values of ``GradCamConsistencyLoss(composites=...)``.
 COMPOSITE_MODES = ("per-image", "shared")
-
-
-class LayerRecorder:
-    """Context manager that records the output of ``layer`` during forward passes.
-
-    The GC loss needs the layer's activations of the very forward pass that produced the logits
-    (a second forward, as a separate attribution call would do, doubles the cost).
-
-    Args:
-        layer (torch.nn.Module): the module whose output is recorded; it must return a single
-            tensor and run once per forward pass.
-
-    Examples::
-
-        >>> with LayerRecorder(model.layer4) as rec:
-        ...     logits = model(x)
-        >>> acts = rec.pop()
-    """
-
-    def __init__(self, layer: nn.Module) -> None:
-        self.layer = layer
-        self._outputs: List[Tensor] = []
-        self._handle = None
-        # Set by the GC loss for a shared composite's forward: the output is replaced by one
-        # copy per image of the composite (row i of the result is row _replicate[i]).
-        self._replicate: Optional[Tensor] = None
-
-    def _hook(self, module: nn.Module, inputs, output) -> Optional[Tensor]:
-        if not isinstance(output, Tensor):
-            raise TypeError(
-                f"layer {type(module).__name__} must return a single tensor, got {type(output).__name__}"
-            )
-        if self._replicate is not None:
-            output = output.index_select(0, self._replicate)
-            self._outputs.append(output)
-            return output  # a forward hook's return value replaces the layer's output
-        self._outputs.append(output)
-        return None
-
-    def __enter__(self) -> "LayerRecorder":
-        self._handle = self.layer.register_forward_hook(self._hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-    def pop(self) -> Tensor:
-        """Returns the single recorded output and clears the record.
-
-        Returns:
-            Tensor: the layer's output, still attached to the autograd graph.
-
-        Raises:
-            RuntimeError: the layer ran zero or several times since the last :meth:`pop`.
-        """
-        outputs, self._outputs = self._outputs, []
-        if len(outputs) != 1:
-            raise RuntimeError(
-                f"expected the layer to run exactly once per forward pass, it ran {len(outputs)} "
-                "times (a layer reused inside the model, or nn.DataParallel replicas: use "
-                "DistributedDataParallel)"
-            )
-        return outputs[0]
 
 
 @dataclass
@@ -140,7 +67,7 @@ class ConsistencyLossOutput:
     num_ungrouped: int
 
 
-class GradCamConsistencyLoss(nn.Module):
+class GradCamConsistencyLoss(_SharedComposites, nn.Module):
     r"""Cross-entropy plus Grad-CAM consistency between an image and its 2x2 composite.
 
     From Pillai & Pirsiavash, "Explainable Models with Consistent Interpretations", AAAI 2021.
@@ -154,7 +81,7 @@ class GradCamConsistencyLoss(nn.Module):
         \big\| g^y_c - \mathrm{comp}(k, g^y_x, 0, 0, 0) \big\|_1
 
     (Eqs. 4-5), the L1 term being the mean over the composite map's locations, as the authors
-    compute it. The map is at feature resolution: for ResNets the composite's map is exactly
+    compute it: :func:`~captum_consistency.gc_consistency` of the two maps. The map is at feature resolution: for ResNets the composite's map is exactly
     twice the single one (``14x14`` vs ``7x7`` at ``layer4``). Where it is not (AlexNet's
     pooled features: 6 vs 13), both maps are first resized bilinearly to pixel resolution and
     then normalised. The target ``g^y_x`` is not detached by default, as in the authors' code.
@@ -291,17 +218,11 @@ class GradCamConsistencyLoss(nn.Module):
             )
         return gradcam_targets.long()
 
-    def _maps(self, activations: Tensor, gradients: Tensor) -> Tensor:
-        cam = elementwise_grad_cam if self.elementwise else grad_cam
-        # float32 maps even under bf16 autocast (the normalised maps are small numbers); the
-        # channel sum accumulates in float32, so the full-size tensors are not cast first.
-        return cam(activations, gradients, relu=True)
-
     def forward(
         self,
         images: Tensor,
         targets: Tensor,
-        distractors: Union[Tensor, Callable[[], Tensor], None] = None,
+        distractors: Distractors = None,
         cells: Optional[Tensor] = None,
         gradcam_targets: Optional[Tensor] = None,
         groups: Optional[Tensor] = None,
@@ -349,78 +270,21 @@ class GradCamConsistencyLoss(nn.Module):
                 image with a composite mate's class in it.
         """
         gradcam_targets = self._check_inputs(images, targets, gradcam_targets)
-        n = images.shape[0]
-        replicate = None
-        if self.composites == "per-image":
-            if groups is not None:
-                raise ValueError("groups is for composites='shared'; this loss builds per-image composites")
-            distractors = _resolve(distractors)
-            if distractors is None:
-                raise ValueError(
-                    "distractors (N, 3, C, H, W) are required with per-image composites: take them "
-                    "from the batch with captum_consistency.data.gather_distractors(images, targets), "
-                    "or build the loss with composites='shared', which needs none"
-                )
-            composite, cells = compose_grid(
-                images, distractors, cells=cells, generator=self.generator, return_cells=True
-            )
-            groups = torch.zeros(0, NUM_CELLS, dtype=torch.long)
-        else:
-            composite, cells, groups, replicate = self._shared_composites(
-                images, targets, gradcam_targets, distractors, cells, groups
-            )
-        with LayerRecorder(self.layer) as recorder:
-            logits = self.model(images)
-            acts_x = recorder.pop()
-            recorder._replicate = replicate
-            logits_c = self.model(composite)
-            acts_c = recorder.pop()
-        if logits.dim() != 2:
-            raise ValueError(f"the model must return (N, num_classes) logits, got {tuple(logits.shape)}")
-        if logits_c.shape[0] != n:
-            raise RuntimeError(
-                f"the model returned {logits_c.shape[0]} rows for the shared composites instead of "
-                f"one per image ({n}): the part after the Grad-CAM layer must keep the batch size of "
-                "the layer's output (not the input's)"
-            )
-        num_classes = logits.shape[1]
-        # A value check reads the tensor on the host. On CPU that is free; on an accelerator it
-        # stalls the launch queue every step, so there it runs on the first call only.
-        if (gradcam_targets.device.type == "cpu" or not self._checked_on_device) and (
-            int(gradcam_targets.min()) < 0 or int(gradcam_targets.max()) >= num_classes
-        ):
-            raise ValueError(
-                f"gradcam_targets must lie in 0..{num_classes - 1}, got values in "
-                f"[{int(gradcam_targets.min())}, {int(gradcam_targets.max())}]"
-            )
-        self._checked_on_device = True
-        classification = self.criterion(logits, targets)
-
-        index = gradcam_targets.view(-1, 1)
-        # Shared mode: row i of logits_c comes from image i's own copy of its composite's
-        # activations, so its gradient lands on that copy only.
-        score = logits.gather(1, index).sum() + logits_c.gather(1, index).sum()
-        create_graph = self.lam > 0 and torch.is_grad_enabled()
-        grads_x, grads_c = torch.autograd.grad(
-            score, (acts_x, acts_c), create_graph=create_graph, retain_graph=True
+        composite, cells, groups, replicate = self._compose(
+            images, targets, gradcam_targets, distractors, cells, groups
         )
-        map_x = self._maps(acts_x, grads_x)
-        map_c = self._maps(acts_c, grads_c)
-        if self.detach_target:
-            map_x = map_x.detach()
-
-        (h, w), (hc, wc) = map_x.shape[-2:], map_c.shape[-2:]
-        if (hc, wc) != (2 * h, 2 * w):
-            # Maps that do not tile exactly (AlexNet's pooled features): compare at pixel size.
-            map_x = F.interpolate(map_x, size=images.shape[-2:], mode="bilinear", align_corners=False)
-            map_c = F.interpolate(map_c, size=composite.shape[-2:], mode="bilinear", align_corners=False)
-        # The maps come out of the ReLU of Eq. 3: the sign check (a host-device sync on a GPU)
-        # is skipped.
-        g_x = normalize_saliency(map_x, self.eps, check=False)
-        g_c = normalize_saliency(map_c, self.eps, check=False)
-        target = _compose_checked_cells(g_x, None, cells)  # Eq. 4: zero-padded into cell k
-        per_image = (g_c - target).abs().flatten(1).mean(dim=1)
-        consistency = per_image.mean()
+        logits, acts_x, logits_c, acts_c = self._record(images, composite, replicate)
+        self._check_classes(gradcam_targets, logits.shape[1])
+        classification = self.criterion(logits, targets)
+        map_x, map_c = self._maps(
+            (logits, logits_c), gradcam_targets, (acts_x, acts_c), images.shape[-2:], composite.shape[-2:]
+        )
+        # The maps come out of the ReLU of Eq. 3 and the cells were checked when composing:
+        # check=False keeps the step free of host-device synchronisations.
+        terms = gc_consistency(
+            map_x, map_c, cells, self.eps, self.detach_target, reduction="none", return_maps=True, check=False
+        )
+        consistency = terms.loss.mean()
         if self.lam > 0:
             loss = classification + self.lam * consistency
         else:
@@ -432,128 +296,101 @@ class GradCamConsistencyLoss(nn.Module):
             consistency=consistency,
             logits=logits,
             cells=cells,
-            saliency=g_x.detach(),
-            composite_saliency=g_c.detach(),
-            per_image_consistency=per_image.detach(),
+            saliency=terms.saliency,
+            composite_saliency=terms.composite_saliency,
+            per_image_consistency=terms.loss.detach(),
             groups=groups,
-            num_ungrouped=n - NUM_CELLS * groups.shape[0],
+            num_ungrouped=images.shape[0] - NUM_CELLS * groups.shape[0],
         )
 
-    def _shared_composites(
+    def _compose(
         self,
         images: Tensor,
         targets: Tensor,
         gradcam_targets: Tensor,
-        distractors: Union[Tensor, Callable[[], Tensor], None],
+        distractors: Distractors,
         cells: Optional[Tensor],
         groups: Optional[Tensor],
-    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The shared composites: ``(composites (G + U, C, 2H, 2W), cells (N,), groups, replicate)``.
-
-        ``replicate`` (N,) is the composite of every image, on the device: the activation copy
-        of image ``i`` is row ``replicate[i]`` of the composites' activations.
-        """
-        from captum_consistency.data.distractors import shared_composite_groups
-
-        n = images.shape[0]
-        if groups is None:
-            if cells is not None:
-                raise ValueError(
-                    "with composites='shared' the cells come with the grouping: pass groups and "
-                    "cells from captum_consistency.data.shared_composite_groups, or neither"
-                )
-            groups, cells = shared_composite_groups(targets, gradcam_targets, generator=self.generator)
-        else:
-            groups, cells = self._checked_groups(groups, cells, targets, gradcam_targets)
-        num_groups = groups.shape[0]
-        grouped = torch.zeros(n, dtype=torch.bool)
-        grouped[groups.flatten()] = True
-        ungrouped = (~grouped).nonzero().squeeze(1)
-        composite_of = torch.empty(n, dtype=torch.long)
-        composite_of[groups.flatten()] = torch.arange(num_groups).repeat_interleave(NUM_CELLS)
-        composite_of[ungrouped] = num_groups + torch.arange(ungrouped.numel())
-        extra = None
-        if ungrouped.numel():
-            extra = self._ungrouped_distractors(images, targets, gradcam_targets, distractors, ungrouped)
-        composite = _compose_shared(images, composite_of, cells, num_groups + ungrouped.numel(), ungrouped, extra)
-        device = images.device
-        return (
-            composite,
-            cells.to(device, non_blocking=True),
-            groups,
-            composite_of.to(device, non_blocking=True),
+    ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """Eq. 4 on the images: ``(composites, cells (N,), groups (G, 4), replicate)``."""
+        if self.composites == "shared":
+            return self._shared_composites(images, targets, gradcam_targets, distractors, cells, groups)
+        if groups is not None:
+            raise ValueError("groups is for composites='shared'; this loss builds per-image composites")
+        distractors = _resolve(distractors)
+        if distractors is None:
+            raise ValueError(
+                "distractors (N, 3, C, H, W) are required with per-image composites: take them "
+                "from the batch with captum_consistency.data.gather_distractors(images, targets), "
+                "or build the loss with composites='shared', which needs none"
+            )
+        composite, cells = compose_grid(
+            images, distractors, cells=cells, generator=self.generator, return_cells=True
         )
+        return composite, cells, torch.zeros(0, NUM_CELLS, dtype=torch.long), None
 
-    def _checked_groups(
-        self, groups: Tensor, cells: Optional[Tensor], targets: Tensor, gradcam_targets: Tensor
-    ) -> Tuple[Tensor, Tensor]:
-        n = targets.shape[0]
-        if (
-            not isinstance(groups, Tensor)
-            or groups.dim() != 2
-            or groups.shape[1] != NUM_CELLS
-            or groups.dtype.is_floating_point
-            or groups.dtype.is_complex
-            or groups.dtype == torch.bool
+    def _record(
+        self, images: Tensor, composite: Tensor, replicate: Optional[Tensor]
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Logits and the layer's activations of the images and of the composites: ``(logits,
+        acts_x, logits_c, acts_c)``, one row of ``logits_c`` per image."""
+        with LayerRecorder(self.layer) as recorder:
+            logits = self.model(images)
+            acts_x = recorder.pop()
+            recorder.replicate = replicate
+            logits_c = self.model(composite)
+            acts_c = recorder.pop()
+        if logits.dim() != 2:
+            raise ValueError(f"the model must return (N, num_classes) logits, got {tuple(logits.shape)}")
+        n = images.shape[0]
+        if logits_c.shape[0] != n:
+            raise RuntimeError(
+                f"the model returned {logits_c.shape[0]} rows for the shared composites instead of "
+                f"one per image ({n}): the part after the Grad-CAM layer must keep the batch size of "
+                "the layer's output (not the input's)"
+            )
+        return logits, acts_x, logits_c, acts_c
+
+    def _check_classes(self, gradcam_targets: Tensor, num_classes: int) -> None:
+        # A value check reads the tensor on the host. On CPU that is free; on an accelerator it
+        # stalls the launch queue every step, so there it runs on the first call only.
+        if (gradcam_targets.device.type == "cpu" or not self._checked_on_device) and (
+            int(gradcam_targets.min()) < 0 or int(gradcam_targets.max()) >= num_classes
         ):
             raise ValueError(
-                "groups must be a (G, 4) integer tensor of batch positions (row r: the images of "
-                f"composite r in cell order), got {getattr(groups, 'shape', type(groups))} "
-                f"{getattr(groups, 'dtype', '')}"
+                f"gradcam_targets must lie in 0..{num_classes - 1}, got values in "
+                f"[{int(gradcam_targets.min())}, {int(gradcam_targets.max())}]"
             )
-        groups = groups.cpu().long()
-        if groups.numel():
-            if int(groups.min()) < 0 or int(groups.max()) >= n:
-                raise ValueError(
-                    f"groups must hold batch positions in 0..{n - 1}, got values in "
-                    f"[{int(groups.min())}, {int(groups.max())}]"
-                )
-            if torch.unique(groups).numel() != groups.numel():
-                raise ValueError("groups lists an image more than once: each image belongs to one composite")
-        if targets.device.type == "cpu" or not self._checked_groups_on_device:
-            _check_groups_exclusive(groups, targets.cpu(), gradcam_targets.cpu())
-            self._checked_groups_on_device = True
-        position = torch.arange(NUM_CELLS).repeat(groups.shape[0])
-        if cells is None:
-            cells = random_cells(n, generator=self.generator, device=torch.device("cpu"))
-        else:
-            _check_cells(cells, n)
-            cells = cells.cpu().long()
-            if not torch.equal(cells[groups.flatten()], position):
-                raise ValueError(
-                    "cells of the grouped images must be their column in groups (cell k of "
-                    "composite r holds groups[r, k])"
-                )
-            cells = cells.clone()
-        cells[groups.flatten()] = position
-        return groups, cells
+        self._checked_on_device = True
 
-    def _ungrouped_distractors(
+    def _maps(
         self,
-        images: Tensor,
-        targets: Tensor,
+        logits: Tuple[Tensor, Tensor],
         gradcam_targets: Tensor,
-        distractors: Union[Tensor, Callable[[], Tensor], None],
-        ungrouped: Tensor,
-    ) -> Tensor:
-        """``(U, 3, C, H, W)`` distractors of the ungrouped images, on ``images.device``."""
-        distractors = _resolve(distractors)
-        if distractors is not None:
-            _check_distractors(distractors, images)
-            return distractors[ungrouped.to(distractors.device)].to(device=images.device, dtype=images.dtype)
-        from captum_consistency.data.distractors import in_batch_distractors
+        activations: Tuple[Tensor, Tensor],
+        size: Tuple[int, int],
+        composite_size: Tuple[int, int],
+    ) -> Tuple[Tensor, Tensor]:
+        """Grad-CAM maps (Eq. 3, or Eqs. 1-2) of the images and of the composites.
 
-        index, valid = in_batch_distractors(targets.cpu(), gradcam_targets.cpu(), generator=self.generator)
-        missing = int((~valid[ungrouped]).sum())
-        if missing:
-            n = images.shape[0]
-            raise ValueError(
-                f"{missing} of the {ungrouped.numel()} images that could not be grouped into shared "
-                f"composites (batch of {n}) have fewer than {NUM_DISTRACTORS} batch mates without "
-                "their class; pass distractors (N, 3, C, H, W), e.g. gather_distractors(images, "
-                "targets, fallback=DistractorFallback(...)), or use a larger batch"
-            )
-        return images[index[ungrouped].to(images.device, non_blocking=True)]
+        One backward for both: in shared mode row ``i`` of the composites' logits comes from
+        image ``i``'s own copy of its composite's activations, so its gradient lands on that
+        copy only.
+        """
+        create_graph = self.lam > 0 and torch.is_grad_enabled()
+        grads = score_gradients(
+            logits, activations, gradcam_targets, create_graph=create_graph, retain_graph=True
+        )
+        cam = elementwise_grad_cam if self.elementwise else grad_cam
+        # float32 maps even under bf16 autocast (the normalised maps are small numbers); the
+        # channel sum accumulates in float32, so the full-size tensors are not cast first.
+        map_x, map_c = (cam(a, g, relu=True) for a, g in zip(activations, grads))
+        (h, w), (hc, wc) = map_x.shape[-2:], map_c.shape[-2:]
+        if (hc, wc) != (2 * h, 2 * w):
+            # Maps that do not tile exactly (AlexNet's pooled features): compare at pixel size.
+            map_x = F.interpolate(map_x, size=size, mode="bilinear", align_corners=False)
+            map_c = F.interpolate(map_c, size=composite_size, mode="bilinear", align_corners=False)
+        return map_x, map_c
 
 
 def _as_lambda(lam: Union[float, Tensor]) -> float:
@@ -571,76 +408,3 @@ def _as_lambda(lam: Union[float, Tensor]) -> float:
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
     return lam
 
-
-def _resolve(distractors: Union[Tensor, Callable[[], Tensor], None]) -> Optional[Tensor]:
-    if distractors is None or isinstance(distractors, Tensor):
-        return distractors
-    if callable(distractors):
-        return distractors()
-    raise TypeError(
-        "distractors must be a (N, 3, C, H, W) tensor or a callable returning one, got "
-        f"{type(distractors).__name__}"
-    )
-
-
-def _check_distractors(distractors: Tensor, images: Tensor) -> None:
-    n, c, h, w = images.shape
-    expected = (n, NUM_DISTRACTORS, c, h, w)
-    if not isinstance(distractors, Tensor) or tuple(distractors.shape) != expected:
-        raise ValueError(
-            f"distractors must have shape (N, 3, C, H, W) = {expected} to match images, got "
-            f"{tuple(getattr(distractors, 'shape', ())) or type(distractors).__name__}"
-        )
-
-
-def _check_groups_exclusive(groups: Tensor, targets: Tensor, gradcam_targets: Tensor) -> None:
-    """Raises unless every image's regularised class is absent from its composite mates."""
-    if not groups.numel():
-        return
-    classes = gradcam_targets[groups]  # (G, 4)
-    if targets.dim() == 1:
-        # [r, a, b]: image b of composite r has the class of image a
-        contains = targets[groups].unsqueeze(1) == classes.unsqueeze(2)
-    else:
-        present = targets != 0
-        contains = present[groups.unsqueeze(1), classes.clamp(min=0).unsqueeze(2)] & (classes >= 0).unsqueeze(2)
-    contains &= ~torch.eye(NUM_CELLS, dtype=torch.bool)
-    if bool(contains.any()):
-        r, a, b = (int(v) for v in contains.nonzero()[0])
-        raise ValueError(
-            f"groups row {r} puts image {int(groups[r, b])} in the composite of image "
-            f"{int(groups[r, a])}, but it contains that image's class {int(classes[r, a])}: a "
-            "distractor must not contain the class"
-        )
-
-
-def _compose_shared(
-    images: Tensor,
-    composite_of: Tensor,
-    cells: Tensor,
-    num_composites: int,
-    ungrouped: Tensor,
-    extra: Optional[Tensor],
-) -> Tensor:
-    """Writes every image once into its cell of its composite, and the ungrouped ones' distractors.
-
-    ``composite_of``, ``cells`` and ``ungrouped`` are CPU tensors; every cell of every composite
-    is written exactly once (a shared composite by its four images, an ungrouped image's by the
-    image and its three distractors), so the grid starts uninitialised. Channels-last images
-    give channels-last composites, as in :func:`~captum_consistency.compose_grid`.
-    """
-    n, c, h, w = images.shape
-    device = images.device
-    channels_last = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    grid = torch.empty((num_composites, c, 2 * h, 2 * w), dtype=images.dtype, device=device, memory_format=fmt)
-    by_cell = grid.view(num_composites, c, 2, h, 2, w).permute(0, 2, 4, 1, 3, 5)  # [:, row, col]
-    where = torch.stack([composite_of, cells // 2, cells % 2]).to(device, non_blocking=True)
-    by_cell[where[0], where[1], where[2]] = images
-    if extra is not None:
-        # The other three cells of an ungrouped image's composite, in increasing order.
-        other = _SLOT_TO_CELL[cells[ungrouped]][:, 1:].flatten()
-        owner = composite_of[ungrouped].repeat_interleave(NUM_DISTRACTORS)
-        where = torch.stack([owner, other // 2, other % 2]).to(device, non_blocking=True)
-        by_cell[where[0], where[1], where[2]] = extra.flatten(0, 1).to(images.dtype)
-    return grid

@@ -1,0 +1,155 @@
+"""The registry's configured method: one call, ``attribute(inputs, target)``, for every library.
+
+:class:`SaliencyMethod` validates the targets, keeps the peer libraries' per-call notices out of
+the way, replaces non-finite maps and upsamples layer maps;
+:func:`~captum_consistency.attr.get_attribution` builds it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from captum._utils.gradient import _forward_layer_eval
+from captum.attr import LayerAttribution
+from torch import Tensor, nn
+
+from captum_consistency._warnings import CaptumConsistencyWarning
+from captum_consistency.attr._layers import _target_tensor
+from captum_consistency.attr._methods import _SPECS
+
+__all__ = ["SaliencyMethod"]
+
+# Messages Captum emits on every call of these methods; they carry no information here.
+_CAPTUM_NOISE = (
+    r"Setting backward hooks on ReLU activations",
+    r"Input Tensor \d+ did not already require gradients",
+    r"Setting forward, backward hooks and attributes on non-linear",
+)
+
+
+@dataclass
+class SaliencyMethod:
+    r"""A configured saliency method with the uniform call ``attribute(inputs, target)``.
+
+    Attributes:
+        name (str): the registry name (e.g. ``"gradcam"``, ``"captum:integrated-gradients"``,
+            ``"pgc:gradcam++"``).
+        arch (str, optional): the architecture family whose defaults were used (``None`` for
+            a model of no known family).
+        model (torch.nn.Module): the model.
+        method: the object that computes the map: ``ContrastiveExcitationBackprop`` or
+            ``FullGrad`` for ``cmwp`` and ``fullgrad``, a
+            :class:`~captum_consistency.attr.CaptumAttribution` around the Captum object
+            (``.method``) for ``gradcam``, ``elementwise-gradcam`` and ``captum:*``, a
+            :class:`~captum_consistency.attr.PytorchGradCamAttribution` for ``pgc:*``.
+        layers (dict[str, str]): the layers it uses, by role.
+        num_classes (int, optional): the classifier's output size, used to validate targets.
+        rule (str): how the attribution is made a non-negative map.
+
+    Examples::
+
+        >>> cmwp = get_attribution("cmwp", torchvision.models.resnet50().eval())
+        >>> cmwp.layers
+        {'layer': 'layer3', 'contrast_layer': 'avgpool', 'classifier_layer': 'fc'}
+        >>> saliency = cmwp(images, target=labels)  # (N, 1, H, W), same as .attribute
+        >>> cmwp(images, target=labels, upsample=False).shape  # (N, 1, 14, 14) at layer3
+    """
+
+    name: str
+    arch: Optional[str]
+    model: nn.Module
+    method: Any
+    layers: Dict[str, str]
+    num_classes: Optional[int]
+    rule: str = ""
+    _prepare: Optional[Callable[[Tensor, Optional[object]], None]] = field(default=None, repr=False)
+    _layer: Optional[nn.Module] = field(default=None, repr=False)  # maps at its resolution
+
+    def attribute(
+        self,
+        inputs: Tensor,
+        target: Union[None, int, Sequence[int], Tensor] = None,
+        additional_forward_args: Optional[object] = None,
+        upsample: bool = True,
+    ) -> Tensor:
+        r"""Non-negative saliency ``(N, 1, H, W)`` of ``target`` for images ``(N, C, H, W)``.
+
+        Maps computed at a layer (Grad-CAM, cMWP, Captum's ``LayerGradCam``) are upsampled
+        bilinearly (``align_corners=False``, Captum's ``LayerAttribution.interpolate``) to the
+        input size; with ``upsample=False`` they keep the layer's resolution, so that a caller
+        that resizes them to another size (the evaluation, to the original image size)
+        interpolates once. A sample whose map holds NaN or infinity (a peer library's failure,
+        e.g. a 0/0 in a normalisation) is returned as an all-zero map, which the metrics skip
+        and count, with a warning.
+
+        Args:
+            inputs (Tensor): ``(N, C, H, W)`` images, normalised as the model expects.
+            target (int, sequence of int or Tensor, optional): class per sample or one for all;
+                ``None``: the predicted class.
+            additional_forward_args (Any, optional): extra arguments for the model (not for
+                the ``pgc:`` methods).
+            upsample (bool): resize layer-resolution maps to the input size.
+
+        Returns:
+            Tensor ``(N, 1, H, W)`` (or the layer's ``h, w``), float32, detached, ``>= 0``;
+            empty maps ``(0, 1, H, W)`` (``(0, 1, h, w)``) for an empty batch.
+
+        Raises:
+            ValueError: a target outside ``[0, num_classes)``, or inputs that are not images.
+        """
+        if not isinstance(inputs, Tensor) or inputs.dim() != 4:
+            raise ValueError(f"inputs must be a tensor (N, C, H, W), got {getattr(inputs, 'shape', inputs)!r}")
+        n = inputs.shape[0]
+        if n == 0:  # several wrapped methods index the first sample
+            size = tuple(inputs.shape[-2:])
+            if not upsample and self._layer is not None:
+                (acts,) = _forward_layer_eval(self.model, inputs, self._layer, additional_forward_args)
+                size = tuple(acts.shape[2:])
+            return torch.zeros((0, 1) + size, device=inputs.device)
+        if target is None and self.name not in ("cmwp", "fullgrad"):
+            # Captum needs explicit targets: explain the predicted class (cmwp and fullgrad
+            # resolve it themselves)
+            with torch.no_grad():
+                target = self.model(inputs, *(_as_tuple(additional_forward_args))).argmax(1)
+        if target is not None:
+            target = _target_tensor(target, n, inputs.device)
+            if self.num_classes is not None:
+                bad = (target < 0) | (target >= self.num_classes)
+                if bool(bad.any()):
+                    raise ValueError(
+                        f"target {target[bad].tolist()} outside the classifier's range "
+                        f"[0, {self.num_classes})"
+                    )
+        if self._prepare is not None:
+            prepare, self._prepare = self._prepare, None
+            prepare(inputs[:1], additional_forward_args)
+        with torch.enable_grad(), warnings.catch_warnings():
+            for message in _CAPTUM_NOISE:
+                warnings.filterwarnings("ignore", message=message)
+            out = self.method.attribute(inputs, target=target, additional_forward_args=additional_forward_args)
+        out = out.detach().float()
+        finite = torch.isfinite(out).flatten(1).all(1)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            warnings.warn(
+                f"{self.name}: {bad} of {n} maps are not finite (NaN or infinity from the "
+                f"{_SPECS[self.name].library} method); they are returned as all-zero maps, which "
+                "the metrics skip and count",
+                CaptumConsistencyWarning,
+                stacklevel=2,
+            )
+            out = torch.where(finite.view(-1, 1, 1, 1), out, torch.zeros((), device=out.device))
+        if upsample and tuple(out.shape[-2:]) != tuple(inputs.shape[-2:]):
+            out = LayerAttribution.interpolate(out, tuple(inputs.shape[-2:]), "bilinear")
+        return out
+
+    __call__ = attribute
+
+
+def _as_tuple(args: Optional[object]) -> Tuple[Any, ...]:
+    if args is None:
+        return ()
+    return args if isinstance(args, tuple) else (args,)
