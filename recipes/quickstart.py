@@ -15,9 +15,11 @@ transfer table of the paper's Tables 3-4) and writes to ``--output-dir``:
 
 * ``results.json``: per variant the means over seeds of every metric, ``spread`` (their
   standard deviation over seeds), ``per_seed`` and ``num_seeds``; ``lambda_sweep``; ``claims``
-  (the paper's claims checked on the means); ``transfer`` (per method, GC against its
-  reference); ``config``, ``machine``, ``elapsed_s`` and ``status``. Rewritten after every
-  trained model, so an interrupted run keeps what it finished.
+  (the paper's claims checked on the means, :func:`~captum_consistency.claims.check_claims`);
+  ``transfer`` (per method, GC against its reference,
+  :func:`~captum_consistency.claims.transfer_comparison`); ``config``, ``machine``,
+  ``elapsed_s`` and ``status``. Rewritten after every trained model, so an interrupted run
+  keeps what it finished.
 * ``report.md``: whether the baseline learned the object, the Table-1 form table
   (:func:`~captum_consistency.report.table1_markdown`), the claims, the transfer table, the
   lambda sweep and the set-up.
@@ -63,6 +65,15 @@ from captum_consistency.engine import (
 from captum_consistency.engine.cli import positive_int, recipe_parser
 from captum_consistency.engine.evaluation import SaliencyExplainer
 from captum_consistency.models import SmallResNet
+from captum_consistency.claims import (
+    LEARNED_TOP1,
+    check_claims,
+    claims_markdown,
+    learned_markdown,
+    sweep_markdown,
+    transfer_comparison,
+    transfer_markdown,
+)
 from captum_consistency.report import markdown_table, percent, summarize_seeds, table1_markdown
 from captum_consistency.viz import gradcam_panel, lambda_sweep_plot
 
@@ -96,8 +107,6 @@ FAST = {
     "figure_images": 2, "width": 8, "transfer_images": 48,
 }
 
-#: The baseline test top-1 below which the report says the object was not learned.
-LEARNED_TOP1 = 0.90
 
 
 def _epsilons(text: str) -> List[float]:
@@ -331,156 +340,6 @@ def _atomic_write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _relative_drop(new: float, ref: float) -> Optional[float]:
-    return (ref - new) / ref if ref > 0 else None
-
-
-def check_claims(summaries: Dict[str, dict]) -> List[Dict[str, Any]]:
-    """The paper's claims for GC, checked on the means over seeds: NQH at least 30% lower than
-    without GC (the paper's ResNet-18: 24.35 -> 7.62), CH and PG not lower, top-1 within 3
-    points (GC vs Baseline, GMP + GC vs GMP)."""
-    claims = []
-    for new, ref in (("gc", "baseline"), ("gmp_gc", "gmp")):
-        if new not in summaries or ref not in summaries:
-            continue
-        a, b = summaries[new], summaries[ref]
-        if any(x.get(k) is None for x in (a, b) for k in ("nqh", "ch", "pg", "top1")):
-            claims.append({"pair": [new, ref], "comparable": False})
-            continue
-        drop = _relative_drop(a["nqh"], b["nqh"])
-        checks = {
-            "nqh_30pct_lower": drop is not None and drop >= 0.30,
-            "ch_not_lower": a["ch"] >= b["ch"],
-            "pg_not_lower": a["pg"] >= b["pg"],
-            "top1_within_3_points": a["top1"] >= b["top1"] - 0.03,
-        }
-        claims.append({"pair": [new, ref], "comparable": True, "nqh_relative_drop": drop,
-                       "checks": checks, "all_hold": all(checks.values())})
-    return claims
-
-
-def _claims_markdown(claims: List[Dict[str, Any]], summaries: Dict[str, dict]) -> List[str]:
-    ok = lambda c: "**yes**" if c else "**no**"  # noqa: E731
-    lines = []
-    for c in claims:
-        new, ref = c["pair"]
-        na, nb = VARIANTS[new][0], VARIANTS[ref][0]
-        if not c["comparable"]:
-            lines.append(f"- {na} vs {nb}: not comparable (a metric is missing: every map all zero?)")
-            continue
-        a, b, k = summaries[new], summaries[ref], c["checks"]
-        drop = c["nqh_relative_drop"]
-        lines.append(
-            f"- {na} vs {nb}: NQH {100 * b['nqh']:.1f} -> {100 * a['nqh']:.1f} "
-            f"({'n/a' if drop is None else f'{100 * drop:.0f}%'} lower; claim >= 30%: "
-            f"{ok(k['nqh_30pct_lower'])}); CH {100 * b['ch']:.1f} -> {100 * a['ch']:.1f} (not "
-            f"lower: {ok(k['ch_not_lower'])}); PG {100 * b['pg']:.1f} -> {100 * a['pg']:.1f} "
-            f"(not lower: {ok(k['pg_not_lower'])}); top-1 {100 * b['top1']:.1f} -> "
-            f"{100 * a['top1']:.1f} (within 3 points: {ok(k['top1_within_3_points'])})")
-        if a.get("cue_gap") is not None and b.get("cue_gap") is not None:
-            lines.append(f"  - cue-consistent minus cue-conflicting top-1: {100 * b['cue_gap']:.1f} -> "
-                         f"{100 * a['cue_gap']:.1f} points; Grad-CAM mass on the cue "
-                         f"{100 * b['cue_mass']:.1f}% -> {100 * a['cue_mass']:.1f}%; conflicting "
-                         f"images classified as their cue's class {100 * b['follows_cue']:.1f}% -> "
-                         f"{100 * a['follows_cue']:.1f}%")
-    return lines
-
-
-#: The library of each registry name's prefix (names without one are this library's).
-_LIBRARIES = {"captum": "Captum", "pgc": "pytorch-grad-cam"}
-
-
-def transfer_comparison(summaries: Dict[str, dict]) -> List[Dict[str, Any]]:
-    """Per transfer method, GC against its reference (GC vs Baseline, GMP + GC vs GMP) on the
-    means over seeds: the relative NQH drop and the CH and PG changes (fractions)."""
-    rows = []
-    for new, ref in (("gc", "baseline"), ("gmp_gc", "gmp")):
-        a, b = summaries.get(new, {}).get("transfer"), summaries.get(ref, {}).get("transfer")
-        if not a or not b:
-            continue
-        for method, rb in b.items():
-            ra = a.get(method) or {}
-            row: Dict[str, Any] = {"pair": [new, ref], "method": method}
-            if any(r.get(k) is None for r in (ra, rb) for k in ("nqh", "ch", "pg")):
-                rows.append(dict(row, comparable=False))
-                continue
-            drop = _relative_drop(ra["nqh"], rb["nqh"])
-            rows.append(dict(row, comparable=True, nqh_relative_drop=drop,
-                             ch_change=ra["ch"] - rb["ch"], pg_change=ra["pg"] - rb["pg"],
-                             nqh_30pct_lower=drop is not None and drop >= 0.30,
-                             ch_not_lower=ra["ch"] >= rb["ch"]))
-    return rows
-
-
-def _transfer_markdown(args, summaries: Dict[str, dict], comparison: List[Dict[str, Any]]) -> List[str]:
-    """The transfer table (the paper's Tables 3-4) and, per pair, where GC helps and where not."""
-    with_rows = [s for s in summaries.values() if s.get("transfer")]
-    if not with_rows:
-        return ["(no finished run yet)"]
-    rows = []
-    for m in with_rows[0]["transfer"]:
-        cells = []
-        for s in with_rows:
-            r = s["transfer"].get(m) or {}
-            cells.append("error" if r.get("error") else
-                         " / ".join(percent(r.get(k)) for k in ("pg", "ch", "nqh")))
-        rows.append([f"`{m}`", _LIBRARIES.get(m.split(":")[0], "captum-consistency"), *cells])
-    headers = ["Method", "Library", *(f"{s['name']}: PG / CH / NQH" for s in with_rows)]
-    lines = markdown_table(headers, rows).splitlines()
-    lines.append("")
-    for new, ref in (("gc", "baseline"), ("gmp_gc", "gmp")):
-        rows = [c for c in comparison if c["pair"] == [new, ref]]
-        if not rows:
-            continue
-        na, nb = VARIANTS[new][0], VARIANTS[ref][0]
-        strong = [c for c in rows if c["comparable"] and c["nqh_30pct_lower"]]
-        weak = [c for c in rows if c["comparable"] and not c["nqh_30pct_lower"]
-                and (c["nqh_relative_drop"] or 0) > 0]
-        none = [c for c in rows if c["comparable"] and (c["nqh_relative_drop"] or 0) <= 0]
-        ch_lower = [c for c in rows if c["comparable"] and not c["ch_not_lower"]]
-        missing = [c for c in rows if not c["comparable"]]
-        name = lambda c: f"`{c['method']}` ({-100 * c['nqh_relative_drop']:+.1f}%)"  # noqa: E731
-        lines.append(f"- {na} vs {nb}, NQH at least 30% lower (the paper's claim for Grad-CAM) "
-                     f"under {len(strong)} of {len(rows)} methods"
-                     + (": " + ", ".join(name(c) for c in strong) if strong else "") + ".")
-        if weak:
-            lines.append("  - lower by less than 30% under: " + ", ".join(name(c) for c in weak) + ".")
-        if none:
-            lines.append("  - **not lower** under: " + ", ".join(name(c) for c in none) + ".")
-        lines.append("  - CH " + ("not lower under any method." if not ch_lower else
-                                  "**lower** under: " + ", ".join(
-                                      f"`{c['method']}` ({100 * c['ch_change']:+.1f} points)"
-                                      for c in ch_lower) + "."))
-        if missing:
-            lines.append("  - not comparable (an error or only all-zero maps): "
-                         + ", ".join(f"`{c['method']}`" for c in missing) + ".")
-    errors = {(s["name"], m): r["error"] for s in with_rows for m, r in s["transfer"].items()
-              if r.get("error")}
-    notes = {(s["name"], w) for s in summaries.values() for r in s["per_seed"]
-             for w in r.get("transfer_warnings") or []}
-    if errors or notes:
-        lines += ["", "What the methods said about these models:", ""]
-        lines += [f"- {name}, `{m}`: error: {e}" for (name, m), e in sorted(errors.items())]
-        lines += [f"- {name}: {w}" for name, w in sorted(notes)]
-    return lines
-
-
-def _learned_markdown(summaries: Dict[str, dict]) -> List[str]:
-    """Whether the models learned the object, stated before any claim is read."""
-    lines = []
-    for v, s in summaries.items():
-        top1 = s.get("top1")
-        if top1 is None:
-            continue
-        worst = min((r["top1"] for r in s["per_seed"] if r.get("top1") is not None), default=top1)
-        verdict = ("learned" if worst >= LEARNED_TOP1 else
-                   f"**not learned** (below {100 * LEARNED_TOP1:.0f}%: the comparison below "
-                   "says little about the method)")
-        lines.append(f"- {s['name']}: test top-1 {100 * top1:.1f}% (worst seed "
-                     f"{100 * worst:.1f}%): {verdict}")
-    return lines
-
-
 def _sweep_points(args, runs: Dict[str, List[dict]], sweep_runs: Dict[float, dict]) -> List[dict]:
     """One point per lambda of the sweep that has finished (seed 0)."""
     points = []
@@ -492,13 +351,6 @@ def _sweep_points(args, runs: Dict[str, List[dict]], sweep_runs: Dict[float, dic
         point.update({k: run_.get(k) for k in ("top1", "pg", "spg_mean", "ch", "nqh", "zero_maps")})
         points.append(point)
     return points
-
-
-def _sweep_markdown(points: List[dict]) -> List[str]:
-    keys = ("top1", "pg", "ch", "nqh", "zero_maps")
-    rows = [[f"{p['lam']:g}", p["source"], *(percent(p[k]) for k in keys)] for p in points]
-    headers = ["lambda", "trained as", "Top-1 (%)", "PG", "CH (%)", "NQH (%)", "Zero maps (%)"]
-    return markdown_table(headers, rows).splitlines()
 
 
 def machine_info(args) -> Dict[str, Any]:
@@ -559,7 +411,7 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
         "",
         f"Checked before any claim is read (threshold: {100 * LEARNED_TOP1:.0f}% test top-1):",
         "",
-        *(_learned_markdown(summaries) or ["- (no finished run yet)"]),
+        *(learned_markdown(summaries) or ["- (no finished run yet)"]),
         "",
         "## Table 1 (test split)",
         "",
@@ -578,7 +430,7 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
         "",
         "## The paper's claims on these numbers",
         "",
-        *(_claims_markdown(claims, summaries) or ["- (not enough variants finished to compare)"]),
+        *(claims_markdown(claims, summaries) or ["- (not enough variants finished to compare)"]),
         "",
     ]
     if args.transfer != "none":
@@ -593,14 +445,14 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
             "non-negative by its library's rule (docs: Attribution methods); maps that come "
             "out all zero or NaN are skipped, not averaged in (their count is in results.json).",
             "",
-            *_transfer_markdown(args, summaries, comparison),
+            *transfer_markdown(summaries, comparison),
             "",
         ]
     if args.lambda_sweep:
         lines += ["## Lambda sweep (seed 0)", "",
                   "lambda = 0 is the baseline's seed-0 run and lambda = --lam the GC run's; "
                   "the others are GC runs trained for the sweep.", "",
-                  *(_sweep_markdown(points) if points else ["(no point finished yet)"]), ""]
+                  *(sweep_markdown(points) if points else ["(no point finished yet)"]), ""]
         if plot:
             lines += [f"![NQH, CH and top-1 against lambda]({os.path.basename(plot)})", ""]
     if cue:
@@ -611,16 +463,11 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
         lines += [
             "## What GC can act on in this data",
             "",
-            "The GC loss compares the class's element-wise Grad-CAM on an image with its map on a "
-            "2x2 composite and penalises mass in the three distractor cells only. The context cue "
-            "lies next to the object, inside the same cell: a model that reads the cue gives the "
-            "same map on the image and in its cell, so the loss has no term against using the "
-            "adjacent cue. Its handle on the cue is a distractor that carries the class's cue "
-            f"(its own cue or a stray one): about {100 * p_train:.0f}% of training distractors "
-            f"({100 * (1 - (1 - p_train) ** 3):.0f}% of training composites) against about "
-            f"{100 * p_test:.0f}% of test distractors ({100 * (1 - (1 - p_test) ** 3):.0f}% of "
-            "test composites), where the cue is independent of the class; a cue-reliant model "
-            "puts class evidence on those test distractors, which NQH counts.",
+            "Eq. 5 penalises map mass in the three distractor cells only, and the cue lies in "
+            "the object's own cell (docs/results.md, \"What GC does not fix\"). Distractors "
+            f"that carry the class's cue: about {100 * p_train:.0f}% in training "
+            f"({100 * (1 - (1 - p_train) ** 3):.0f}% of composites), about {100 * p_test:.0f}% "
+            f"in test ({100 * (1 - (1 - p_test) ** 3):.0f}% of composites).",
             "",
         ]
     if figure:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from captum_consistency.claims import claims_markdown, sweep_markdown, transfer_markdown
 from captum_consistency.report import table1_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,14 +34,17 @@ def test_the_page_shows_the_runs_table1_and_claims(name):
     table = table1_markdown({s["name"]: s for s in summaries.values()}, model="ResNet",
                             cue=results["config"]["cue_prob"] > 0)
     assert table.strip() in PAGE, f"docs/results.md does not show the Table 1 of {name}"
-    for line in quickstart._claims_markdown(results["claims"], summaries):
+    for line in claims_markdown(results["claims"], summaries):
         assert line in PAGE, f"docs/results.md does not state the claim of {name}: {line}"
+    if results.get("transfer"):  # runs measured since the transfer table exists
+        for line in transfer_markdown(summaries, results["transfer"]):
+            assert line in PAGE, f"docs/results.md does not show the transfer table of {name}: {line}"
 
 
 def test_the_page_shows_the_default_runs_sweep_and_set_up():
     results = _load("results.json")
     assert results["benchmark"] == "shapes" and results["config"]["seeds"] >= 3
-    sweep = "\n".join(quickstart._sweep_markdown(results["lambda_sweep"]))
+    sweep = "\n".join(sweep_markdown(results["lambda_sweep"]))
     assert sweep in PAGE
     minutes = f"{results['elapsed_s'] / 60:.1f} min"
     assert minutes in PAGE, f"the page must state the measured time ({minutes})"
@@ -54,7 +58,8 @@ def test_the_default_run_is_the_recipes_default_configuration():
     defaults = vars(quickstart.parse_args(["--output-dir", "x"]))
     for key in ("benchmark", "variants", "lambda_sweep", "cue_prob", "stray_cue_prob",
                 "object_size", "width", "epochs", "composites", "lam", "seeds", "train_size",
-                "test_size", "batch_size", "lr", "classes", "image_size", "layer"):
+                "test_size", "batch_size", "lr", "classes", "image_size", "layer", "transfer",
+                "transfer_images"):
         shipped = results["config"][key]
         default = defaults[key]
         if isinstance(default, tuple):

@@ -48,7 +48,9 @@ from captum_consistency.attr._registry import METHODS, canonical_name, uses_cam_
 from captum_consistency.builders import gradcam_layer, unwrap_model
 from captum_consistency.composition import compose_grid, random_cells
 from captum_consistency.engine.distributed import all_reduce_sum, is_main_process
-from captum_consistency.engine.training import _Meter, as_train_batch, autocast
+from captum_consistency.data import sample_present_classes
+from captum_consistency.engine.batches import as_train_batch
+from captum_consistency.metrics import ClassificationMeter
 from captum_consistency.metrics import InterpretationMetrics, boxes_to_mask
 
 __all__ = [
@@ -131,7 +133,7 @@ class SaliencyExplainer:
         rounds = torch.arange(p, device=image_index.device) - first
         num_rounds = int(rounds.max()) + 1
         with torch.enable_grad(), LayerRecorder(self.layer) as recorder:
-            with autocast(images.device, self.amp):
+            with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 logits = self.model(images)
             acts = recorder.pop()
             maps: Optional[Tensor] = None
@@ -308,7 +310,7 @@ def evaluate_interpretations(
             maps = F.interpolate(maps, size=pairs.size, mode="bilinear", align_corners=False)
             metrics.update(maps.clamp_(min=0), pairs.masks, pairs.classes)
 
-    meter = _Meter(device, num_classes, multilabel)
+    meter = ClassificationMeter(torch.device(device), num_classes, multilabel)
     if crop_loader is not None:
         for raw in tqdm(crop_loader, desc="accuracy/NQH", disable=not show, leave=False):
             batch = as_train_batch(raw)
@@ -318,16 +320,14 @@ def evaluate_interpretations(
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             images = batch.images.to(device, non_blocking=True, memory_format=fmt)
             targets = batch.targets.to(device, non_blocking=True)
-            with autocast(device, amp):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(images)
-            meter.update(logits.float(), targets, ())
+            meter.update(logits.float(), targets)
             if make_distractors is None:
                 continue
             n = images.shape[0]
             if multilabel:
-                from captum_consistency.engine.training import sample_positive_class
-
-                gc_targets = sample_positive_class(targets, generator)
+                gc_targets = sample_present_classes(targets, generator)
             else:
                 gc_targets = targets
             keep = None

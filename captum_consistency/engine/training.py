@@ -20,7 +20,6 @@ schedule is passed to :func:`train_one_epoch` as ``lr_scheduler``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from captum_consistency.engine.distributed import (
     get_world_size,
     is_main_process,
 )
+from captum_consistency.losses.classification import ScaledBCEWithLogitsLoss  # noqa: F401  (exported here too)
 from captum_consistency.metrics import ClassificationMeter
 
 __all__ = [
@@ -119,10 +119,6 @@ def default_schedule(data: str, arch: str) -> Schedule:
             milestones=[30, 60], gamma=0.1, gc_lambda=25.0, cls_weight=1.0, batch_size=256,
         )
     raise ValueError(f"data must be 'imagenet', 'coco' or 'synthetic', got {data!r}")
-
-
-# The loss lives with the other losses; imported here so that engine.training keeps exporting it.
-from captum_consistency.losses.classification import ScaledBCEWithLogitsLoss  # noqa: E402
 
 
 def sample_positive_class(targets: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -386,19 +382,3 @@ def train_one_epoch(
     if shared:
         result["ungrouped"] = int(all_reduce_sum(torch.tensor([ungrouped], device=device))[0])
     return result
-
-
-# engine/evaluation.py imports the two names below from here; once it calls torch.autocast
-# and imports ClassificationMeter from captum_consistency.metrics, they go.
-def autocast(device: torch.device, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-
-
-class _Meter(ClassificationMeter):
-    def __init__(self, device: torch.device, num_classes: Optional[int], multilabel: bool):
-        super().__init__(device, num_classes, multilabel)
-
-    def update(self, logits: Tensor, targets: Tensor, losses=()) -> None:
-        super().update(logits, targets, *losses)

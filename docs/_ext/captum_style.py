@@ -36,6 +36,7 @@ DOCUMENTED_MODULES = (
     "captum_consistency.builders",
     "captum_consistency.models",
     "captum_consistency.report",
+    "captum_consistency.claims",
     "captum_consistency.viz",
 )
 
