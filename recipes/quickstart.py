@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from captum_consistency import GradCamConsistencyLoss, compose_grid, to_global_max_pool
+from captum_consistency import GradCamConsistencyLoss, cell_rows_cols, compose_grid, to_global_max_pool
 from captum_consistency.data import (
     SHAPES,
     DatasetDistractorSampler,
@@ -554,7 +554,8 @@ def _figure_rows(args, test: SpuriousContextShapes) -> Tuple[np.ndarray, Tensor,
     rgb = compose_grid(rgb_single, rgb_dis, cells=cell_t).permute(0, 2, 3, 1).numpy()
     size = args.image_size
     boxes = torch.stack([test.sample(j).box for j in rows])
-    offset = torch.stack([(cell_t % 2) * size, (cell_t // 2) * size] * 2, dim=1)
+    row, col = cell_rows_cols(cell_t)
+    offset = torch.stack([col * size, row * size] * 2, dim=1)  # (x0, y0, x1, y1) of the cell
     titles = [f"{test.classes[labels[j]]}, cell {k}" for j, k in zip(rows, cells)]
     return rgb, composite, torch.tensor([labels[j] for j in rows]), boxes + offset, titles, None
 
