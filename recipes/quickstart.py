@@ -42,12 +42,11 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from captum_consistency import GradCamConsistencyLoss, cell_rows_cols, compose_grid, to_global_max_pool
+from captum_consistency import GradCamConsistencyLoss, to_global_max_pool
 from captum_consistency.data import (
     SHAPES,
     DatasetDistractorSampler,
@@ -59,6 +58,7 @@ from captum_consistency.data.synthetic import MIN_IMAGE_SIZE
 from captum_consistency.engine import (
     TRANSFER_METHODS,
     evaluate_on_shapes,
+    figure_inputs,
     rank_seed,
     train_one_epoch,
 )
@@ -510,74 +510,24 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
     return results
 
 
-def _figure_rows(args, test: SpuriousContextShapes) -> Tuple[np.ndarray, Tensor, Tensor, Tensor, List[str], Optional[Tensor]]:
-    """The figure's inputs: ``(rgb (N, H, W, 3), normalised images (N, 3, H, W), classes (N,),
-    object boxes (N, 4), captions, cue boxes or None)``. On a benchmark with a cue, single
-    test images (cue-conflicting and cue-consistent alternating); otherwise 2x2 composites of
-    test images, the explained image in cell ``i % 4`` with the next three test images of
-    other classes."""
-    count = min(args.figure_images, len(test))
-    if args.cue_prob > 0:
-        conflicting = test.conflicting_indices().tolist()
-        consistent = test.consistent_indices().tolist()
-        with_cue = set(conflicting) | set(consistent)
-        others = [i for i in range(len(test)) if i not in with_cue]
-        picks: List[int] = []
-        while len(picks) < count:
-            pools = [q for q in ((conflicting, consistent) if len(picks) % 2 == 0
-                                 else (consistent, conflicting)) + (others,) if q]
-            picks.append(pools[0].pop(0))
-        samples = [test.sample(i) for i in picks]
-        rgb = np.stack([test.rgb(i) for i in picks])
-        titles = [f"{test.classes[s.label]} / "
-                  f"{test.classes[s.cue_label] if s.cue_label >= 0 else 'no cue'}" for s in samples]
-        return (rgb, torch.stack([s.image for s in samples]), torch.tensor([s.label for s in samples]),
-                torch.stack([s.box for s in samples]), titles,
-                torch.stack([s.cue_box for s in samples]))
-    labels = test.targets
-    rows, cells, others = [], [], []
-    for i in range(count):
-        rows.append(i)
-        cells.append(i % 4)
-        others.append([j for j in range(count, len(test)) if labels[j] != labels[i]][i:i + 3])
-    if any(len(o) < 3 for o in others):
-        return None
-    def stack(idx):  # noqa: E306
-        return torch.stack([test[j][0] for j in idx])
-    images = stack(rows)
-    distractors = torch.stack([stack(o) for o in others])
-    cell_t = torch.tensor(cells)
-    composite = compose_grid(images, distractors, cells=cell_t)
-    rgb_single = torch.from_numpy(np.stack([test.rgb(j) for j in rows])).permute(0, 3, 1, 2)
-    rgb_dis = torch.stack([torch.from_numpy(np.stack([test.rgb(j) for j in o])).permute(0, 3, 1, 2)
-                           for o in others])
-    rgb = compose_grid(rgb_single, rgb_dis, cells=cell_t).permute(0, 2, 3, 1).numpy()
-    size = args.image_size
-    boxes = torch.stack([test.sample(j).box for j in rows])
-    row, col = cell_rows_cols(cell_t)
-    offset = torch.stack([col * size, row * size] * 2, dim=1)  # (x0, y0, x1, y1) of the cell
-    titles = [f"{test.classes[labels[j]]}, cell {k}" for j, k in zip(rows, cells)]
-    return rgb, composite, torch.tensor([labels[j] for j in rows]), boxes + offset, titles, None
-
-
 def make_figure(args, models: Dict[str, torch.nn.Module], test: SpuriousContextShapes,
                 out_dir: str, device) -> Optional[str]:
     """gradcam.png: the same test inputs, element-wise Grad-CAM of every variant."""
     if not models:
         return None
-    rows = _figure_rows(args, test)
-    if rows is None:  # too few test images of other classes for a composite
+    inputs = figure_inputs(test, args.figure_images)
+    if inputs is None:  # too few test images of other classes for a composite
         return None
-    rgb, images, labels, boxes, titles, cue_boxes = rows
-    images, labels = images.to(device), labels.to(device)
+    images, labels = inputs.images.to(device), inputs.classes.to(device)
     maps = {}
     for v, model in models.items():
         explainer = SaliencyExplainer(model, "elementwise-gradcam", layer=getattr(model, args.layer))
         with torch.no_grad():
             maps[VARIANTS[v][0]] = explainer(images, torch.arange(len(labels), device=device), labels)
-    tile = 4 * rgb.shape[1] if args.cue_prob > 0 else 2 * rgb.shape[1]
-    panel = gradcam_panel(rgb, maps, titles=titles, tile=tile, object_boxes=boxes,
-                          cue_boxes=cue_boxes)
+    side = inputs.rgb.shape[1]
+    tile = 4 * side if inputs.cue_boxes is not None else 2 * side
+    panel = gradcam_panel(inputs.rgb, maps, titles=inputs.titles, tile=tile,
+                          object_boxes=inputs.boxes, cue_boxes=inputs.cue_boxes)
     path = os.path.join(out_dir, "gradcam.png")
     panel.save(path)
     return path

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from captum_consistency.data import SpuriousContextShapes
 from captum_consistency.engine.evaluation import SaliencyExplainer
-from captum_consistency.engine.shapes_benchmark import cue_statistics, evaluate_on_shapes
+from captum_consistency.engine.shapes_benchmark import cue_statistics, evaluate_on_shapes, figure_inputs
 from captum_consistency.metrics import content_heatmap
 from captum_consistency.models import SmallResNet
 
@@ -53,3 +53,33 @@ def test_evaluate_on_shapes_keys_and_ranges():
                             "zero_maps", "zero_maps_composite", "fgsm"} | cue_keys
         assert list(out["fgsm"]) == ["0", "2"] and out["fgsm"]["0"] == out["top1"]
         assert all(0.0 <= out[k] <= 1.0 for k in ("top1", "zero_maps", "zero_maps_composite"))
+
+
+def test_figure_inputs_put_each_object_box_in_its_cell():
+    test = SpuriousContextShapes("test", num_classes=4, image_size=32, length=40, cue_prob=0.0,
+                                 stray_cue_prob=0.0, object_size=(0.2, 0.3), seed=0)
+    inputs = figure_inputs(test, 6)
+    assert inputs.images.shape == (6, 3, 64, 64) and inputs.rgb.shape == (6, 64, 64, 3)
+    assert inputs.cue_boxes is None and inputs.classes.tolist() == list(test.targets[:6])
+    for i in range(6):
+        k = i % 4  # image i sits in cell i % 4 (k = 2 * row + col)
+        row, col = divmod(k, 2)
+        x0, y0, x1, y1 = inputs.boxes[i].tolist()
+        assert col * 32 <= x0 <= x1 <= (col + 1) * 32 and row * 32 <= y0 <= y1 <= (row + 1) * 32
+        # the cell shows image i itself
+        assert (inputs.rgb[i, row * 32:(row + 1) * 32, col * 32:(col + 1) * 32] == test.rgb(i)).all()
+        assert f"cell {k}" in inputs.titles[i]
+
+
+def test_figure_inputs_with_a_cue_alternate_conflicting_and_consistent_images():
+    test = SpuriousContextShapes("test", num_classes=4, image_size=32, length=40, seed=0)
+    inputs = figure_inputs(test, 4)
+    assert inputs.images.shape == (4, 3, 32, 32) and inputs.cue_boxes.shape == (4, 4)
+    conflicting = set(test.conflicting_indices().tolist())
+    classes, cues = [], []
+    for title in inputs.titles:
+        obj, cue = title.split(" / ")
+        classes.append(obj)
+        cues.append(cue)
+    assert classes[0] != cues[0] and classes[1] == cues[1]  # conflicting first, then consistent
+    assert len(conflicting) > 0

@@ -42,7 +42,12 @@ from captum_consistency.engine.training import (
     sample_positive_class,
     train_one_epoch,
 )
-from captum_consistency.engine.shapes_benchmark import cue_statistics, evaluate_on_shapes
+from captum_consistency.engine.shapes_benchmark import (
+    FigureInputs,
+    cue_statistics,
+    evaluate_on_shapes,
+    figure_inputs,
+)
 from captum_consistency.engine.transfer import TRANSFER_METHODS, evaluate_transfer
 
 # Kept importable from here (their home is captum_consistency.metrics); not listed below.
@@ -66,6 +71,8 @@ __all__ = [
     "TRANSFER_METHODS",
     # the procedural shapes benchmark (recipes/quickstart.py)
     "evaluate_on_shapes",
+    "figure_inputs",
+    "FigureInputs",
     "cue_statistics",
     # checkpoints
     "CHECKPOINT_FORMAT",

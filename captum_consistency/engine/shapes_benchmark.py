@@ -9,7 +9,9 @@ the share of all-zero maps; :func:`cue_statistics` measures how much a model rel
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -17,14 +19,31 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from captum_consistency._warnings import CaptumConsistencyWarning
-from captum_consistency.data import DatasetDistractorSampler, DistractorFallback, gather_distractors
+from captum_consistency.composition import cell_rows_cols, compose_grid
+from captum_consistency.data import (
+    DatasetDistractorSampler,
+    DistractorFallback,
+    SpuriousContextShapes,
+    gather_distractors,
+)
 from captum_consistency.engine.distributed import rank_seed
 from captum_consistency.engine.evaluation import SaliencyExplainer, evaluate_interpretations
 from captum_consistency.engine.transfer import evaluate_transfer
 from captum_consistency.metrics import content_heatmap
 from captum_consistency.robust import fgsm_accuracy
 
-__all__ = ["cue_statistics", "evaluate_on_shapes"]
+__all__ = ["cue_statistics", "evaluate_on_shapes", "figure_inputs", "FigureInputs"]
+
+
+class FigureInputs(NamedTuple):
+    """What :func:`figure_inputs` returns for :func:`captum_consistency.viz.gradcam_panel`."""
+
+    rgb: np.ndarray  #: ``(N, H, W, 3)`` uint8 images as shown
+    images: Tensor  #: ``(N, 3, H, W)`` normalised model inputs
+    classes: Tensor  #: ``(N,)`` the class explained in each row
+    boxes: Tensor  #: ``(N, 4)`` object boxes ``(x0, y0, x1, y1)`` in ``rgb`` coordinates
+    titles: List[str]  #: row captions
+    cue_boxes: Optional[Tensor]  #: ``(N, 4)`` context-cue boxes, or ``None`` (no cue)
 
 
 def _rate(hits: Tensor, among: Tensor) -> Optional[float]:
@@ -178,3 +197,66 @@ def evaluate_on_shapes(
                        for name, row in rows.items()}
     out["transfer_time_s"] = {name: row.get("time_s") for name, row in rows.items()}
     return out
+
+
+def figure_inputs(test: SpuriousContextShapes, count: int) -> Optional[FigureInputs]:
+    """The inputs of the quickstart's Figure-2-style panel
+    (:func:`captum_consistency.viz.gradcam_panel`) from a test set.
+
+    With a context cue (``test.cue_prob > 0``): single test images, cue-conflicting and
+    cue-consistent alternating, with their object and cue boxes. Without: 2x2 composites of
+    test images, the explained image ``i`` in cell ``i % 4`` beside the next three test images
+    of other classes, with its object's box in composite coordinates.
+
+    Args:
+        test (SpuriousContextShapes): the test set.
+        count (int): rows of the panel (at most ``len(test)``).
+
+    Returns:
+        FigureInputs, or ``None`` when the test set has too few images of other classes to
+        fill the composites.
+    """
+    count = min(count, len(test))
+    if test.cue_prob > 0:
+        conflicting = test.conflicting_indices().tolist()
+        consistent = test.consistent_indices().tolist()
+        with_cue = set(conflicting) | set(consistent)
+        others = [i for i in range(len(test)) if i not in with_cue]
+        picks: List[int] = []
+        while len(picks) < count:
+            pools = [q for q in ((conflicting, consistent) if len(picks) % 2 == 0
+                                 else (consistent, conflicting)) + (others,) if q]
+            picks.append(pools[0].pop(0))
+        samples = [test.sample(i) for i in picks]
+        rgb = np.stack([test.rgb(i) for i in picks])
+        titles = [f"{test.classes[s.label]} / "
+                  f"{test.classes[s.cue_label] if s.cue_label >= 0 else 'no cue'}" for s in samples]
+        return FigureInputs(rgb, torch.stack([s.image for s in samples]),
+                            torch.tensor([s.label for s in samples]),
+                            torch.stack([s.box for s in samples]), titles,
+                            torch.stack([s.cue_box for s in samples]))
+    labels = test.targets
+    rows, cells, others = [], [], []
+    for i in range(count):
+        rows.append(i)
+        cells.append(i % 4)
+        others.append([j for j in range(count, len(test)) if labels[j] != labels[i]][i:i + 3])
+    if any(len(o) < 3 for o in others):
+        return None
+    def stack(idx):  # noqa: E306
+        return torch.stack([test[j][0] for j in idx])
+    images = stack(rows)
+    distractors = torch.stack([stack(o) for o in others])
+    cell_t = torch.tensor(cells)
+    composite = compose_grid(images, distractors, cells=cell_t)
+    rgb_single = torch.from_numpy(np.stack([test.rgb(j) for j in rows])).permute(0, 3, 1, 2)
+    rgb_dis = torch.stack([torch.from_numpy(np.stack([test.rgb(j) for j in o])).permute(0, 3, 1, 2)
+                           for o in others])
+    rgb = compose_grid(rgb_single, rgb_dis, cells=cell_t).permute(0, 2, 3, 1).numpy()
+    size = test.image_size
+    boxes = torch.stack([test.sample(j).box for j in rows])
+    row, col = cell_rows_cols(cell_t)
+    offset = torch.stack([col * size, row * size] * 2, dim=1)  # (x0, y0, x1, y1) of the cell
+    titles = [f"{test.classes[labels[j]]}, cell {k}" for j, k in zip(rows, cells)]
+    return FigureInputs(rgb, composite, torch.tensor([labels[j] for j in rows]), boxes + offset,
+                        titles, None)
