@@ -32,7 +32,6 @@ page, the block and its line; tracebacks point at the page's lines.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
@@ -41,6 +40,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+from tests._recipes import load_recipe
 
 __all__ = [
     "Block",
@@ -281,13 +281,8 @@ def recipe_commands(code: str) -> List[Tuple[str, List[str]]]:
 
 
 def _load_recipe_parser(root: Path, name: str):
-    path = Path(root) / "recipes" / f"{name}.py"
-    if not path.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location(f"_docs_recipe_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_args_parser()
+    module = load_recipe(name, root, prefix="_docs_recipe")
+    return None if module is None else module.get_args_parser()
 
 
 def check_recipe_options(root: Path, block: Block) -> List[str]:

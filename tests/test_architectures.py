@@ -8,6 +8,7 @@ from torch import nn
 
 from captum_consistency import GradCamConsistencyLoss, to_global_max_pool
 from captum_consistency.builders import build_model, gradcam_layer, gradcam_layer_name
+from tests._recipes import load_recipe
 
 
 @pytest.mark.parametrize("arch", ["convnext_tiny", "efficientnet_b0", "mobilenet_v3_small",
@@ -92,18 +93,10 @@ def test_densenet_layer_is_before_the_in_place_relu():
 
 
 def test_recipes_accept_the_architectures_and_every_method():
-    import importlib.util
-    from pathlib import Path
-
     from captum_consistency.attr import available_attributions
 
-    root = Path(__file__).resolve().parents[1]
-
     def load(name):
-        spec = importlib.util.spec_from_file_location(f"_recipe_{name}", root / "recipes" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return load_recipe(name, prefix="_recipe_arch")
 
     train = load("train").get_args_parser()
     for arch in ("convnext_tiny", "efficientnet_b0", "mobilenet_v3_large", "densenet121",

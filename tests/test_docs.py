@@ -96,17 +96,6 @@ def _data_roots(page: Page, tmp_path: Path) -> dict:
     return roots
 
 
-@pytest.fixture
-def one_thread():
-    # one intra-op thread per pytest-xdist worker: two workers share two cores
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("rel", PYTHON_PAGES)
 def test_python_blocks(rel, tmp_path, monkeypatch, one_thread):
     page = parse_page(ROOT / rel, ROOT)

@@ -6,7 +6,6 @@ in-process through their ``main(args)`` (as torchvision's references allow), exc
 that is killed with SIGKILL and the torchrun run, which are real subprocesses.
 """
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,41 +20,16 @@ import torch
 
 from captum_consistency import SkippedImageWarning
 from tests._fixtures_data import corrupt_file, make_coco_folder, make_imagenet_folder
+from tests._recipes import load_recipe, run_recipe, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 SIZE = "64"  # --image-size: composites are 128 x 128
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_recipe_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load("train")
-evaluate = _load("evaluate")
-robustness = _load("robustness")
-
-
-def _run(module, argv):
-    return module.main(module.get_args_parser().parse_args([str(a) for a in argv]))
-
-
-@pytest.fixture
-def one_thread():
-    # Bit-reproducible CPU kernels between this process and the subprocesses (1 thread each).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    env.pop("WORLD_SIZE", None)
-    return env
+train = load_recipe("train")
+evaluate = load_recipe("evaluate")
+robustness = load_recipe("robustness")
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +97,7 @@ def test_help_of_every_recipe():
     assert "--gc-lambda" in train.get_args_parser().format_help()
     assert "--method" in evaluate.get_args_parser().format_help()
     out = subprocess.run([sys.executable, str(RECIPES / "train.py"), "--help"], capture_output=True,
-                         text=True, env=_env(), timeout=120)
+                         text=True, env=subprocess_env(), timeout=120)
     assert out.returncode == 0 and "--distractors" in out.stdout
 
 
@@ -134,7 +108,7 @@ def test_imagenet_train_kill_resume_evaluate_robustness(imagenet, tmp_path, one_
 
     # 1. A real process, SIGKILLed while it trains its second epoch.
     proc = subprocess.Popen([sys.executable, str(RECIPES / "train.py"),
-                             *map(str, _inet_train_args(fx, killed, 4))], env=_env(),
+                             *map(str, _inet_train_args(fx, killed, 4))], env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
@@ -147,16 +121,16 @@ def test_imagenet_train_kill_resume_evaluate_robustness(imagenet, tmp_path, one_
 
     # Without --resume the recipe refuses to overwrite the checkpoint.
     with pytest.raises(FileExistsError, match="--resume"):
-        _run(train, _inet_train_args(fx, killed, 4))
+        run_recipe(train, _inet_train_args(fx, killed, 4))
     # A checkpoint of another architecture: a clear error naming the file.
     with pytest.raises(ValueError, match=r"checkpoint\.pth.*'resnet18'.*'resnet50'"):
-        _run(train, _inet_train_args(fx, tmp_path / "other", 4, "--arch", "resnet50",
+        run_recipe(train, _inet_train_args(fx, tmp_path / "other", 4, "--arch", "resnet50",
                                      "--resume", ckpt))
 
     # 2. Resume to the end, and an uninterrupted run with the same seed: identical weights.
-    record = _run(train, _inet_train_args(fx, killed, 4, "--resume", ckpt))
+    record = run_recipe(train, _inet_train_args(fx, killed, 4, "--resume", ckpt))
     assert record["epoch"] == 4
-    _run(train, _inet_train_args(fx, reference, 4))
+    run_recipe(train, _inet_train_args(fx, reference, 4))
     resumed = torch.load(ckpt, weights_only=True)
     straight = torch.load(reference / "checkpoint.pth", weights_only=True)
     assert resumed["epoch"] == straight["epoch"] == 4
@@ -170,7 +144,7 @@ def test_imagenet_train_kill_resume_evaluate_robustness(imagenet, tmp_path, one_
     assert events, "no TensorBoard event file"
 
     # 3. Evaluate: every key of the issue, consistent values, a Table 1 row.
-    metrics = _run(evaluate, ["--checkpoint", ckpt, "--boxes", fx.boxes_dirs["val"], "--device", "cpu",
+    metrics = run_recipe(evaluate, ["--checkpoint", ckpt, "--boxes", fx.boxes_dirs["val"], "--device", "cpu",
                               "--workers", "0", "--batch-size", "4", "--output-dir", tmp_path / "eval",
                               "--no-progress"])
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -193,7 +167,7 @@ def test_imagenet_train_kill_resume_evaluate_robustness(imagenet, tmp_path, one_
     assert table[2].startswith("| ResNet18 GC (elementwise-gradcam) | ")
     assert f"{100 * saved['pg']:.2f}" in table[2] and "±" in table[2]
     # Batch norm was folded into the convolutions (the default); unfolded, the numbers agree.
-    unfolded = _run(evaluate, ["--checkpoint", ckpt, "--boxes", fx.boxes_dirs["val"], "--device", "cpu",
+    unfolded = run_recipe(evaluate, ["--checkpoint", ckpt, "--boxes", fx.boxes_dirs["val"], "--device", "cpu",
                                "--workers", "0", "--batch-size", "4", "--output-dir", tmp_path / "eval-bn",
                                "--no-progress", "--no-fold-bn", "--no-nqh"])
     for key in ("top1", "pg", "spg_mean", "spg_std", "num_images"):
@@ -201,7 +175,7 @@ def test_imagenet_train_kill_resume_evaluate_robustness(imagenet, tmp_path, one_
     assert unfolded["ch"] == pytest.approx(metrics["ch"], abs=1e-6)
 
     # 4. Robustness (Table 6): accuracy under FGSM for the paper's epsilons.
-    rob = _run(robustness, ["--checkpoint", ckpt, "--device", "cpu", "--workers", "0",
+    rob = run_recipe(robustness, ["--checkpoint", ckpt, "--device", "cpu", "--workers", "0",
                             "--output-dir", tmp_path / "fgsm", "--no-progress"])
     saved = json.loads((tmp_path / "fgsm" / "robustness.json").read_text())
     assert list(saved["accuracy"]) == ["1", "2", "8", "16", "32", "64"]
@@ -219,7 +193,7 @@ def test_imagenet_evaluation_skips_or_names_bad_files(imagenet, tmp_path, one_th
     root = tmp_path / "copy"
     shutil.copytree(fx.root, root)
     out = tmp_path / "run"
-    _run(train, _inet_train_args(fx, out, 1, "--gc-lambda", "0", "--gmp", "--no-val"))
+    run_recipe(train, _inet_train_args(fx, out, 1, "--gc-lambda", "0", "--gmp", "--no-val"))
     ckpt = out / "checkpoint.pth"
     assert torch.load(ckpt, weights_only=True)["gmp"] is True
     boxes = root / "boxes" / "val"
@@ -230,11 +204,11 @@ def test_imagenet_evaluation_skips_or_names_bad_files(imagenet, tmp_path, one_th
     args = ["--checkpoint", ckpt, "--data-root", root, "--boxes", boxes, "--device", "cpu",
             "--workers", "0", "--batch-size", "4", "--no-progress", "--output-dir", tmp_path / "e"]
     with pytest.raises(FileNotFoundError, match=xml.stem):
-        _run(evaluate, args)
+        run_recipe(evaluate, args)
     with pytest.raises(OSError, match=jpeg.name + ".*--skip-corrupt"):
-        _run(evaluate, args + ["--skip-missing-boxes"])
+        run_recipe(evaluate, args + ["--skip-missing-boxes"])
     with pytest.warns(SkippedImageWarning, match=jpeg.name):
-        metrics = _run(evaluate, args + ["--skip-missing-boxes", "--skip-corrupt", "--method", "gradcam"])
+        metrics = run_recipe(evaluate, args + ["--skip-missing-boxes", "--skip-corrupt", "--method", "gradcam"])
     detail = metrics["skipped_detail"]
     assert detail["images_dropped_by_dataset"] == 1  # the image without its XML
     assert detail["images_dropped_in_loading"] == 2  # the corrupt JPEG, in both passes
@@ -250,7 +224,7 @@ def test_coco_train_evaluate_with_dataset_distractors(tmp_path, one_thread):
     make_coco_folder(root, split="train2017", num_images=10, seed=1)
     val = make_coco_folder(root, split="val2017", num_images=6, seed=2)
     out = tmp_path / "run"
-    record = _run(train, ["--data", "coco", "--data-root", root, "--train-split", "train2017",
+    record = run_recipe(train, ["--data", "coco", "--data-root", root, "--train-split", "train2017",
                           "--val-split", "val2017", "--arch", "resnet18", "--image-size", SIZE,
                           "--epochs", "1", "--batch-size", "3", "--device", "cpu", "--workers", "0",
                           "--distractors", "dataset", "--output-dir", out, "--no-progress"])
@@ -258,7 +232,7 @@ def test_coco_train_evaluate_with_dataset_distractors(tmp_path, one_thread):
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["classes"] == ["person", "car", "dog"] and ckpt["multilabel"] is True
     assert ckpt["args"]["gc_lambda"] is None  # the paper's COCO lambda (1) was used
-    metrics = _run(evaluate, ["--checkpoint", out / "checkpoint.pth", "--split", "val2017",
+    metrics = run_recipe(evaluate, ["--checkpoint", out / "checkpoint.pth", "--split", "val2017",
                               "--device", "cpu", "--workers", "0", "--batch-size", "2",
                               "--output-dir", tmp_path / "eval", "--no-progress"])
     for key in ("f1_per_class", "f1_overall", "pg", "spg_mean", "spg_std", "ch", "nqh", "skipped"):
@@ -270,7 +244,7 @@ def test_coco_train_evaluate_with_dataset_distractors(tmp_path, one_thread):
     table = (tmp_path / "eval" / "table.md").read_text().splitlines()
     assert table[0].startswith("| Model | F1-PerClass | F1-Overall | PG |")
     with pytest.raises(ValueError, match="single-label"):
-        _run(robustness, ["--checkpoint", out / "checkpoint.pth", "--device", "cpu",
+        run_recipe(robustness, ["--checkpoint", out / "checkpoint.pth", "--device", "cpu",
                           "--output-dir", tmp_path / "fgsm"])
 
 
@@ -282,7 +256,7 @@ def test_synthetic_torchrun_two_processes_then_evaluate(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(RECIPES / "train.py"), *common, "--epochs", "1",
            "--output-dir", str(out)]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert len(ckpt["rng"]) == 2  # one RNG state per rank
@@ -291,7 +265,7 @@ def test_synthetic_torchrun_two_processes_then_evaluate(tmp_path):
     assert record["train"]["samples"] == 16 and record["train"]["steps"] == 2  # 2 ranks x 2 x 4
     assert record["val"]["samples"] == 8  # every validation image counted once
 
-    metrics = _run(evaluate, ["--checkpoint", out / "checkpoint.pth", "--device", "cpu",
+    metrics = run_recipe(evaluate, ["--checkpoint", out / "checkpoint.pth", "--device", "cpu",
                               "--workers", "0", "--batch-size", "4", "--method", "gradcam",
                               "--output-dir", tmp_path / "eval", "--no-progress"])
     assert metrics["split"] == "test" and metrics["classified_images"] == 8
@@ -319,7 +293,7 @@ def test_torchrun_skip_corrupt_rank_with_an_empty_batch_does_not_hang(imagenet, 
            "--no-val"]
     log = tmp_path / "torchrun.log"  # a file, not a pipe: a hung rank would hold a pipe open
     with open(log, "w") as sink:
-        proc = subprocess.Popen(cmd, env=_env(), stdout=sink, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             proc.wait(timeout=240)
@@ -347,7 +321,7 @@ def test_batch_shrunk_below_what_batch_norm_needs_is_skipped(imagenet, tmp_path,
     # --skip-corrupt shrinks to 1 is skipped instead of crashing in the middle of the epoch.
     root, victim = _copy_with_corrupt_train_image(imagenet, tmp_path)
     with pytest.warns(SkippedImageWarning, match=victim.name):
-        record = _run(train, _inet_train_args(imagenet, tmp_path / "run", 1) + [
+        record = run_recipe(train, _inet_train_args(imagenet, tmp_path / "run", 1) + [
             "--data-root", root, "--image-size", "32", "--batch-size", "2", "--gc-lambda", "0",
             "--skip-corrupt", "--no-val"])
     assert record["train"]["skipped"] == 1 and record["train"]["skipped_steps"] == 1
@@ -359,12 +333,12 @@ def test_train_checks_sizes_and_epochs_before_reading_any_data(tmp_path, capsys)
     base = ["--data", "imagenet", "--data-root", missing, "--device", "cpu", "--workers", "0",
             "--output-dir", tmp_path / "out", "--no-progress"]
     with pytest.raises(ValueError, match="--image-size 32 is too small for alexnet: it needs at least 63"):
-        _run(train, base + ["--arch", "alexnet", "--image-size", "32"])
+        run_recipe(train, base + ["--arch", "alexnet", "--image-size", "32"])
     with pytest.raises(ValueError, match="--batch-size 1 with --image-size 32 cannot train resnet18.*"
                                          "--batch-size 2 or more, or --image-size 33 or more"):
-        _run(train, base + ["--arch", "resnet18", "--image-size", "32", "--batch-size", "1"])
+        run_recipe(train, base + ["--arch", "resnet18", "--image-size", "32", "--batch-size", "1"])
     with pytest.raises(FileNotFoundError):  # sizes that work: the data is read next
-        _run(train, base + ["--arch", "resnet18", "--image-size", "33", "--batch-size", "1"])
+        run_recipe(train, base + ["--arch", "resnet18", "--image-size", "33", "--batch-size", "1"])
     for epochs in ("0", "-2"):
         with pytest.raises(SystemExit):
             train.get_args_parser().parse_args(["--data", "synthetic", "--output-dir", "x",

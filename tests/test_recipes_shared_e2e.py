@@ -6,10 +6,8 @@ two DDP processes train one epoch with ``--amp``, one process resumes for a seco
 record, the checkpoint's log and the TensorBoard scalars.
 """
 
-import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,30 +16,14 @@ import pytest
 import torch
 
 from tests._fixtures_data import make_imagenet_folder
+from tests._recipes import load_recipe, run_recipe, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_recipe_shared_{name}", RECIPES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load("train")
-evaluate = _load("evaluate")
-
-
-def _run(module, argv):
-    return module.main(module.get_args_parser().parse_args([str(a) for a in argv]))
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    env.pop("WORLD_SIZE", None)
-    return env
+train = load_recipe("train", prefix="_recipe_shared")
+evaluate = load_recipe("evaluate", prefix="_recipe_shared")
 
 
 def _scalars(logdir):
@@ -65,7 +47,7 @@ def test_shared_composites_torchrun_amp_resume_evaluate(tmp_path):
     # 1. Two DDP processes, bf16 autocast, one epoch: 16 images, one batch of 6 per process.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(RECIPES / "train.py"), *map(str, common), "--epochs", "1"]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=400)
+    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     first = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     stats = first["train"]
@@ -77,7 +59,7 @@ def test_shared_composites_torchrun_amp_resume_evaluate(tmp_path):
     assert len(saved["rng"]) == 2
 
     # 2. Resume in one process for a second epoch (the RNG states of 2 ranks: reseeded).
-    record = _run(train, common + ["--epochs", "2", "--resume", ckpt])
+    record = run_recipe(train, common + ["--epochs", "2", "--resume", ckpt])
     assert record["epoch"] == 2 and record["train"]["samples"] == 12 and record["train"]["steps"] == 2
     assert 4 <= record["train"]["ungrouped"] < 12
     epochs = [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()]
@@ -93,7 +75,7 @@ def test_shared_composites_torchrun_amp_resume_evaluate(tmp_path):
     assert all(2 <= v <= 6 for v in scalars["train/ungrouped"])  # per batch of 6
 
     # 4. Evaluate the checkpoint: the paper's metrics on the validation images.
-    metrics = _run(evaluate, ["--checkpoint", ckpt, "--boxes", fx.boxes_dirs["val"], "--device", "cpu",
+    metrics = run_recipe(evaluate, ["--checkpoint", ckpt, "--boxes", fx.boxes_dirs["val"], "--device", "cpu",
                               "--workers", "0", "--batch-size", "4", "--output-dir", tmp_path / "eval",
                               "--no-progress"])
     assert metrics["classified_images"] == 16

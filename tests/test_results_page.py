@@ -1,7 +1,6 @@
 """docs/results.md shows the quickstart's measured run: its tables are exactly the ones the recipe
 writes from the run's results.json, which is kept beside the page (docs/assets/quickstart/)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,11 +8,10 @@ import pytest
 
 from captum_consistency.claims import claims_markdown, sweep_markdown, transfer_markdown
 from captum_consistency.report import table1_markdown
+from tests._recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("_recipe_quickstart_page", ROOT / "recipes" / "quickstart.py")
-quickstart = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(quickstart)
+quickstart = load_recipe("quickstart", prefix="_recipe_page")
 
 ASSETS = ROOT / "docs" / "assets" / "quickstart"
 PAGE = (ROOT / "docs" / "results.md").read_text()

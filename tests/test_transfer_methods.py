@@ -19,7 +19,6 @@ from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 import pytorch_grad_cam as pgc
 from captum_consistency import CaptumConsistencyWarning
 from captum_consistency.attr import (
-    PytorchGradCamAttribution,
     available_attributions,
     default_layers,
     detect_architecture,
