@@ -13,9 +13,36 @@ across batches and ``torch.distributed`` processes.
 [`multilabel_f1`][captum_consistency.metrics.multilabel_f1] and
 [`ClassificationMeter`][captum_consistency.metrics.ClassificationMeter] score the classifier
 itself (top-1, multi-label F1) in the training and evaluation loops.
+
+The audit's measures do not trust any map: on 2x2 composites,
+[`cell_ablation_share`][captum_consistency.metrics.cell_ablation_share] (the counterfactual twin
+of NQH) and [`own_cell_removed`][captum_consistency.metrics.own_cell_removed] read the model's
+outputs with cells replaced; [`deletion_curves`][captum_consistency.metrics.deletion_curves] and
+[`road_score`][captum_consistency.metrics.road_score] test whether a map is faithful;
+[`cascading_randomization`][captum_consistency.metrics.cascading_randomization] is Adebayo et
+al.'s sanity check.
 """
 
 from captum_consistency.metrics._accumulator import InterpretationMetrics
+from captum_consistency.metrics.ablation import (
+    ABLATION_BASELINES,
+    CellAblation,
+    OwnCellRemoved,
+    cell_ablation_share,
+    cell_replacement,
+    own_cell_removed,
+)
+from captum_consistency.metrics.faithfulness import (
+    DeletionCurves,
+    deletion_curves,
+    random_maps,
+    road_score,
+)
+from captum_consistency.metrics.randomization import (
+    RandomizationStep,
+    cascading_randomization,
+    spearman_correlation,
+)
 from captum_consistency.metrics._classification import ClassificationMeter, multilabel_f1
 from captum_consistency.metrics.heatmaps import content_heatmap, negative_quadrants_heatmap
 from captum_consistency.metrics.pointing import pointing_game, stochastic_pointing_game
@@ -31,4 +58,18 @@ __all__ = [
     "InterpretationMetrics",
     "multilabel_f1",
     "ClassificationMeter",
+    # the audit: model-level, faithfulness and sanity measures
+    "cell_ablation_share",
+    "own_cell_removed",
+    "cell_replacement",
+    "ABLATION_BASELINES",
+    "CellAblation",
+    "OwnCellRemoved",
+    "deletion_curves",
+    "DeletionCurves",
+    "road_score",
+    "random_maps",
+    "cascading_randomization",
+    "RandomizationStep",
+    "spearman_correlation",
 ]
