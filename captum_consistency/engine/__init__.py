@@ -49,6 +49,7 @@ from captum_consistency.engine.shapes_benchmark import (
     figure_inputs,
 )
 from captum_consistency.engine.transfer import TRANSFER_METHODS, evaluate_transfer
+from captum_consistency.engine.audit import AUDIT_KEYS, audit_model, gradcam_explainer
 
 # Kept importable from here (their home is captum_consistency.metrics); not listed below.
 from captum_consistency.metrics import multilabel_f1  # noqa: F401
@@ -69,6 +70,10 @@ __all__ = [
     "positive_int",
     "evaluate_transfer",
     "TRANSFER_METHODS",
+    # the audit: did the model change, or only its map?
+    "audit_model",
+    "gradcam_explainer",
+    "AUDIT_KEYS",
     # the procedural shapes benchmark (recipes/quickstart.py)
     "evaluate_on_shapes",
     "figure_inputs",

@@ -8,6 +8,7 @@ the share of all-zero maps; :func:`cue_statistics` measures how much a model rel
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
 
@@ -26,6 +27,7 @@ from captum_consistency.data import (
     SpuriousContextShapes,
     gather_distractors,
 )
+from captum_consistency.engine.audit import audit_model
 from captum_consistency.engine.distributed import rank_seed
 from captum_consistency.engine.evaluation import SaliencyExplainer, evaluate_interpretations
 from captum_consistency.engine.transfer import evaluate_transfer
@@ -102,6 +104,8 @@ def evaluate_on_shapes(
     fgsm_epsilons: Sequence[float] = (0.0, 1.0, 2.0, 4.0, 8.0),
     transfer: Union[str, Sequence[str]] = "none",
     transfer_images: int = 500,
+    audit: bool = False,
+    audit_images: int = 500,
     batch_size: int = 250,
     progress: bool = True,
 ) -> Dict[str, Any]:
@@ -115,7 +119,12 @@ def evaluate_on_shapes(
     context cue, FGSM accuracy (:func:`~captum_consistency.robust.fgsm_accuracy`) and, unless
     ``transfer`` is ``"none"``, the rows of the transfer table
     (:func:`~captum_consistency.engine.evaluate_transfer`, the paper's Tables 3 and 4) on the
-    first ``transfer_images`` test images, with the same composites for every method.
+    first ``transfer_images`` test images, with the same composites for every method, and with
+    ``audit`` the measures of :func:`~captum_consistency.engine.audit_model` (did the model
+    change, or only its map?) on composites of the first ``audit_images`` test images (cells and
+    distractors of their own generator, so that no other number changes), the map measures on
+    the first 256 (deletion curves), ``audit_images // 8`` up to 32 (ROAD) and 128
+    (randomisation) of them.
 
     Args:
         model (torch.nn.Module): the classifier, in eval mode.
@@ -128,6 +137,8 @@ def evaluate_on_shapes(
             (:data:`~captum_consistency.engine.TRANSFER_METHODS` keys or registry names), or
             ``"none"``.
         transfer_images (int): how many test images (the first ones) the transfer rows score.
+        audit (bool): add the audit's measures (``audit`` in the result).
+        audit_images (int): how many test images (the first ones) the audit uses.
         batch_size (int): images per batch.
         progress (bool): progress bars.
 
@@ -138,7 +149,8 @@ def evaluate_on_shapes(
         top-1); with ``transfer``, ``transfer`` (method -> ``pg``, ``spg_mean``, ``ch``,
         ``nqh``, ``skipped``, or ``error``), ``transfer_time_s`` (method -> seconds) and
         ``transfer_warnings`` (what the methods warned about this model, e.g. a rule that
-        only approximates through a global max pool).
+        only approximates through a global max pool); with ``audit``, ``audit`` (the dict of
+        :func:`~captum_consistency.engine.audit_model`) and ``audit_time_s``.
     """
     crop_loader = DataLoader(test, batch_size=batch_size)
     whole_loader = DataLoader(test.with_annotations(), batch_size=batch_size)
@@ -173,6 +185,25 @@ def evaluate_on_shapes(
     fgsm = fgsm_accuracy(model, crop_loader, epsilons=fgsm_epsilons, mean=test.mean,
                          std=test.std, device=device, progress=progress)
     out["fgsm"] = {f"{eps:g}": acc for eps, acc in fgsm.items()}
+    if audit:
+        t0 = time.perf_counter()
+        audit_gen = torch.Generator().manual_seed(rank_seed(seed, 0, 10))
+        audit_fallback = DistractorFallback(
+            test, DatasetDistractorSampler(test.targets, seed=rank_seed(seed, 0, 11),
+                                           num_classes=test.num_classes))
+
+        def audit_distractors(images, targets, gc_targets):
+            return gather_distractors(images, targets, gc_targets, generator=audit_gen,
+                                      fallback=lambda classes: audit_fallback(classes, audit_gen))
+
+        subset = Subset(test, range(min(audit_images, len(test))))
+        out["audit"] = audit_model(
+            model, DataLoader(subset, batch_size=batch_size), device, layer=layer,
+            make_distractors=audit_distractors, generator=audit_gen,
+            faithfulness_images=min(256, audit_images), road_images=min(32, audit_images // 8),
+            randomization_images=min(128, audit_images), seed=seed,
+            progress=progress)
+        out["audit_time_s"] = round(time.perf_counter() - t0, 2)
     if transfer == "none":
         return out
     subset = range(min(transfer_images, len(test)))
