@@ -9,10 +9,13 @@ Pillai & Pirsiavash, "Explainable Models with Consistent Interpretations", AAAI 
     # COCO (masks from the annotation file), transfer to another explanation method:
     python recipes/evaluate.py --checkpoint runs/coco/checkpoint.pth --data coco \\
         --data-root /data/coco --method fullgrad --output-dir runs/coco/eval_fullgrad
+    # the audit (model-level ablations, faithfulness, randomisation) beside the metrics:
+    python recipes/evaluate.py --checkpoint runs/r18_gc/checkpoint.pth --audit ...
 
 Writes ``<output-dir>/metrics.json`` with ``top1`` (or ``f1_per_class`` and ``f1_overall``),
 ``pg``, ``spg_mean``, ``spg_std``, ``ch``, ``nqh`` and ``skipped`` (fractions in [0, 1]; counts
-for ``skipped``), and ``<output-dir>/table.md``, a Markdown row in the form of the paper's
+for ``skipped``), with ``--audit`` also ``audit`` (:func:`captum_consistency.engine.audit_model`:
+did the model change, or only its map?), and ``<output-dir>/table.md``, a Markdown row in the form of the paper's
 Table 1 (ImageNet, synthetic) or Table 2 (COCO), in percent.
 
 Protocol (:mod:`captum_consistency.engine.evaluation`): PG, SPG (100 draws, mean and std over 5
@@ -83,10 +86,83 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--spg-samples", default=100, type=int, help="SPG draws per map")
     p.add_argument("--spg-runs", default=5, type=int, help="SPG runs (mean and std)")
     p.add_argument("--no-nqh", action="store_true", help="do not compute NQH")
+    g = p.add_argument_group("audit: did the model change, or only its map?")
+    g.add_argument("--audit", action="store_true",
+                   help="also run captum_consistency.engine.audit_model: cell-ablation share and "
+                        "own-cell removal on 2x2 composites, deletion curves (and ROAD) of the "
+                        "element-wise Grad-CAM against random maps, cascading randomisation")
+    g.add_argument("--audit-composites", default=5000, type=int, metavar="N",
+                   help="composites ablated per process (0: every crop)")
+    g.add_argument("--audit-faithfulness-images", default=256, type=int, metavar="N",
+                   help="images per process for the deletion curves (0: none)")
+    g.add_argument("--audit-road-images", default=0, type=int, metavar="N",
+                   help="images per process for ROAD (pytorch-grad-cam, CPU, slow; 0: none)")
+    g.add_argument("--audit-randomization-images", default=128, type=int, metavar="N",
+                   help="images per process for the randomisation check (0: none)")
     p.add_argument("--output-dir", required=True, help="metrics.json and table.md go here")
     p.add_argument("--no-progress", action="store_true")
     add_data_arguments(p, "evaluate")
     return p
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Checks the audit options (argparse errors, status 2, before anything is loaded)."""
+    for flag in ("audit_composites", "audit_faithfulness_images", "audit_road_images",
+                 "audit_randomization_images"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.audit and args.no_nqh:
+        parser.error("--audit builds the NQH composites: it cannot be combined with --no-nqh")
+    return args
+
+
+def _audit(args, model, crop, device, info, make_distractors) -> dict:
+    """The audit of the model on this process's crops, combined over processes: every mean
+    weighted by the number of items it is over."""
+    from captum_consistency.builders import gradcam_layer
+    from captum_consistency.engine import all_reduce_sum, audit_model
+
+    loader = DataLoader(crop.dataset, batch_size=args.batch_size, num_workers=args.workers,
+                        sampler=ShardSampler(len(crop.dataset), info.rank, info.world_size),
+                        collate_fn=crop.collate_fn, pin_memory=device.type == "cuda")
+    generator = torch.Generator().manual_seed(rank_seed(args.seed, info.rank, 12))
+    out = audit_model(
+        model, loader, device, layer=gradcam_layer(model), make_distractors=make_distractors,
+        generator=generator, multilabel=crop.multilabel,
+        max_composites=args.audit_composites or None,
+        faithfulness_images=args.audit_faithfulness_images, road_images=args.audit_road_images,
+        randomization_images=args.audit_randomization_images, seed=args.seed,
+        progress=not args.no_progress)
+    if info.world_size == 1:
+        return out
+    weights = {
+        "ablation_share": out["num_composites"] - out["ablation_undefined"],
+        "ablation_share_blur": out["num_composites"] - out["ablation_undefined"],
+        "own_cell_probability": out["num_composites"], "own_cell_predicted": out["num_composites"],
+        "intact_probability": out["num_composites"],
+        "deletion_gradcam": out["num_faithfulness_images"],
+        "deletion_random": out["num_faithfulness_images"],
+        "road_gradcam": out["num_road_images"], "road_random": out["num_road_images"],
+    }
+    blocks = list(out["randomization"])
+    weights.update({f"randomization:{b}": 1.0 for b in blocks})
+    values = dict(out, **{f"randomization:{b}": out["randomization"][b] for b in blocks})
+    t = torch.tensor([[(values[k] or 0.0) * w if values[k] is not None else 0.0,
+                       w if values[k] is not None else 0.0] for k, w in weights.items()],
+                     dtype=torch.float64, device=device)
+    counts = torch.tensor([out[k] for k in ("num_composites", "ablation_undefined",
+                                             "num_faithfulness_images", "num_road_images")],
+                          dtype=torch.float64, device=device)
+    all_reduce_sum(t)
+    all_reduce_sum(counts)
+    for (key, _), (total, weight) in zip(weights.items(), t.tolist()):
+        values[key] = total / weight if weight > 0 else None
+    out.update({k: values[k] for k in weights if not k.startswith("randomization:")})
+    out["randomization"] = {b: values[f"randomization:{b}"] for b in blocks}
+    for key, value in zip(("num_composites", "ablation_undefined", "num_faithfulness_images",
+                           "num_road_images"), counts.tolist()):
+        out[key] = int(value)
+    return out
 
 
 def main(args) -> dict:
@@ -170,6 +246,8 @@ def _main(args, info) -> dict:
         num_runs=args.spg_runs, amp=args.amp, channels_last=channels_last,
         progress=not args.no_progress, distractor_ok=distractor_ok,
     )
+    if args.audit:
+        metrics["audit"] = _audit(args, model, crop, device, info, make_distractors)
     # Images that never reached the metrics because the data set dropped them at construction.
     dataset_skipped = int(getattr(whole.dataset, "num_skipped", 0))
     metrics["skipped"] += dataset_skipped
@@ -195,4 +273,5 @@ def _main(args, info) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    parser = get_args_parser()
+    main(check_args(parser, parser.parse_args()))

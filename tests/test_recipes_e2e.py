@@ -7,6 +7,7 @@ that is killed with SIGKILL and the torchrun run, which are real subprocesses.
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -271,6 +272,24 @@ def test_synthetic_torchrun_two_processes_then_evaluate(tmp_path):
     assert metrics["split"] == "test" and metrics["classified_images"] == 8
     assert metrics["tolerance"] == pytest.approx(15 * 64 / 224)
     assert metrics["num_images"] + metrics["skipped_detail"]["degenerate_maps_or_masks"] == 8
+
+    # --audit: the model-level measures beside the metrics, in one process and over two
+    audit_args = ["--checkpoint", out / "checkpoint.pth", "--device", "cpu", "--workers", "0",
+                  "--batch-size", "4", "--audit", "--audit-faithfulness-images", "3",
+                  "--audit-road-images", "1", "--audit-randomization-images", "3", "--no-progress"]
+    one = run_recipe(evaluate, audit_args + ["--output-dir", tmp_path / "audit1"])["audit"]
+    assert one["num_composites"] == 8 and one["num_faithfulness_images"] == 3
+    assert one["num_road_images"] == 1 and len(one["randomization"]) >= 3
+    assert one == json.loads((tmp_path / "audit1" / "metrics.json").read_text())["audit"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(RECIPES / "evaluate.py"), *map(str, audit_args), "--output-dir", str(tmp_path / "audit2")]
+    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    two = json.loads((tmp_path / "audit2" / "metrics.json").read_text())["audit"]
+    assert two["num_composites"] == 8 and two["num_faithfulness_images"] == 6  # 3 per process
+    for key in ("ablation_share", "own_cell_probability", "own_cell_predicted", "deletion_gradcam"):
+        assert two[key] is None or math.isfinite(two[key]), key
+    assert list(two["randomization"]) == list(one["randomization"])
 
 
 def _copy_with_corrupt_train_image(fx, tmp_path):
