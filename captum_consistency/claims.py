@@ -3,8 +3,13 @@ r"""The paper's claims checked on results over seeds, and their Markdown.
 * :func:`check_claims` -- GC against the same model without it: NQH at least 30% lower, CH and
   PG not lower, top-1 within 3 points.
 * :func:`transfer_comparison` -- the same comparison per explanation method (Tables 3-4).
-* :func:`claims_markdown`, :func:`transfer_markdown`, :func:`learned_markdown`,
-  :func:`sweep_markdown` -- the report's sections built on them.
+* :func:`audit_comparison` -- whether GC changed the model or only its Grad-CAM: the
+  model-level twin of NQH (the cell-ablation share), the faithfulness of the maps and the
+  randomisation check, GC against its reference.
+* :data:`PAPER_TRANSFER` and :func:`paper_transfer_markdown` -- the transfer rows set against
+  the paper's Tables 3 (cMWP) and 4 (FullGrad), metric by metric.
+* :func:`claims_markdown`, :func:`transfer_markdown`, :func:`audit_markdown`,
+  :func:`learned_markdown`, :func:`sweep_markdown` -- the report's sections built on them.
 
 The summaries are :func:`captum_consistency.report.summarize_seeds` outputs with a display
 ``name``, keyed by variant (``"baseline"``, ``"gc"``, ``"gmp"``, ``"gmp_gc"``).
@@ -21,7 +26,12 @@ __all__ = [
     "LEARNED_TOP1",
     "check_claims",
     "transfer_comparison",
+    "audit_comparison",
+    "RANDOMIZATION_RED_FLAG",
     "claims_markdown",
+    "audit_markdown",
+    "PAPER_TRANSFER",
+    "paper_transfer_markdown",
     "transfer_markdown",
     "learned_markdown",
     "sweep_markdown",
@@ -220,3 +230,204 @@ def sweep_markdown(points: Sequence[Mapping[str, Any]]) -> List[str]:
     rows = [[f"{p['lam']:g}", p["source"], *(percent(p[k]) for k in keys)] for p in points]
     headers = ["lambda", "trained as", "Top-1 (%)", "PG", "CH (%)", "NQH (%)", "Zero maps (%)"]
     return markdown_table(headers, rows).splitlines()
+
+
+#: A mean Spearman correlation above which a map "survives" the re-initialisation of the
+#: Grad-CAM layer and everything above it (Adebayo et al., 2018): a red flag.
+RANDOMIZATION_RED_FLAG = 0.5
+
+
+def _survives(randomization: Mapping[str, Optional[float]], layer: str) -> Optional[bool]:
+    """Whether the correlation is still above :data:`RANDOMIZATION_RED_FLAG` once ``layer`` and
+    every block above it are re-initialised (``None`` without that step)."""
+    value = randomization.get(layer) if randomization else None
+    return None if value is None else value > RANDOMIZATION_RED_FLAG
+
+
+def audit_comparison(summaries: Mapping[str, dict], layer: str = "layer4",
+                     pairs: Sequence[Tuple[str, str]] = CLAIM_PAIRS) -> List[Dict[str, Any]]:
+    """Per pair, whether GC changed what the model uses or only its Grad-CAM (the summaries'
+    ``audit`` entries, :func:`captum_consistency.engine.audit_model`, means over seeds).
+
+    The reading, stated in ``reading``:
+
+    * ``"model"`` -- NQH is at least 30% lower *and* the cell-ablation share (the same question
+      asked of the model's output) is at least 30% lower too: the claim holds at the level of
+      the model;
+    * ``"partly"`` -- NQH is 30% lower, the ablation share lower but by less than 30%: GC moved
+      the explanation more than the model;
+    * ``"map only"`` -- NQH is 30% lower and the ablation share is not lower: GC moved the
+      explanation, not what the model uses;
+    * ``"no claim"`` -- NQH is not 30% lower (nothing to explain).
+
+    Returns:
+        list of dict: ``pair``, ``comparable`` and, when comparable, ``nqh_relative_drop``,
+        ``share_relative_drop``, ``share_blur_relative_drop``, ``own_cell_predicted`` (GC,
+        reference), ``deletion_gain`` (Grad-CAM minus random maps; GC, reference),
+        ``survives_randomization`` (GC, reference) and ``reading``.
+    """
+    rows = []
+    for new, ref in pairs:
+        if new not in summaries or ref not in summaries:
+            continue
+        a, b = summaries[new], summaries[ref]
+        aa, ab = a.get("audit") or {}, b.get("audit") or {}
+        row: Dict[str, Any] = {"pair": [new, ref]}
+        if any(x.get(k) is None for x in (aa, ab) for k in ("ablation_share",)) or \
+                a.get("nqh") is None or b.get("nqh") is None:
+            rows.append(dict(row, comparable=False))
+            continue
+        nqh_drop = _relative_drop(a["nqh"], b["nqh"])
+        share_drop = _relative_drop(aa["ablation_share"], ab["ablation_share"])
+        blur_drop = (_relative_drop(aa["ablation_share_blur"], ab["ablation_share_blur"])
+                     if aa.get("ablation_share_blur") is not None
+                     and ab.get("ablation_share_blur") is not None else None)
+        if nqh_drop is None or nqh_drop < 0.30:
+            reading = "no claim"
+        elif share_drop is not None and share_drop >= 0.30:
+            reading = "model"
+        elif share_drop is not None and share_drop > 0:
+            reading = "partly"
+        else:
+            reading = "map only"
+        gain = lambda x: (None if x.get("deletion_gradcam") is None or x.get("deletion_random") is None  # noqa: E731
+                          else x["deletion_gradcam"] - x["deletion_random"])
+        rows.append(dict(
+            row, comparable=True, nqh_relative_drop=nqh_drop, share_relative_drop=share_drop,
+            share_blur_relative_drop=blur_drop,
+            own_cell_predicted=[aa.get("own_cell_predicted"), ab.get("own_cell_predicted")],
+            deletion_gain=[gain(aa), gain(ab)],
+            survives_randomization=[_survives(aa.get("randomization"), layer),
+                                    _survives(ab.get("randomization"), layer)],
+            reading=reading))
+    return rows
+
+
+_READINGS = {
+    "model": "the claim is **supported at the level of the model**: the distractor cells carry "
+             "less of the class's evidence in the model's output, not only in its map",
+    "partly": "GC **moved the explanation more than the model**: the distractor cells' share of "
+              "the class's evidence in the output falls by less than 30%",
+    "map only": "GC **moved the explanation, not the model**: the distractor cells carry as much "
+                "of the class's evidence in the output as without GC",
+    "no claim": "NQH is not 30% lower, so there is no explanation change to audit",
+}
+
+
+def _fmt(mean: Optional[float], spread: Optional[float], digits: int = 2) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if spread else "")
+
+
+def audit_markdown(summaries: Mapping[str, dict], comparison: Sequence[Mapping[str, Any]],
+                   layer: str = "layer4") -> List[str]:
+    """The report's section "Did the model change, or only its map?": the model-level table,
+    the faithfulness and randomisation tables (means ± standard deviation over seeds), then one
+    reading per pair of :func:`audit_comparison`."""
+    with_audit = [s for s in summaries.values() if s.get("audit")]
+    if not with_audit:
+        return ["(no audited run yet)"]
+    pct = lambda s, k: percent(s["audit"].get(k), (s["spread"].get("audit") or {}).get(k))  # noqa: E731
+    rows = [[s["name"], percent(s.get("nqh"), s["spread"].get("nqh")), pct(s, "ablation_share"),
+             pct(s, "ablation_share_blur"), pct(s, "own_cell_probability"),
+             pct(s, "own_cell_predicted"), str(round(sum(r["audit"]["ablation_undefined"]
+                                                       for r in s["per_seed"] if r.get("audit"))))]
+            for s in with_audit]
+    lines = markdown_table(
+        ["Model", "NQH (%)", "Ablation share (%)", "Ablation share, blur (%)",
+         "P(class) own cell removed (%)", "Still predicted (%)", "Undefined (all seeds)"],
+        rows).splitlines()
+    num = lambda s, k: _fmt(s["audit"].get(k), (s["spread"].get("audit") or {}).get(k), 3)  # noqa: E731
+    rows = [[s["name"], num(s, "deletion_gradcam"), num(s, "deletion_random"),
+             num(s, "road_gradcam"), num(s, "road_random")] for s in with_audit]
+    lines += ["", *markdown_table(
+        ["Model", "Deletion LeRF-MoRF, Grad-CAM", "same, random maps", "ROAD, Grad-CAM",
+         "ROAD, random maps"], rows).splitlines()]
+    blocks = list((with_audit[0]["audit"].get("randomization") or {}).keys())
+    if blocks:
+        rows = []
+        for s in with_audit:
+            r = s["audit"].get("randomization") or {}
+            sd = (s["spread"].get("audit") or {}).get("randomization") or {}
+            rows.append([s["name"], *(_fmt(r.get(b), sd.get(b)) for b in blocks)])
+        lines += ["", "Spearman correlation of the element-wise Grad-CAM with the map of the same "
+                  "model re-initialised from the top down to (and including) each block:", "",
+                  *markdown_table(["Model", *(f"`{b}`" for b in blocks)], rows).splitlines()]
+    lines.append("")
+    for c in comparison:
+        new, ref = c["pair"]
+        na, nb = summaries[new]["name"], summaries[ref]["name"]
+        if not c["comparable"]:
+            lines.append(f"- {na} vs {nb}: not comparable (a measure is missing)")
+            continue
+        drop = lambda x: "n/a" if x is None else f"{100 * x:.0f}%"  # noqa: E731
+        lines.append(
+            f"- {na} vs {nb}: NQH {drop(c['nqh_relative_drop'])} lower, cell-ablation share "
+            f"{drop(c['share_relative_drop'])} lower (blurred cells: "
+            f"{drop(c['share_blur_relative_drop'])}): {_READINGS[c['reading']]}.")
+        flags = [n for n, f in zip((na, nb), c["survives_randomization"]) if f]
+        lines.append("  - randomisation: " + (
+            f"**red flag** for {', '.join(flags)}: the map still correlates above "
+            f"{RANDOMIZATION_RED_FLAG} with `{layer}` and everything above it re-initialised."
+            if flags else f"no map survives the re-initialisation of `{layer}` and above "
+            f"(correlation at most {RANDOMIZATION_RED_FLAG})."))
+        ga, gb = c["deletion_gain"]
+        if ga is not None and gb is not None:
+            lines.append(f"  - faithfulness: deletion LeRF-MoRF above random maps by {ga:.3f} "
+                         f"({na}) and {gb:.3f} ({nb}): the maps of both "
+                         + ("mark pixels the model needs." if ga > 0 and gb > 0 else
+                            "are **not** better than random for at least one model."))
+    return lines
+
+
+#: The paper's Tables 3 (cMWP) and 4 (FullGrad), MS-COCO validation set, ResNet18, in percent:
+#: method -> variant -> (PG, SPG, CH, NQH).
+PAPER_TRANSFER: Dict[str, Dict[str, Tuple[float, float, float, float]]] = {
+    "cmwp": {"baseline": (63.30, 45.68, 32.23, 74.89), "gc": (65.60, 48.54, 34.44, 74.90)},
+    "fullgrad": {"baseline": (59.90, 18.99, 13.38, 73.83), "gc": (64.90, 19.46, 13.71, 73.46)},
+}
+
+_PAPER_TABLE = {"cmwp": "Table 3", "fullgrad": "Table 4"}
+
+
+def paper_transfer_markdown(summaries: Mapping[str, dict], new: str = "gc",
+                            ref: str = "baseline") -> List[str]:
+    """The transfer rows of cMWP and FullGrad set against the paper's Tables 3 and 4, metric by
+    metric: for each of PG, SPG, CH and NQH, the paper's change from Baseline to GC and this
+    run's (means over seeds), whether GC is better (higher PG, SPG, CH; lower NQH) in each, and
+    whether the two agree: the same sign, or both within 1 point of no change ("flat").
+    ``[]`` without both variants' rows."""
+    a = (summaries.get(new) or {}).get("transfer") or {}
+    b = (summaries.get(ref) or {}).get("transfer") or {}
+
+    def verdict(delta: float, lower_is_better: bool) -> str:
+        better = delta < 0 if lower_is_better else delta > 0
+        return ("better" if better else "worse") + (", within 1 point" if abs(delta) < 1 else "")
+
+    rows = []
+    for method, paper in PAPER_TRANSFER.items():
+        ra, rb = a.get(method) or {}, b.get(method) or {}
+        for i, (key, label) in enumerate((("pg", "PG"), ("spg_mean", "SPG"), ("ch", "CH (%)"),
+                                          ("nqh", "NQH (%)"))):
+            low = key == "nqh"
+            pb, pa = paper["baseline"][i], paper["gc"][i]
+            ob, oa = rb.get(key), ra.get(key)
+            if ob is None or oa is None:
+                ours, agree = "n/a", "n/a"
+            else:
+                ob, oa = 100 * ob, 100 * oa
+                ours = f"{ob:.1f} -> {oa:.1f} ({oa - ob:+.1f}; GC {verdict(oa - ob, low)})"
+                if abs(oa - ob) < 1 and abs(pa - pb) < 1:
+                    agree = "yes (flat in both)"
+                elif (oa - ob > 0) == (pa - pb > 0):
+                    agree = "yes"
+                else:
+                    agree = "**no**"
+            rows.append([f"`{method}` ({_PAPER_TABLE[method]})", label,
+                         f"{pb:.2f} -> {pa:.2f} ({pa - pb:+.2f}; GC {verdict(pa - pb, low)})",
+                         ours, agree])
+    if not any(r[3] != "n/a" for r in rows):
+        return []
+    return markdown_table(["Method", "Metric", "Paper: Baseline -> GC (MS-COCO, ResNet18)",
+                           "This run: Baseline -> GC", "Agrees"], rows).splitlines()
