@@ -52,6 +52,44 @@ def _check_entry(entry, num_seeds, cue):
     assert math.isfinite(run["train_last_epoch"]["loss"])
 
 
+AUDIT_FRACTIONS = ("ablation_share", "ablation_share_blur", "own_cell_probability",
+                   "own_cell_predicted", "intact_probability")
+
+
+def _check_audit(results, report):
+    """"Did the model change, or only its map?": every variant and seed audited, every value a
+    finite number in range or None with its skip counted, the reading per pair in the report."""
+    for v, entry in results["variants"].items():
+        for run in entry["per_seed"]:
+            audit = run["audit"]
+            assert audit["num_composites"] == results["config"]["audit_images"] == 48
+            assert audit["num_faithfulness_images"] == 48 and audit["num_road_images"] == 6
+            assert 0 <= audit["ablation_undefined"] <= audit["num_composites"]
+            for key in AUDIT_FRACTIONS:
+                value = audit[key]
+                if value is None:  # only where every composite was undefined
+                    assert key.startswith("ablation") and audit["ablation_undefined"] == 48
+                else:
+                    assert 0.0 <= value <= 1.0, (v, key, value)
+            for key in ("deletion_gradcam", "deletion_random", "road_gradcam", "road_random"):
+                assert math.isfinite(audit[key]) and -1.0 <= audit[key] <= 1.0, (v, key)
+            assert list(audit["randomization"]) == ["fc", "layer4", "layer3", "layer2", "layer1",
+                                                    "bn1", "conv1"]
+            for block, corr in audit["randomization"].items():
+                assert corr is None or -1.0 <= corr <= 1.0, (v, block)
+        # the summary's audit is the mean over seeds (one seed here)
+        assert entry["audit"]["ablation_share"] == entry["per_seed"][0]["audit"]["ablation_share"]
+    (pair,) = results["audit"]
+    assert pair["pair"] == ["gc", "baseline"]
+    if pair["comparable"]:
+        base, gc = (results["variants"][v]["audit"]["ablation_share"] for v in ("baseline", "gc"))
+        assert math.isclose(pair["share_relative_drop"], (base - gc) / base)
+        assert pair["reading"] in ("model", "partly", "map only", "no claim")
+    section = report.split("## Did the model change, or only its map?")[1].split("\n## ")[0]
+    assert "| Baseline |" in section and "| GC |" in section and "GC vs Baseline" in section
+    assert "Ablation share (%)" in section and "`layer4`" in section
+
+
 def _check_gc_trained(results):
     """The GC variants were trained with the consistency term, the others without."""
     for v, entry in results["variants"].items():
@@ -127,8 +165,12 @@ def test_fast_end_to_end_default_benchmark(tmp_path):
     assert results["machine"]["workers"] == 1 and results["elapsed_s"] > 0
 
     _check_transfer_table(results, (out / "report.md").read_text())
+    _check_audit(results, (out / "report.md").read_text())
 
     report = (out / "report.md").read_text()
+    # the transfer paragraph against the paper's Tables 3-4, metric by metric
+    assert "| `cmwp` (Table 3) | NQH (%) | 74.89 -> 74.90" in report
+    assert "| `fullgrad` (Table 4) | PG | 59.90 -> 64.90" in report
     assert "## Did the models learn the object?" in report
     assert "| Model | Top-1 Acc (%) | PG | SPG | SPG run std | CH (%) | NQH (%) | Zero maps (%) |" in report
     assert "cue-conflicting" not in report.split("## Lambda sweep")[0]  # no cue on this benchmark
@@ -204,7 +246,7 @@ def test_worker_processes_give_the_same_numbers_as_one_process(tmp_path):
     assert two["status"] == "complete" and two["config"]["workers"] == 2
     for v in ("baseline", "gc"):
         a, b = one["variants"][v]["per_seed"][0], two["variants"][v]["per_seed"][0]
-        for key in ("top1", "pg", "spg_mean", "ch", "nqh", "zero_maps", "fgsm"):
+        for key in ("top1", "pg", "spg_mean", "ch", "nqh", "zero_maps", "fgsm", "audit"):
             assert a[key] == b[key], (v, key)
     assert [p["nqh"] for p in one["lambda_sweep"]] == [p["nqh"] for p in two["lambda_sweep"]]
     with Image.open(tmp_path / "one" / "gradcam.png") as a, Image.open(tmp_path / "two" / "gradcam.png") as b:
@@ -292,6 +334,10 @@ def test_all_zero_maps_get_a_row_not_a_crash(tmp_path, monkeypatch):
         assert "error" not in row and row["nqh"] is None and row["ch"] is None, (method, row)
     comparison = {c["method"]: c for c in json.loads(text)["transfer"]}
     assert comparison["captum:saliency"]["comparable"] is False
+    # a constant logit: every composite's ablation share undefined, counted, never a NaN
+    audit = gc["per_seed"][0]["audit"]
+    assert audit["ablation_share"] is None and audit["ablation_undefined"] == audit["num_composites"]
+    assert json.loads(text)["audit"] == [{"pair": ["gc", "baseline"], "comparable": False}]
     report = (out / "report.md").read_text()
     row = next(line for line in report.splitlines() if line.startswith("| ResNet GC |"))
     assert "n/a" in row and "| 100.0 ± 0.0 | 1 |" in row  # zero maps 100%, one seed
@@ -315,6 +361,7 @@ def test_all_zero_maps_get_a_row_not_a_crash(tmp_path, monkeypatch):
         (["--fgsm-eps", "-1"], "--fgsm-eps"),
         (["--transfer", "captum:saliency"], "--transfer"),  # a list name, not a method
         (["--transfer-images", "0"], "--transfer-images"),
+        (["--audit-images", "-1"], "--audit-images"),
     ],
 )
 def test_bad_arguments_fail_before_training(tmp_path, monkeypatch, capsys, argv, message):

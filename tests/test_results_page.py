@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from captum_consistency.claims import claims_markdown, sweep_markdown, transfer_markdown
+from captum_consistency.claims import (
+    audit_markdown,
+    claims_markdown,
+    paper_transfer_markdown,
+    sweep_markdown,
+    transfer_markdown,
+)
 from captum_consistency.report import table1_markdown
 from tests._recipes import load_recipe
 
@@ -37,11 +43,26 @@ def test_the_page_shows_the_runs_table1_and_claims(name):
     if results.get("transfer"):  # runs measured since the transfer table exists
         for line in transfer_markdown(summaries, results["transfer"]):
             assert line in PAGE, f"docs/results.md does not show the transfer table of {name}: {line}"
+    if results.get("audit"):  # runs measured since the audit exists
+        for line in audit_markdown(summaries, results["audit"], layer=results["config"]["layer"]):
+            assert line in PAGE, f"docs/results.md does not show the audit of {name}: {line}"
+
+
+def test_the_page_compares_the_transfer_with_the_papers_tables_3_and_4():
+    """The transfer paragraph is read against the paper's numbers metric by metric, from the
+    default run's rows (and the sentence that FullGrad's gain is not reproduced is gone)."""
+    results = _load("results.json")
+    lines = paper_transfer_markdown(results["variants"])
+    assert lines, "the default run must have cMWP and FullGrad rows"
+    for line in lines:
+        assert line in PAGE, f"docs/results.md does not compare with Tables 3-4: {line}"
+    assert "does not reproduce it" not in PAGE
 
 
 def test_the_page_shows_the_default_runs_sweep_and_set_up():
     results = _load("results.json")
     assert results["benchmark"] == "shapes" and results["config"]["seeds"] >= 3
+    assert results["audit"] and results["audit"][0]["comparable"], "the default run is audited"
     sweep = "\n".join(sweep_markdown(results["lambda_sweep"]))
     assert sweep in PAGE
     minutes = f"{results['elapsed_s'] / 60:.1f} min"
@@ -57,7 +78,7 @@ def test_the_default_run_is_the_recipes_default_configuration():
     for key in ("benchmark", "variants", "lambda_sweep", "cue_prob", "stray_cue_prob",
                 "object_size", "width", "epochs", "composites", "lam", "seeds", "train_size",
                 "test_size", "batch_size", "lr", "classes", "image_size", "layer", "transfer",
-                "transfer_images"):
+                "transfer_images", "audit_images"):
         shipped = results["config"][key]
         default = defaults[key]
         if isinstance(default, tuple):
