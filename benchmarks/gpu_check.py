@@ -305,8 +305,17 @@ def step_throughput(cfg: Config, device: torch.device, report: Report) -> Dict[s
     s = cfg.image_size
     benchmark_mode = torch.backends.cudnn.benchmark  # the throughput script turns it on
     for arch in cfg.archs:
-        r = gpu_train_throughput.run(cfg.batch_size, s, cfg.bench_steps, warmup=cfg.bench_warmup,
-                                     rounds=cfg.bench_rounds, device=device, amp=True, arch=arch)
+        try:
+            r = gpu_train_throughput.run(cfg.batch_size, s, cfg.bench_steps, warmup=cfg.bench_warmup,
+                                         rounds=cfg.bench_rounds, device=device, amp=True, arch=arch)
+        except Exception as e:  # e.g. out of memory: the other models and steps still run
+            message = (str(e).strip().splitlines() or [""])[0]
+            results[arch] = {"error": f"{type(e).__name__}: {message}"}
+            report.row(1, f"{arch} b{cfg.batch_size} {s}px bf16: the throughput run",
+                       f"failed: {results[arch]['error']}", "runs", False, "check")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         results[arch] = r
         ips = r["images_per_s"]
         report.row(1, f"{arch} b{cfg.batch_size} {s}px bf16: images/s baseline / per-image GC / shared GC",
@@ -557,7 +566,7 @@ def step_evaluate(cfg: Config, data: Dict[str, Any], ckpt: str, device: torch.de
 # ----------------------------------------------------------------------------- output
 
 
-def markdown(info: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
+def markdown(info: Dict[str, Any], rows: List[Dict[str, Any]], failed: Optional[str] = None) -> str:
     kind = "GPU" if info["device"] == "cuda" else "CPU"
     tiny = ", tiny sizes: a smoke run, not figures" if info["tiny"] else ""
     lines = [
@@ -574,6 +583,8 @@ def markdown(info: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     for r in rows:
         ok = {True: "PASS", False: "FAIL", None: "—"}[r["ok"]]
         lines.append(f"| {r['step']} | {r['what']} | {r['value']} | {r['target']} | {ok} |")
+    if failed:
+        lines += ["", f"**Failed**: {failed.splitlines()[0]}"]
     return "\n".join(lines) + "\n"
 
 
@@ -616,7 +627,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=None, help="classes of the folder (default 100)")
     p.add_argument("--archs", default="", help="step 1's models (default resnet18,resnet50)")
     p.add_argument("--work-dir", default=None, help="data and runs (default: a temporary folder)")
-    p.add_argument("--keep-work", action="store_true", help="do not remove --work-dir at the end")
+    p.add_argument("--keep-work", action="store_true", help="keep the temporary work folder")
     return p
 
 
@@ -663,8 +674,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         data["write_s"] = time.perf_counter() - t
         report.data["data"] = data
         preloaded = None
-        r18 = report.data["throughput"].get("resnet18")
-        if r18 is not None:
+        r18 = report.data["throughput"].get("resnet18", {})
+        if "images_per_s" in r18 and cfg.image_size == r18["image_size"]:
             preloaded = r18["images_per_s"]["gc_shared"]
         report.data["train"] = step_train(cfg, data, device, work, out, budget, preloaded, report)
         report.data["torchrun"] = step_torchrun(cfg, data, device, backend, work, out, budget, report)
@@ -688,8 +699,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = {**info, **report.data, "rows": report.rows, "targets_failed": targets_failed,
               "failed": failed}
     (out / "gpu_check.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / "gpu_check.md").write_text(markdown(info, report.rows))
-    print(markdown(info, report.rows))
+    block = markdown(info, report.rows, failed)
+    (out / "gpu_check.md").write_text(block)
+    print(block)
     print(f"wrote {out / 'gpu_check.json'} and {out / 'gpu_check.md'}")
     if failed:
         print(f"gpu_check FAILED: {failed}", file=sys.stderr)

@@ -76,3 +76,16 @@ def test_gpu_check_refuses_a_mismatched_backend_and_a_missing_gpu_before_any_wor
         with pytest.raises(SystemExit, match="no CUDA device is available"):
             gpu_check.main(["--tiny", "--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())  # nothing written: it stopped before any step
+
+
+def test_gpu_check_past_its_time_budget_fails_naming_the_step_and_keeps_what_ran(tmp_path, capsys,
+                                                                               one_thread):
+    gpu_check = _load_script()
+    rc = gpu_check.main(["--device", "cpu", "--tiny", "--archs", "resnet18", "--time-budget", "0.01",
+                         "--out", str(tmp_path)])
+    assert rc == 1
+    assert "gpu_check FAILED: step 2: the time budget of 0 s ran out" in capsys.readouterr().err
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["failed"].startswith("step 2: the time budget")
+    assert set(report["throughput"]) == {"resnet18"} and "train" not in report  # step 1 ran, 2 did not
+    assert "**Failed**: step 2" in (tmp_path / "gpu_check.md").read_text()
