@@ -1,6 +1,7 @@
-"""Training throughput on a GPU: ResNet-18, baseline (cross-entropy) step vs GC steps (both modes).
+"""Training throughput on a GPU: a ResNet, baseline (cross-entropy) step vs GC steps (both modes).
 
 One prepared script for a GPU machine (it also runs, slowly, on the CPU with ``--quick``).
+ResNet-18 by default (``--arch resnet50`` and any torchvision ResNet with a ``layer4``).
 Synthetic data (random tensors, 224 x 224, as ``recipes/train.py`` feeds them after decoding),
 bf16 autocast (``--amp``, on by default on CUDA), channels-last, SGD with momentum, the whole
 optimiser step timed:
@@ -79,10 +80,11 @@ def _timer(device: torch.device):
 
 
 def run(batch_size: int, size: int, steps: int, warmup: int, rounds: int, device: torch.device,
-        amp: bool, num_classes: int = 1000) -> Dict:
+        amp: bool, num_classes: int = 1000, arch: str = "resnet18") -> Dict:
     torch.manual_seed(0)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    model = torchvision.models.resnet18(num_classes=num_classes).to(device, memory_format=fmt).train()
+    model = getattr(torchvision.models, arch)(num_classes=num_classes)
+    model = model.to(device, memory_format=fmt).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     loss_fn = GradCamConsistencyLoss(model, model.layer4, lam=25.0)
     shared_fn = GradCamConsistencyLoss(model, model.layer4, lam=25.0, composites="shared")
@@ -158,6 +160,7 @@ def run(batch_size: int, size: int, steps: int, warmup: int, rounds: int, device
     ratio = med["gc"] / (med["ce_224"] + med["ce_448"])
     shared_ratio = med["gc_shared"] / med["ce_224"]
     return {
+        "model": arch,
         "image_size": size,
         "composite_size": 2 * size,
         "batch_size": batch_size,
@@ -190,6 +193,7 @@ def main(argv=None) -> List[Dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
+    p.add_argument("--arch", default="resnet18", help="a torchvision ResNet (resnet18, resnet50, ...)")
     p.add_argument("--batch-size", type=int, default=None, help="default 128 (quick: 4)")
     p.add_argument("--image-size", type=int, default=None, help="default 224 (quick: 64)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per round (default 10)")
@@ -204,7 +208,8 @@ def main(argv=None) -> List[Dict]:
     size = args.image_size or (64 if args.quick else 224)
     steps = args.steps or (1 if args.quick else 10)
     rounds = args.rounds or (1 if args.quick else 3)
-    res = run(batch, size, steps, warmup=1 if args.quick else 3, rounds=rounds, device=device, amp=amp)
+    res = run(batch, size, steps, warmup=1 if args.quick else 3, rounds=rounds, device=device, amp=amp,
+              arch=args.arch)
     info = {
         "benchmark": "gpu_train_throughput",
         "date": datetime.date.today().isoformat(),
@@ -213,7 +218,6 @@ def main(argv=None) -> List[Dict]:
         "torchvision": torchvision.__version__,
         "amp_bf16": amp,
         "channels_last": device.type == "cuda",
-        "model": "resnet18",
         **res,
     }
     print(json.dumps(info, indent=1))
