@@ -1,5 +1,6 @@
 """docs/results.md shows the quickstart's measured run: its tables are exactly the ones the recipe
-writes from the run's results.json, which is kept beside the page (docs/assets/quickstart/)."""
+writes from the run's results.json, which is kept beside the page (docs/assets/quickstart/).
+The home page (docs/index.md) shows the same run's figure and claims, checked the same way."""
 
 import json
 from pathlib import Path
@@ -21,6 +22,7 @@ quickstart = load_recipe("quickstart", prefix="_recipe_page")
 
 ASSETS = ROOT / "docs" / "assets" / "quickstart"
 PAGE = (ROOT / "docs" / "results.md").read_text()
+HOME = (ROOT / "docs" / "index.md").read_text()
 
 
 def _load(name):
@@ -84,3 +86,26 @@ def test_the_default_run_is_the_recipes_default_configuration():
         if isinstance(default, tuple):
             shipped = tuple(shipped)
         assert shipped == default, key
+
+
+def test_the_home_page_shows_the_default_runs_figure_and_claims():
+    """The first page shows the result: the Grad-CAM figure and the claim lines the recipe
+    writes from the shipped results.json (only its claims, variants, seeds and time are read,
+    so sections added to the JSON change nothing here)."""
+    results = _load("results.json")
+    for line in claims_markdown(results["claims"], results["variants"]):
+        assert line in HOME, f"docs/index.md does not state the default run's claim: {line}"
+    minutes = f"{results['elapsed_s'] / 60:.1f} min"
+    seeds = f"{results['config']['seeds']} seeds"
+    for fact in (minutes, seeds, "](assets/quickstart/gradcam.png)"):
+        assert fact in HOME, f"docs/index.md must show the default run's {fact}"
+
+
+def test_the_home_page_shows_the_readmes_two_commands():
+    readme = (ROOT / "README.md").read_text()
+    commands = [line.split("#")[0].strip() for line in
+                readme.split("## Set-up", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+                .strip().splitlines()]
+    assert commands == ["make quickstart", "make test"], commands
+    for command in commands:
+        assert f"\n{command} " in HOME, f"docs/index.md does not show `{command}`"
