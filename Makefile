@@ -17,8 +17,10 @@ quickstart: $(STAMP)
 	$(BIN)/python recipes/quickstart.py --output-dir runs/quickstart
 
 # The site check loads every page of the built site in headless Chromium with no network
-# (Debian's chromium package; .ci/run installs it) and writes screenshots to build/site-check/.
+# (Debian's chromium package, installed by docs/_ext/ensure_chromium.sh when it is missing)
+# and writes screenshots to build/site-check/.
 test: $(STAMP)
+	bash docs/_ext/ensure_chromium.sh
 	$(BIN)/python -m pytest -n 2 --durations=15
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site
 	$(BIN)/python docs/_ext/check_site.py build/site --out build/site-check
