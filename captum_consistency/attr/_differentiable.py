@@ -170,11 +170,12 @@ def differentiable_attribution(name: str) -> Callable[..., AttributionMaps]:
 
 
 class ModulesBelow:
-    """Context manager recording which modules of ``model`` ran before ``layer`` finished.
+    """Context manager recording which modules of ``model`` ran before ``layer`` started.
 
-    Used once, on a loss's first training step: the parameters it returns are those "below"
-    the attribution layer (the layer's own included), whose gradient the explanation term
-    must reach. With ``layer=None`` (an attribution at the input) every module that ran counts.
+    Used once, on a loss's first training step: the parameters it returns are those below
+    the attribution layer (of the modules that finished before it started: not the layer's
+    own, nor its children's), whose gradient the explanation term must reach. With
+    ``layer=None`` (an attribution at the input) every module that ran counts.
 
     Examples::
 
@@ -186,16 +187,20 @@ class ModulesBelow:
     def __init__(self, model: nn.Module, layer: Optional[nn.Module]) -> None:
         self.model, self.layer = model, layer
         self._order: list = []
-        self._layer_done: Optional[int] = None
+        self._layer_start: Optional[int] = None
         self._handles: list = []
 
     def _hook(self, module: nn.Module, inputs, output) -> None:
         self._order.append(module)
-        if module is self.layer and self._layer_done is None:
-            self._layer_done = len(self._order)
+
+    def _pre_hook(self, module: nn.Module, inputs) -> None:
+        if self._layer_start is None:
+            self._layer_start = len(self._order)
 
     def __enter__(self) -> "ModulesBelow":
         self._handles = [m.register_forward_hook(self._hook) for m in self.model.modules()]
+        if self.layer is not None:
+            self._handles.append(self.layer.register_forward_pre_hook(self._pre_hook))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -204,8 +209,8 @@ class ModulesBelow:
         self._handles = []
 
     def parameters(self) -> list:
-        """The parameters (requiring grad) of the modules that ran before the layer finished."""
-        end = len(self._order) if self.layer is None else (self._layer_done or 0)
+        """The parameters (requiring grad) of the modules that finished before the layer started."""
+        end = len(self._order) if self.layer is None else (self._layer_start or 0)
         seen, params = set(), []
         for module in self._order[:end]:
             for p in module.parameters(recurse=False):
