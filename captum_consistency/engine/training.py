@@ -201,6 +201,27 @@ def _gc_step(loss_fn, batch: TrainBatch, images: Tensor, targets: Tensor, device
     return loss_fn(images, targets, distractors, cells=cells, gradcam_targets=gc_targets)
 
 
+def _explanation_step(loss_fn, batch: TrainBatch, images: Tensor, targets: Tensor,
+                      device: torch.device, multilabel: bool, generator: Optional[torch.Generator]):
+    """One step of an explanation-guided loss other than GC (CGC, Energy, L1, PPCE, RRR)."""
+    if batch.gradcam_targets is not None:
+        gc_cpu = _check_gradcam_targets(batch.gradcam_targets)
+    elif multilabel:
+        gc_cpu = sample_positive_class(batch.targets, generator)
+    else:
+        gc_cpu = batch.targets
+    gc_targets = gc_cpu.to(device, non_blocking=True)
+    if loss_fn.needs_masks:
+        if batch.masks is None:
+            raise ValueError(
+                f"{type(loss_fn).__name__} needs object masks, and the loader's batches have none: "
+                "build the training set with masks (build_dataset(..., masks=True), "
+                "captum_consistency.data.WithTrainingMasks)"
+            )
+        return loss_fn(images, targets, batch.masks.to(device, non_blocking=True), gradcam_targets=gc_targets)
+    return loss_fn(images, targets, gradcam_targets=gc_targets)
+
+
 def _step_values(out, targets: Tensor, lr: float, multilabel: bool,
                  shared: bool) -> Dict[str, float]:
     """The scalars of a logged step, read on the host."""
@@ -264,7 +285,10 @@ def train_one_epoch(
         epoch (int): 0-based epoch, for the progress bar.
         criterion (Callable): classification loss, used when ``loss_fn`` is None.
         loss_fn (Callable, optional): a :class:`~captum_consistency.GradCamConsistencyLoss`
-            over the same model; ``None`` trains the baseline (no composite forward at all).
+            over the same model, or another explanation-guided loss of
+            :data:`~captum_consistency.losses.EXPLANATION_LOSSES` (the mask-guided ones read
+            the batches' ``masks``, :class:`~captum_consistency.data.MaskedBatch`); ``None``
+            trains the baseline (no composite forward at all).
             With ``composites="shared"`` the batch is grouped on the CPU
             (:func:`~captum_consistency.data.shared_composite_groups`, with ``generator``) and
             the groups are passed to the loss.
@@ -297,7 +321,8 @@ def train_one_epoch(
         ``skipped_steps`` (steps that no rank took because some rank's batch was smaller
         than ``min_batch_size``; counted once, not per rank); with shared composites also
         ``ungrouped``, the images of the epoch that got a composite of their own (also written
-        to TensorBoard as ``train/ungrouped`` per logged step).
+        to TensorBoard as ``train/ungrouped`` per logged step); with a mask-guided loss
+        ``mask_skipped``, the images whose mask was all-false or all-true.
 
     Examples::
 
@@ -313,8 +338,11 @@ def train_one_epoch(
         ...     make_distractors=lambda x, y, g: gather_distractors(x, y, g))
         >>> stats["top1"], stats["consistency"]
     """
+    from captum_consistency.losses.guided import ExplanationLoss
+
+    explanation = isinstance(loss_fn, ExplanationLoss)
     shared = getattr(loss_fn, "composites", "per-image") == "shared"
-    if (loss_fn is not None and not shared and make_distractors is None
+    if (loss_fn is not None and not shared and not explanation and make_distractors is None
             and not _loader_brings_distractors(loader)):
         raise ValueError("make_distractors is required when loss_fn (the GC loss) is given")
     if isinstance(min_batch_size, bool) or not isinstance(min_batch_size, int) or min_batch_size < 1:
@@ -333,6 +361,7 @@ def train_one_epoch(
     steps = skipped_steps = skipped = 0
     vote = get_world_size() > 1
     ungrouped = 0  # shared composites: images that got a composite of their own
+    masks_skipped = 0  # mask-guided losses: images whose mask is all-false or all-true
     for raw in bar:
         batch = as_train_batch(raw)
         skipped += batch.skipped
@@ -348,6 +377,10 @@ def train_one_epoch(
             if loss_fn is None:
                 logits = model(images)
                 out = _PlainStep(logits, criterion(logits, targets))
+            elif explanation:
+                out = _explanation_step(loss_fn, batch, images, targets, device, multilabel, generator)
+                if loss_fn.needs_masks:
+                    masks_skipped += out.num_skipped
             else:
                 out = _gc_step(loss_fn, batch, images, targets, device, make_distractors,
                                multilabel, generator)
@@ -381,4 +414,6 @@ def train_one_epoch(
     result["skipped"] = int(all_reduce_sum(torch.tensor([skipped], device=device))[0])
     if shared:
         result["ungrouped"] = int(all_reduce_sum(torch.tensor([ungrouped], device=device))[0])
+    if explanation and loss_fn.needs_masks:
+        result["mask_skipped"] = int(all_reduce_sum(torch.tensor([masks_skipped], device=device))[0])
     return result
