@@ -139,3 +139,23 @@ def test_cgc_under_torchrun_two_gloo_processes_with_gathered_negatives_and_bf16(
     assert record["train"]["samples"] == 16 and record["train"]["steps"] == 2
     # 7 negatives (3 local + 4 of the other rank): the term starts near log(8), not log(4)
     assert np.isfinite(record["train"]["consistency"]) and record["train"]["consistency"] > 1.7
+
+
+def test_coco_training_masks_are_one_present_category_each(tmp_path):
+    from captum_consistency.data import CocoMultiLabel, collate_masked_samples
+    from tests._fixtures_data import make_coco_folder
+
+    fx = make_coco_folder(tmp_path / "coco")
+    with pytest.raises(ValueError, match="with_masks=True"):
+        WithTrainingMasks(CocoMultiLabel(fx.images_dir, fx.ann_file, transform=None), 32)
+    ds = CocoMultiLabel(fx.images_dir, fx.ann_file, transform=None, with_masks=True,
+                        images_without_annotations="skip")
+    wrapped = WithTrainingMasks(ds, 32)
+    torch.manual_seed(0)
+    samples = [wrapped[i] for i in range(len(wrapped))]
+    for s in samples:
+        assert s.image.shape == (3, 32, 32) and s.mask.shape == (32, 32)
+        assert bool(s.target[s.gradcam_target] > 0)  # the guided class is present in the image
+    batch = collate_masked_samples(samples + [None])
+    assert batch.masks.shape == (len(samples), 32, 32) and batch.skipped == 1
+    assert batch.targets.shape == (len(samples), len(ds.classes))

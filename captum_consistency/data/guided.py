@@ -108,7 +108,8 @@ class WithTrainingMasks(Dataset):
             ``transform=None``, or a :class:`~captum_consistency.data.SpuriousContextShapes`
             (its annotated samples are used; no transform).
         image_size (int): ``S``.
-        mean, std (sequence of float): the normalisation (ImageNet's by default).
+        mean (sequence of float): the normalisation's mean (ImageNet's by default).
+        std (sequence of float): its standard deviation.
 
     Attributes:
         targets: the wrapped data set's targets (for samplers).

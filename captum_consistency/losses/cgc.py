@@ -193,7 +193,8 @@ class ContrastiveGradCamLoss(ExplanationLoss):
         gather_negatives (bool): under ``torch.distributed``, take the negatives from every
             process's batch (``all_gather`` with gradient); every process must then have the
             same batch size. ``False`` (the official code): the local batch only.
-        scale (tuple of float): crop area range. ratio (tuple of float): aspect range.
+        scale (tuple of float): range of the crop's area fraction.
+        ratio (tuple of float): range of the crop's aspect ratio.
         flip_p (float): flip probability.
         generator (torch.Generator, optional): CPU generator of the crops.
         eps (float): the normaliser's ``eps`` (1e-8).
@@ -265,7 +266,8 @@ class ContrastiveGradCamLoss(ExplanationLoss):
             gradcam_targets (Tensor, optional): ``(N,)`` classes for ``classes="label"``;
                 default ``targets``.
             boxes (Tensor, optional): ``(N, 4)`` crops as fractions (:func:`random_crop_boxes`);
-                drawn when ``None``. flips (Tensor, optional): ``(N,)`` bool, with ``boxes``.
+                drawn when ``None``.
+            flips (Tensor, optional): ``(N,)`` bool, given with ``boxes``.
 
         Returns:
             ContrastiveLossOutput
