@@ -168,18 +168,25 @@ def _loader_brings_distractors(loader: Any) -> bool:
     return isinstance(getattr(loader, "dataset", None), DatasetWithDistractors)
 
 
-def _gc_step(loss_fn, batch: TrainBatch, images: Tensor, targets: Tensor, device: torch.device,
-             make_distractors, multilabel: bool, generator: Optional[torch.Generator]):
-    """The GC loss of one batch: regularised classes, distractors, cells, then ``loss_fn``."""
-    # Labels, distractor choice and cells stay on the CPU, where the loader made them: no
-    # host-device synchronisation in the step, only asynchronous copies.
+def _regularised_classes(batch: TrainBatch, device: torch.device, multilabel: bool,
+                         generator: Optional[torch.Generator]):
+    """``(on the CPU, on the device)``: the loader's regularised classes, else one positive
+    drawn per multi-label row, else the labels."""
     if batch.gradcam_targets is not None:
         gc_cpu = _check_gradcam_targets(batch.gradcam_targets)
     elif multilabel:
         gc_cpu = sample_positive_class(batch.targets, generator)
     else:
         gc_cpu = batch.targets
-    gc_targets = gc_cpu.to(device, non_blocking=True)
+    return gc_cpu, gc_cpu.to(device, non_blocking=True)
+
+
+def _gc_step(loss_fn, batch: TrainBatch, images: Tensor, targets: Tensor, device: torch.device,
+             make_distractors, multilabel: bool, generator: Optional[torch.Generator]):
+    """The GC loss of one batch: regularised classes, distractors, cells, then ``loss_fn``."""
+    # Labels, distractor choice and cells stay on the CPU, where the loader made them: no
+    # host-device synchronisation in the step, only asynchronous copies.
+    gc_cpu, gc_targets = _regularised_classes(batch, device, multilabel, generator)
     if getattr(loss_fn, "composites", "per-image") == "shared":
         from captum_consistency.data.distractors import shared_composite_groups
 
@@ -204,13 +211,7 @@ def _gc_step(loss_fn, batch: TrainBatch, images: Tensor, targets: Tensor, device
 def _explanation_step(loss_fn, batch: TrainBatch, images: Tensor, targets: Tensor,
                       device: torch.device, multilabel: bool, generator: Optional[torch.Generator]):
     """One step of an explanation-guided loss other than GC (CGC, Energy, L1, PPCE, RRR)."""
-    if batch.gradcam_targets is not None:
-        gc_cpu = _check_gradcam_targets(batch.gradcam_targets)
-    elif multilabel:
-        gc_cpu = sample_positive_class(batch.targets, generator)
-    else:
-        gc_cpu = batch.targets
-    gc_targets = gc_cpu.to(device, non_blocking=True)
+    _, gc_targets = _regularised_classes(batch, device, multilabel, generator)
     if loss_fn.needs_masks:
         if batch.masks is None:
             raise ValueError(

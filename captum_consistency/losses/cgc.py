@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_consistency.losses.functional import cgc_infonce
-from captum_consistency.losses.guided import ExplanationLoss, _check_images_targets
+from captum_consistency.losses.guided import ExplanationLoss, _check_images_targets, _ExplanationOutput
 
 __all__ = ["ContrastiveGradCamLoss", "ContrastiveLossOutput", "random_crop_boxes", "crop_and_flip"]
 
@@ -94,7 +94,7 @@ def crop_and_flip(x: Tensor, boxes: Tensor, flips: Tensor, size: Sequence[int]) 
 
 
 @dataclass
-class ContrastiveLossOutput:
+class ContrastiveLossOutput(_ExplanationOutput):
     """What :class:`ContrastiveGradCamLoss` returns.
 
     Attributes:
@@ -114,21 +114,12 @@ class ContrastiveLossOutput:
         >>> out.loss.backward()
     """
 
-    loss: Tensor
-    classification: Tensor
-    explanation: Tensor
-    logits: Tensor
     classes: Tensor
     saliency: Tensor
     augmented_saliency: Tensor
     per_image: Tensor
     boxes: Tensor
     flips: Tensor
-
-    @property
-    def consistency(self) -> Tensor:
-        """``explanation``, under the name the training loop logs (``loss/consistency``)."""
-        return self.explanation
 
 
 def _gather_with_grad(x: Tensor) -> Tuple[Tensor, int]:
@@ -310,13 +301,7 @@ class ContrastiveGradCamLoss(ExplanationLoss):
             q, k, self.temperature, negatives=negatives,
             self_index=torch.arange(n, device=q.device) + offset, reduction="none",
         )
-        explanation = per_image.mean()
-        if self.lam > 0:
-            self._check_term(explanation, below)
-            loss = classification + self.lam * explanation
-        else:
-            explanation = explanation.detach()
-            loss = classification
+        loss, explanation = self._combine(classification, per_image.mean(), below)
         return ContrastiveLossOutput(
             loss=loss,
             classification=classification,

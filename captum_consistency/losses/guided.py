@@ -46,7 +46,22 @@ __all__ = [
 
 
 @dataclass
-class GuidedLossOutput:
+class _ExplanationOutput:
+    """The fields every explanation-guided loss returns (see its output class)."""
+
+    loss: Tensor
+    classification: Tensor
+    explanation: Tensor
+    logits: Tensor
+
+    @property
+    def consistency(self) -> Tensor:
+        """``explanation``, under the name the training loop logs (``loss/consistency``)."""
+        return self.explanation
+
+
+@dataclass
+class GuidedLossOutput(_ExplanationOutput):
     """What the mask-guided losses return.
 
     Attributes:
@@ -69,19 +84,10 @@ class GuidedLossOutput:
         >>> out.loss.backward(); out.num_skipped
     """
 
-    loss: Tensor
-    classification: Tensor
-    explanation: Tensor
-    logits: Tensor
     saliency: Tensor
     per_image: Tensor
     skipped: Tensor
     num_skipped: int
-
-    @property
-    def consistency(self) -> Tensor:
-        """``explanation``, under the name the training loop logs (``loss/consistency``)."""
-        return self.explanation
 
 
 def _as_lam(lam) -> float:
@@ -170,10 +176,15 @@ class ExplanationLoss(nn.Module):
     def _below(self) -> Union[ModulesBelow, "_NoRecord"]:
         return ModulesBelow(self.model, self.layer) if self._checking() else _NoRecord()
 
-    def _check_term(self, term: Tensor, below) -> None:
+    def _combine(self, classification: Tensor, explanation: Tensor, below):
+        """``(loss, explanation)``: ``classification + lam * explanation`` after the first-step
+        graph check; with ``lam = 0`` the classification alone and the term detached."""
+        if self.lam == 0:
+            return classification, explanation.detach()
         if isinstance(below, ModulesBelow):
-            check_graph_reaches_parameters(term, below.parameters(), self._where())
+            check_graph_reaches_parameters(explanation, below.parameters(), self._where())
             self._graph_checked = True
+        return classification + self.lam * explanation, explanation
 
 
 class _NoRecord:
@@ -190,6 +201,7 @@ class _MaskGuidedLoss(ExplanationLoss):
     needs_masks = True
     _term: Callable[..., Tensor]
     _default_attribution = "gradcam"
+    _input_gradients = False  # RRRLoss: the term is on the input gradients of the log-probabilities
 
     def __init__(
         self,
@@ -200,7 +212,16 @@ class _MaskGuidedLoss(ExplanationLoss):
         criterion: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
         check_graph: bool = True,
     ) -> None:
+        if self._input_gradients:  # RRR: the paper's input gradients, no attribution to choose
+            if attribution not in (None, "input-gradient"):
+                raise ValueError(
+                    "RRRLoss penalises input gradients of the log-probabilities (Ross et al.); for "
+                    f"a penalty on the attribution {attribution!r} use RRRGradCamLoss"
+                )
+            layer, attribution = None, "input-x-gradient"
         super().__init__(model, layer, lam, attribution or self._default_attribution, criterion, check_graph)
+        if self._input_gradients:
+            self.attribution = "input-gradient"
 
     def _maps(self, images: Tensor, classes: Tensor):
         logits, maps, _ = self._attribute(self.model, self.layer, images, classes)
@@ -241,13 +262,7 @@ class _MaskGuidedLoss(ExplanationLoss):
         per_image = type(self)._term(maps, masks, reduction="none")
         kept = (~skipped).to(per_image.dtype)
         per_image = per_image * kept
-        explanation = per_image.sum() / kept.sum().clamp_min(1)
-        if self.lam > 0:
-            self._check_term(explanation, below)
-            loss = classification + self.lam * explanation
-        else:
-            explanation = explanation.detach()
-            loss = classification
+        loss, explanation = self._combine(classification, per_image.sum() / kept.sum().clamp_min(1), below)
         return GuidedLossOutput(
             loss=loss,
             classification=classification,
@@ -383,8 +398,11 @@ class RRRLoss(_MaskGuidedLoss):
 
     Args:
         model (torch.nn.Module): the classifier.
+        layer (torch.nn.Module, optional): ignored (the gradient is taken at the input).
         lam (float): weight ``lambda_1`` of the term (the paper picks it so that both terms have
             the same order of magnitude; default 1).
+        attribution (str, optional): ``None`` or ``"input-gradient"``; any other name raises a
+            ``ValueError`` (use :class:`RRRGradCamLoss` for a penalty on an attribution).
         criterion (Callable, optional): classification loss; cross-entropy by default.
         check_graph (bool): check on the first training step that the term's gradient reaches
             the model's parameters.
@@ -398,23 +416,7 @@ class RRRLoss(_MaskGuidedLoss):
     """
 
     _term = staticmethod(rrr_loss)
-
-    def __init__(
-        self,
-        model: nn.Module,
-        layer: Optional[nn.Module] = None,
-        lam: float = 1.0,
-        attribution: Optional[str] = None,
-        criterion: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-        check_graph: bool = True,
-    ) -> None:
-        if attribution not in (None, "input-gradient"):
-            raise ValueError(
-                "RRRLoss penalises input gradients of the log-probabilities (Ross et al.); for a "
-                f"penalty on the attribution {attribution!r} use RRRGradCamLoss"
-            )
-        super().__init__(model, None, lam, "input-x-gradient", criterion, check_graph)
-        self.attribution = "input-gradient"
+    _input_gradients = True
 
     def _maps(self, images: Tensor, classes: Tensor):
         x = images.detach().requires_grad_()
