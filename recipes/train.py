@@ -217,10 +217,22 @@ def _check_loss_args(args) -> None:
             "training split's bounding-box XMLs), or use --data coco / synthetic, or a loss "
             "without masks (gc, cgc)"
         )
+    if loss == "gc" and args.loss_attribution not in (None, "elementwise-gradcam", "gradcam"):
+        get_args_parser().error(
+            f"--loss gc computes Grad-CAM on composites: --loss-attribution must be "
+            f"elementwise-gradcam or gradcam, got {args.loss_attribution}"
+        )
     if loss != "gc" and args.loss_lambda is not None and args.loss_lambda < 0:
         get_args_parser().error(f"--loss-lambda must be >= 0, got {args.loss_lambda}")
     if loss == "cgc" and args.batch_size < 2 and not args.cgc_gather_negatives:
         get_args_parser().error("--loss cgc needs --batch-size >= 2: the other images are the negatives")
+
+
+def _gc_attribution(args) -> str:
+    """GC's Grad-CAM: --loss-attribution when given, else --gc-gradcam."""
+    if args.loss_attribution is not None:
+        return args.loss_attribution
+    return "elementwise-gradcam" if args.gc_gradcam == "elementwise" else "gradcam"
 
 
 def _explanation_loss(args, ddp_model, model, criterion):
@@ -370,7 +382,7 @@ def _main(args, info) -> dict:
     elif schedule.gc_lambda > 0:
         loss_fn = GradCamConsistencyLoss(
             ddp_model, gradcam_layer(model), lam=schedule.gc_lambda, criterion=criterion,
-            elementwise=args.gc_gradcam == "elementwise", composites=args.composites,
+            elementwise=_gc_attribution(args) == "elementwise-gradcam", composites=args.composites,
         )
 
     fallback = None

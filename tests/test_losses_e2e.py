@@ -159,3 +159,16 @@ def test_coco_training_masks_are_one_present_category_each(tmp_path):
     batch = collate_masked_samples(samples + [None])
     assert batch.masks.shape == (len(samples), 32, 32) and batch.skipped == 1
     assert batch.targets.shape == (len(samples), len(ds.classes))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--loss", "gc", "--loss-attribution", "input-x-gradient"], "must be elementwise-gradcam or gradcam"),
+    (["--loss", "cgc", "--batch-size", "1"], "--loss cgc needs --batch-size >= 2"),
+    (["--loss", "energy", "--loss-lambda", "-1"], "--loss-lambda must be >= 0"),
+])
+def test_loss_options_are_refused_before_training(tmp_path, capsys, extra, message):
+    args = _synthetic_args(tmp_path / "o", 1) + extra
+    with pytest.raises(SystemExit) as exc:
+        run_recipe(train, args)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
