@@ -380,8 +380,8 @@ def train_one_epoch(
                 out = _PlainStep(logits, criterion(logits, targets))
             elif explanation:
                 out = _explanation_step(loss_fn, batch, images, targets, device, multilabel, generator)
-                if loss_fn.needs_masks:
-                    masks_skipped += out.num_skipped
+                if loss_fn.needs_masks:  # summed on the device: no host sync per step
+                    masks_skipped = masks_skipped + out.skipped.sum()
             else:
                 out = _gc_step(loss_fn, batch, images, targets, device, make_distractors,
                                multilabel, generator)
@@ -416,5 +416,6 @@ def train_one_epoch(
     if shared:
         result["ungrouped"] = int(all_reduce_sum(torch.tensor([ungrouped], device=device))[0])
     if explanation and loss_fn.needs_masks:
-        result["mask_skipped"] = int(all_reduce_sum(torch.tensor([masks_skipped], device=device))[0])
+        total = torch.as_tensor(masks_skipped, device=device).reshape(1).long()
+        result["mask_skipped"] = int(all_reduce_sum(total)[0])
     return result

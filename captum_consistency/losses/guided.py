@@ -75,8 +75,8 @@ class GuidedLossOutput(_ExplanationOutput):
         per_image: ``(N,)`` each image's term (detached; 0 for a skipped image).
         skipped: ``(N,)`` bool, images whose mask is all-false (no object) or all-true
             (object everywhere): there is nothing to move the attribution to or from, so they
-            do not enter ``explanation``.
-        num_skipped: ``int(skipped.sum())``.
+            do not enter ``explanation``. ``num_skipped`` (a property) is their number, read
+            on the host (the training loop sums ``skipped`` on the device instead).
 
     Examples::
 
@@ -87,7 +87,11 @@ class GuidedLossOutput(_ExplanationOutput):
     saliency: Tensor
     per_image: Tensor
     skipped: Tensor
-    num_skipped: int
+
+    @property
+    def num_skipped(self) -> int:
+        """``int(skipped.sum())``: the images left out of the term."""
+        return int(self.skipped.sum())
 
 
 def _as_lam(lam) -> float:
@@ -271,7 +275,6 @@ class _MaskGuidedLoss(ExplanationLoss):
             saliency=saliency.detach(),
             per_image=per_image.detach(),
             skipped=skipped,
-            num_skipped=int(skipped.sum()),
         )
 
 
