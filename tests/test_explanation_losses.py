@@ -372,7 +372,7 @@ def test_all_false_and_all_true_masks_are_counted_skips_never_nan(name):
     assert float(out.per_image[0]) == 0.0 and float(out.per_image[1]) == 0.0
     torch.testing.assert_close(out.explanation.detach(), out.per_image[2])
     every = loss_fn(x, y, torch.zeros(3, 8, 8, dtype=torch.bool))  # no object anywhere
-    assert every.num_skipped == 3 and float(every.explanation) == 0.0
+    assert every.num_skipped == 3 and float(every.explanation.detach()) == 0.0
     for o in (out, every):
         assert torch.isfinite(o.loss)
         o.loss.backward()
