@@ -19,6 +19,12 @@ style of torchvision's ``references/classification/train.py``::
     # a small run on the CPU
     python recipes/train.py --data synthetic --arch resnet18 --image-size 64 --epochs 2 \\
         --batch-size 16 --device cpu --output-dir runs/tiny
+    # another explanation-guided loss (docs/losses.md): CGC, self-supervised (labels only) ...
+    torchrun --nproc_per_node 4 recipes/train.py --data imagenet --data-root /data/imagenet \\
+        --loss cgc --output-dir runs/r18_cgc          # lambda 0.5, tau 0.5
+    # ... or guided by masks: the shapes' exact masks, COCO's segmentations, or ImageNet's
+    # training boxes (--boxes DIR of the training split's XMLs)
+    python recipes/train.py --data synthetic --loss energy --output-dir runs/energy ...
 
 Defaults are the paper's schedules (:func:`captum_consistency.engine.default_schedule`):
 
@@ -51,6 +57,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from captum_consistency import GradCamConsistencyLoss
+from captum_consistency.losses import EXPLANATION_LOSSES, MASK_LOSSES
 from captum_consistency.builders import ARCHITECTURES, build_model, gradcam_layer
 from captum_consistency.data import (
     DatasetDistractorSampler,
@@ -123,6 +130,24 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    "the cost per step (images left ungrouped get a per-image composite, with "
                    "--distractors as above; their count is logged)")
 
+    g = p.add_argument_group("other explanation-guided losses (docs/losses.md)")
+    g.add_argument("--loss", default="gc", choices=tuple(EXPLANATION_LOSSES),
+                   help="gc: the paper's loss (the options above); cgc: contrastive Grad-CAM "
+                   "consistency (CVPR 2022); energy, l1, ppce, rrr, rrr-gradcam: guided by object "
+                   "masks (synthetic: exact masks; coco: segmentations; imagenet: --boxes DIR of "
+                   "the training split)")
+    g.add_argument("--loss-lambda", default=None, type=float,
+                   help="weight of the explanation term of --loss other than gc (default: the "
+                   "loss's, 0.5 for cgc, 1 for the others); --gc-lambda 0 still trains the baseline")
+    g.add_argument("--loss-attribution", default=None,
+                   help="differentiable attribution inside the loss: elementwise-gradcam, gradcam, "
+                   "input-x-gradient, layer-gradient-x-activation (default: the loss's)")
+    g.add_argument("--cgc-temperature", default=0.5, type=float, help="CGC's tau (0.5)")
+    g.add_argument("--cgc-classes", default="predicted", choices=("predicted", "label"),
+                   help="class whose Grad-CAM CGC regularises (the official code: predicted)")
+    g.add_argument("--cgc-gather-negatives", action="store_true",
+                   help="CGC under torchrun: negatives from every process's batch (all_gather)")
+
     g = p.add_argument_group("optimisation (defaults: the paper's schedule of --data)")
     g.add_argument("--epochs", default=None, type=positive_int)
     g.add_argument("--lr", default=None, type=float)
@@ -170,13 +195,63 @@ def _synthetic_kwargs(args, split_length):
     }
 
 
+def _loss_description(args, loss_fn, schedule) -> str:
+    if loss_fn is None:
+        return "baseline (no explanation term)"
+    if args.loss == "gc":
+        return f"GC loss, lambda={schedule.gc_lambda}"
+    return f"--loss {args.loss} ({loss_fn.attribution}), lambda={loss_fn.lam}"
+
+
 def _log(msg: str, main: bool) -> None:
     if main:
         print(msg, flush=True)
 
 
+def _check_loss_args(args) -> None:
+    """Refuses, before anything runs, a --loss the data cannot feed (argparse's exit status 2)."""
+    loss = getattr(args, "loss", "gc")
+    if loss in MASK_LOSSES and args.data == "imagenet" and args.boxes is None:
+        get_args_parser().error(
+            f"--loss {loss} needs object masks: on --data imagenet pass --boxes DIR (the "
+            "training split's bounding-box XMLs), or use --data coco / synthetic, or a loss "
+            "without masks (gc, cgc)"
+        )
+    if loss == "gc" and args.loss_attribution not in (None, "elementwise-gradcam", "gradcam"):
+        get_args_parser().error(
+            f"--loss gc computes Grad-CAM on composites: --loss-attribution must be "
+            f"elementwise-gradcam or gradcam, got {args.loss_attribution}"
+        )
+    if loss != "gc" and args.loss_lambda is not None and args.loss_lambda < 0:
+        get_args_parser().error(f"--loss-lambda must be >= 0, got {args.loss_lambda}")
+    if loss == "cgc" and args.batch_size < 2 and not args.cgc_gather_negatives:
+        get_args_parser().error("--loss cgc needs --batch-size >= 2: the other images are the negatives")
+
+
+def _gc_attribution(args) -> str:
+    """GC's Grad-CAM: --loss-attribution when given, else --gc-gradcam."""
+    if args.loss_attribution is not None:
+        return args.loss_attribution
+    return "elementwise-gradcam" if args.gc_gradcam == "elementwise" else "gradcam"
+
+
+def _explanation_loss(args, ddp_model, model, criterion):
+    """The --loss other than gc, built from its options (None: the baseline, --gc-lambda 0)."""
+    cls = EXPLANATION_LOSSES[args.loss]
+    kwargs = {"criterion": criterion}
+    if args.loss_lambda is not None:
+        kwargs["lam"] = args.loss_lambda
+    if args.loss_attribution is not None:
+        kwargs["attribution"] = args.loss_attribution
+    if args.loss == "cgc":
+        kwargs.update(temperature=args.cgc_temperature, classes=args.cgc_classes,
+                      gather_negatives=args.cgc_gather_negatives)
+    return cls(ddp_model, gradcam_layer(model), **kwargs)
+
+
 def main(args) -> dict:
     """Runs the training; returns the last epoch's record (also on every rank)."""
+    _check_loss_args(args)
     with distributed_session(args.device) as info:
         return _main(args, info)
 
@@ -210,7 +285,7 @@ def _main(args, info) -> dict:
         args.data, train_split, "train", args.image_size, data_root=args.data_root,
         ann_file=args.ann_file, skip_corrupt=args.skip_corrupt,
         synthetic=_synthetic_kwargs(args, args.synthetic_train_length),
-        allow_empty=args.allow_empty_classes,
+        allow_empty=args.allow_empty_classes, boxes=args.boxes, masks=args.loss in MASK_LOSSES,
     )
     num_classes = train.num_classes
     if num_classes < 2:
@@ -226,7 +301,7 @@ def _main(args, info) -> dict:
 
     train_set, collate = train.dataset, train.collate_fn
     ds_sampler = None
-    if schedule.gc_lambda > 0:
+    if schedule.gc_lambda > 0 and args.loss == "gc":
         ds_sampler = DatasetDistractorSampler(
             train.targets, seed=rank_seed(args.seed, 0, 2), rank=info.rank, num_classes=num_classes
         )
@@ -276,6 +351,9 @@ def _main(args, info) -> dict:
             ckpt, args.resume, arch=args.arch, num_classes=num_classes, gmp=args.gmp,
             classes=train.classes,
         )
+        trained_with = (ckpt.get("args") or {}).get("loss") or "gc"
+        if trained_with != args.loss:
+            raise ValueError(f"checkpoint {args.resume} was trained with --loss {trained_with}, not {args.loss}")
         if ckpt.get("data") not in (None, args.data):
             raise ValueError(
                 f"checkpoint {args.resume} was trained on --data {ckpt['data']}, not {args.data}"
@@ -299,10 +377,12 @@ def _main(args, info) -> dict:
     else:
         criterion = nn.CrossEntropyLoss()
     loss_fn = None
-    if schedule.gc_lambda > 0:
+    if schedule.gc_lambda > 0 and args.loss != "gc":
+        loss_fn = _explanation_loss(args, ddp_model, model, criterion)
+    elif schedule.gc_lambda > 0:
         loss_fn = GradCamConsistencyLoss(
             ddp_model, gradcam_layer(model), lam=schedule.gc_lambda, criterion=criterion,
-            elementwise=args.gc_gradcam == "elementwise", composites=args.composites,
+            elementwise=_gc_attribution(args) == "elementwise-gradcam", composites=args.composites,
         )
 
     fallback = None
@@ -326,7 +406,8 @@ def _main(args, info) -> dict:
             seed_everything(rank_seed(args.seed, start_epoch), info.rank)
 
     _log(f"training {args.arch}{' + GMP' if args.gmp else ''} on {args.data} "
-         f"({len(train_set)} images, {num_classes} classes), lambda={schedule.gc_lambda}, "
+         f"({len(train_set)} images, {num_classes} classes), "
+         f"{_loss_description(args, loss_fn, schedule)}, "
          f"{info.world_size} process(es) x {args.batch_size}, epochs {start_epoch}..{schedule.epochs}",
          main_proc)
     record: dict = {"epoch": start_epoch}
@@ -384,7 +465,7 @@ def _main(args, info) -> dict:
                 ckpt_path,
             )
             for key in ("loss", "classification", "consistency", "top1", "f1_per_class", "f1_overall",
-                        "ungrouped"):
+                        "ungrouped", "mask_skipped"):
                 if key in stats:
                     writer.add_scalar(f"epoch/train_{key}", stats[key], epoch + 1)
             for key, value in (val_stats or {}).items():

@@ -11,6 +11,11 @@ from captum_consistency.attr._elementwise_grad_cam import (
     elementwise_grad_cam,
     grad_cam,
 )
+from captum_consistency.attr._differentiable import (
+    DIFFERENTIABLE_ATTRIBUTIONS,
+    AttributionMaps,
+    differentiable_attribution,
+)
 from captum_consistency.attr._excitation_backprop import ContrastiveExcitationBackprop
 from captum_consistency.attr._fullgrad import FullGrad, FullGradDecomposition
 # LayerRecorder is importable from here too; it is documented (and listed) at the top level.
@@ -32,6 +37,9 @@ __all__ = [
     "LayerGradients",
     "layer_gradients",
     "score_gradients",
+    "DIFFERENTIABLE_ATTRIBUTIONS",
+    "differentiable_attribution",
+    "AttributionMaps",
     "ContrastiveExcitationBackprop",
     "FullGrad",
     "FullGradDecomposition",

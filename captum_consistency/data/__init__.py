@@ -11,6 +11,7 @@ from captum_consistency.data.distractors import (
     sample_present_classes,
     shared_composite_groups,
 )
+from captum_consistency.data.guided import MaskedBatch, MaskedSample, WithTrainingMasks, collate_masked_samples
 from captum_consistency.data.imagenet import (
     CorruptImageError,
     ImageBatch,
@@ -55,6 +56,10 @@ __all__ = [
     "DistractorFallback",
     "DatasetWithDistractors",
     "collate_with_distractors",
+    "WithTrainingMasks",
+    "MaskedSample",
+    "MaskedBatch",
+    "collate_masked_samples",
     "train_transform",
     "eval_transform",
     "resized_size",

@@ -25,6 +25,8 @@ class TrainBatch(NamedTuple):
             ``None`` to take them from the batch.
         gradcam_targets: ``(N,)`` regularised classes chosen by the loader, or ``None``.
         skipped: images of this batch dropped because they could not be decoded.
+        masks: ``(N, S, S)`` bool object masks in the crops (the mask-guided losses), or
+            ``None``.
 
     Examples::
 
@@ -38,6 +40,7 @@ class TrainBatch(NamedTuple):
     distractors: Optional[Tensor] = None
     gradcam_targets: Optional[Tensor] = None
     skipped: int = 0
+    masks: Optional[Tensor] = None
 
 
 def as_train_batch(batch: Any) -> TrainBatch:
@@ -45,8 +48,9 @@ def as_train_batch(batch: Any) -> TrainBatch:
 
     Accepts ``(images, targets)`` tuples (default collate), the library's batches
     (:class:`~captum_consistency.data.ImageBatch`, :class:`~captum_consistency.data.CocoBatch`:
-    ``.images``, ``.targets``, ``.skipped``) and the ``(batch, distractors, gradcam_targets)``
-    triples of :func:`~captum_consistency.data.collate_with_distractors`.
+    ``.images``, ``.targets``, ``.skipped``; a ``.masks`` tensor and ``.gradcam_targets``, as
+    :class:`~captum_consistency.data.MaskedBatch` has, are kept) and the ``(batch, distractors,
+    gradcam_targets)`` triples of :func:`~captum_consistency.data.collate_with_distractors`.
 
     Args:
         batch (Any): what a training ``DataLoader`` yields (see above), or a
@@ -72,10 +76,16 @@ def as_train_batch(batch: Any) -> TrainBatch:
     ):
         batch, distractors, gradcam_targets = batch
     images = getattr(batch, "images", None)
+    masks = None
     if images is not None:
         targets, skipped = batch.targets, int(getattr(batch, "skipped", 0))
+        masks = getattr(batch, "masks", None)
+        if not isinstance(masks, Tensor):  # COCO's evaluation batches hold lists of masks
+            masks = None
+        if gradcam_targets is None and isinstance(getattr(batch, "gradcam_targets", None), Tensor):
+            gradcam_targets = batch.gradcam_targets
     else:
         images, targets, skipped = batch[0], batch[1], 0
     if not isinstance(targets, Tensor):
         targets = torch.as_tensor(targets)
-    return TrainBatch(images, targets, distractors, gradcam_targets, skipped)
+    return TrainBatch(images, targets, distractors, gradcam_targets, skipped, masks)

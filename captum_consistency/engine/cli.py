@@ -111,8 +111,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, recipe: str) -> argparse
     add("--data-root", default=None,
         help="ImageNet: folder of the split folders of <class>/<image> files; COCO: folder of "
         "the split folders and annotations/" + saved)
-    add("--boxes", default=None, used_by={"evaluate"},
-        help="ImageNet: folder of the evaluated split's bounding-box XMLs")
+    add("--boxes", default=None, used_by={"evaluate", "train"},
+        help="ImageNet: folder of the evaluated split's bounding-box XMLs (evaluate.py), or of "
+        "the training split's for a mask-guided --loss (train.py)")
     add("--ann-file", default=None, used_by={"train", "evaluate"},
         help="COCO: annotations of the training split (train.py) or of the evaluated split "
         "(evaluate.py); default <root>/annotations/instances_<split>.json")

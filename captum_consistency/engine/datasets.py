@@ -130,6 +130,7 @@ def build_dataset(
     skip_missing_boxes: bool = False,
     synthetic: Optional[dict] = None,
     allow_empty: bool = False,
+    masks: bool = False,
 ) -> DataInfo:
     """Builds one split for one use.
 
@@ -153,6 +154,11 @@ def build_dataset(
             ``seed``, ``cue_strength``, ...).
         allow_empty (bool): keep ImageNet class folders without images
             (``--allow-empty-classes``); always the case when ``classes`` is given.
+        masks (bool): with ``mode="train"``, samples carry their object mask in the training
+            crop (:class:`~captum_consistency.data.WithTrainingMasks`, for the mask-guided
+            losses): the shapes' exact masks, COCO's segmentation of a drawn present category,
+            ImageNet's boxes of the training split (``boxes`` required; images without a box
+            get an empty mask, which the losses skip and count).
 
     Returns:
         DataInfo
@@ -163,6 +169,9 @@ def build_dataset(
         raise ValueError(f"mode must be 'train', 'crop' or 'whole', got {mode!r}")
     mean, std = dataset_normalization(data)
     on_corrupt = "skip" if skip_corrupt else "error"
+    if masks:
+        return _masked_training_set(data, split, mode, image_size, data_root, boxes, ann_file,
+                                    on_corrupt, synthetic, allow_empty, mean, std)
     if data == "synthetic":
         kwargs = dict(synthetic or {})
         kwargs.setdefault("image_size", image_size)
@@ -210,6 +219,37 @@ def build_dataset(
     return DataInfo(ds, list(ds.classes), True, ds.collate_fn, ds.targets, mean, std)
 
 
+def _masked_training_set(data, split, mode, image_size, data_root, boxes, ann_file, on_corrupt,
+                         synthetic, allow_empty, mean, std) -> DataInfo:
+    from captum_consistency.data.guided import WithTrainingMasks, collate_masked_samples
+
+    if mode != "train":
+        raise ValueError(f"masks=True is for mode='train' (the training crops), got mode={mode!r}")
+    if data == "synthetic":
+        kwargs = dict(synthetic or {})
+        kwargs.setdefault("image_size", image_size)
+        ds = SpuriousContextShapes(split, annotations=True, **kwargs)
+        return DataInfo(WithTrainingMasks(ds, image_size, mean, std), list(ds.classes), False,
+                        collate_masked_samples, list(ds.targets), mean, std)
+    if data_root is None:
+        raise ValueError(f"--data-root is required with --data {data}")
+    if data == "imagenet":
+        if boxes is None:
+            raise ValueError(
+                "a mask-guided loss on ImageNet needs the training split's bounding-box XMLs: "
+                "pass --boxes DIR (images without a box are skipped by the loss and counted)"
+            )
+        ds = ImageNetWithBoxes(data_root, split, boxes_dir=boxes, transform=None,
+                               on_missing_boxes="empty", on_corrupt=on_corrupt, allow_empty=allow_empty)
+        return DataInfo(WithTrainingMasks(ds, image_size, mean, std), list(ds.classes), False,
+                        collate_masked_samples, list(ds.targets), mean, std)
+    images_dir, ann = coco_paths(data_root, split, ann_file)
+    ds = CocoMultiLabel(images_dir, ann, transform=None, with_masks=True,
+                        images_without_annotations="skip", on_corrupt=on_corrupt)
+    return DataInfo(WithTrainingMasks(ds, image_size, mean, std), list(ds.classes), True,
+                    collate_masked_samples, ds.targets, mean, std)
+
+
 #: Report names of the architectures :func:`~captum_consistency.builders.build_model` builds
 #: (``"resnet18"`` -> ``"ResNet18"``, ``"convnext_tiny"`` -> ``"ConvNeXt-tiny"``).
 ARCH_NAMES: Dict[str, str] = {arch: display_name(arch) for arch in ARCHITECTURES}
@@ -217,7 +257,8 @@ ARCH_NAMES: Dict[str, str] = {arch: display_name(arch) for arch in ARCHITECTURES
 
 def model_name(ckpt: dict) -> str:
     """``ResNet18 GMP + GC``-style name from a checkpoint (lambda 0: ``Baseline``; a checkpoint
-    without a recorded lambda had the default of its data, :func:`default_schedule`)."""
+    without a recorded lambda had the default of its data, :func:`default_schedule`; another
+    ``--loss`` than ``gc`` is named in capitals: ``ResNet18 + CGC``)."""
     lam = (ckpt.get("args") or {}).get("gc_lambda")
     if lam is None:
         data = ckpt.get("data") if ckpt.get("data") in DATA_KINDS else "imagenet"
@@ -225,8 +266,9 @@ def model_name(ckpt: dict) -> str:
     parts = []
     if ckpt.get("gmp"):
         parts.append("GMP")
+    loss = (ckpt.get("args") or {}).get("loss") or "gc"
     if lam and lam > 0:
-        parts.append("GC")
+        parts.append(loss.upper())
     return f"{ARCH_NAMES.get(ckpt.get('arch'), ckpt.get('arch'))} {' + '.join(parts) or 'Baseline'}"
 
 

@@ -168,18 +168,25 @@ def _loader_brings_distractors(loader: Any) -> bool:
     return isinstance(getattr(loader, "dataset", None), DatasetWithDistractors)
 
 
-def _gc_step(loss_fn, batch: TrainBatch, images: Tensor, targets: Tensor, device: torch.device,
-             make_distractors, multilabel: bool, generator: Optional[torch.Generator]):
-    """The GC loss of one batch: regularised classes, distractors, cells, then ``loss_fn``."""
-    # Labels, distractor choice and cells stay on the CPU, where the loader made them: no
-    # host-device synchronisation in the step, only asynchronous copies.
+def _regularised_classes(batch: TrainBatch, device: torch.device, multilabel: bool,
+                         generator: Optional[torch.Generator]):
+    """``(on the CPU, on the device)``: the loader's regularised classes, else one positive
+    drawn per multi-label row, else the labels."""
     if batch.gradcam_targets is not None:
         gc_cpu = _check_gradcam_targets(batch.gradcam_targets)
     elif multilabel:
         gc_cpu = sample_positive_class(batch.targets, generator)
     else:
         gc_cpu = batch.targets
-    gc_targets = gc_cpu.to(device, non_blocking=True)
+    return gc_cpu, gc_cpu.to(device, non_blocking=True)
+
+
+def _gc_step(loss_fn, batch: TrainBatch, images: Tensor, targets: Tensor, device: torch.device,
+             make_distractors, multilabel: bool, generator: Optional[torch.Generator]):
+    """The GC loss of one batch: regularised classes, distractors, cells, then ``loss_fn``."""
+    # Labels, distractor choice and cells stay on the CPU, where the loader made them: no
+    # host-device synchronisation in the step, only asynchronous copies.
+    gc_cpu, gc_targets = _regularised_classes(batch, device, multilabel, generator)
     if getattr(loss_fn, "composites", "per-image") == "shared":
         from captum_consistency.data.distractors import shared_composite_groups
 
@@ -199,6 +206,21 @@ def _gc_step(loss_fn, batch: TrainBatch, images: Tensor, targets: Tensor, device
         distractors = make_distractors(images, batch.targets, gc_cpu)
     cells = random_cells(images.shape[0], generator=generator)
     return loss_fn(images, targets, distractors, cells=cells, gradcam_targets=gc_targets)
+
+
+def _explanation_step(loss_fn, batch: TrainBatch, images: Tensor, targets: Tensor,
+                      device: torch.device, multilabel: bool, generator: Optional[torch.Generator]):
+    """One step of an explanation-guided loss other than GC (CGC, Energy, L1, PPCE, RRR)."""
+    _, gc_targets = _regularised_classes(batch, device, multilabel, generator)
+    if loss_fn.needs_masks:
+        if batch.masks is None:
+            raise ValueError(
+                f"{type(loss_fn).__name__} needs object masks, and the loader's batches have none: "
+                "build the training set with masks (build_dataset(..., masks=True), "
+                "captum_consistency.data.WithTrainingMasks)"
+            )
+        return loss_fn(images, targets, batch.masks.to(device, non_blocking=True), gradcam_targets=gc_targets)
+    return loss_fn(images, targets, gradcam_targets=gc_targets)
 
 
 def _step_values(out, targets: Tensor, lr: float, multilabel: bool,
@@ -264,7 +286,10 @@ def train_one_epoch(
         epoch (int): 0-based epoch, for the progress bar.
         criterion (Callable): classification loss, used when ``loss_fn`` is None.
         loss_fn (Callable, optional): a :class:`~captum_consistency.GradCamConsistencyLoss`
-            over the same model; ``None`` trains the baseline (no composite forward at all).
+            over the same model, or another explanation-guided loss of
+            :data:`~captum_consistency.losses.EXPLANATION_LOSSES` (the mask-guided ones read
+            the batches' ``masks``, :class:`~captum_consistency.data.MaskedBatch`); ``None``
+            trains the baseline (no composite forward at all).
             With ``composites="shared"`` the batch is grouped on the CPU
             (:func:`~captum_consistency.data.shared_composite_groups`, with ``generator``) and
             the groups are passed to the loss.
@@ -297,7 +322,8 @@ def train_one_epoch(
         ``skipped_steps`` (steps that no rank took because some rank's batch was smaller
         than ``min_batch_size``; counted once, not per rank); with shared composites also
         ``ungrouped``, the images of the epoch that got a composite of their own (also written
-        to TensorBoard as ``train/ungrouped`` per logged step).
+        to TensorBoard as ``train/ungrouped`` per logged step); with a mask-guided loss
+        ``mask_skipped``, the images whose mask was all-false or all-true.
 
     Examples::
 
@@ -313,8 +339,11 @@ def train_one_epoch(
         ...     make_distractors=lambda x, y, g: gather_distractors(x, y, g))
         >>> stats["top1"], stats["consistency"]
     """
+    from captum_consistency.losses.guided import ExplanationLoss
+
+    explanation = isinstance(loss_fn, ExplanationLoss)
     shared = getattr(loss_fn, "composites", "per-image") == "shared"
-    if (loss_fn is not None and not shared and make_distractors is None
+    if (loss_fn is not None and not shared and not explanation and make_distractors is None
             and not _loader_brings_distractors(loader)):
         raise ValueError("make_distractors is required when loss_fn (the GC loss) is given")
     if isinstance(min_batch_size, bool) or not isinstance(min_batch_size, int) or min_batch_size < 1:
@@ -333,6 +362,7 @@ def train_one_epoch(
     steps = skipped_steps = skipped = 0
     vote = get_world_size() > 1
     ungrouped = 0  # shared composites: images that got a composite of their own
+    masks_skipped = 0  # mask-guided losses: images whose mask is all-false or all-true
     for raw in bar:
         batch = as_train_batch(raw)
         skipped += batch.skipped
@@ -348,6 +378,10 @@ def train_one_epoch(
             if loss_fn is None:
                 logits = model(images)
                 out = _PlainStep(logits, criterion(logits, targets))
+            elif explanation:
+                out = _explanation_step(loss_fn, batch, images, targets, device, multilabel, generator)
+                if loss_fn.needs_masks:  # summed on the device: no host sync per step
+                    masks_skipped = masks_skipped + out.skipped.sum()
             else:
                 out = _gc_step(loss_fn, batch, images, targets, device, make_distractors,
                                multilabel, generator)
@@ -381,4 +415,7 @@ def train_one_epoch(
     result["skipped"] = int(all_reduce_sum(torch.tensor([skipped], device=device))[0])
     if shared:
         result["ungrouped"] = int(all_reduce_sum(torch.tensor([ungrouped], device=device))[0])
+    if explanation and loss_fn.needs_masks:
+        total = torch.as_tensor(masks_skipped, device=device).reshape(1).long()
+        result["mask_skipped"] = int(all_reduce_sum(total)[0])
     return result

@@ -32,6 +32,13 @@ _PROSE_ONLY = {
     "captum_consistency.__version__",
     "captum_consistency.models.to_global_max_pool",
     "captum_consistency.models.fold_batch_norm",
+    # the GC loss and its parts: documented under the top-level package, re-exported by losses
+    "captum_consistency.losses.GradCamConsistencyLoss",
+    "captum_consistency.losses.ConsistencyLossOutput",
+    "captum_consistency.losses.LayerRecorder",
+    "captum_consistency.losses.gc_consistency",
+    # documented under captum_consistency.engine, which exports it too
+    "captum_consistency.losses.ScaledBCEWithLogitsLoss",
 }
 
 

@@ -29,6 +29,7 @@ import griffe
 DOCUMENTED_MODULES = (
     "captum_consistency",
     "captum_consistency.attr",
+    "captum_consistency.losses",
     "captum_consistency.metrics",
     "captum_consistency.data",
     "captum_consistency.robust",
