@@ -51,7 +51,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from captum_consistency import GradCamConsistencyLoss
-from captum_consistency.builders import ARCHITECTURES, build_model, gradcam_layer
+from captum_consistency.builders import build_model, gradcam_layer
 from captum_consistency.data import (
     DatasetDistractorSampler,
     DatasetWithDistractors,
@@ -80,6 +80,7 @@ from captum_consistency.engine import (
 )
 from captum_consistency.engine.cli import (
     add_data_arguments,
+    architecture,
     check_input_size,
     positive_int,
     recipe_parser,
@@ -99,7 +100,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--no-val", action="store_true", help="skip the per-epoch validation accuracy")
 
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet18", choices=ARCHITECTURES)
+    g.add_argument("--arch", default="resnet18", type=architecture, metavar="ARCH",
+                   help="a torchvision model name (resnet18, convnext_tiny, ...) or timm:NAME, a "
+                   "timm ResNet, ConvNeXt, EfficientNet or RegNet (pip install "
+                   "'captum-consistency[timm]'; random initialisation)")
     g.add_argument("--gmp", action="store_true", help="global max pooling instead of average (ResNets)")
     g.add_argument("--init-from", default=None,
                    help="initialise from these weights, all but the classifier (COCO from ImageNet)")

@@ -15,10 +15,10 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from captum_consistency.builders import build_model
+from captum_consistency.builders import ARCHITECTURES, build_model, is_timm_arch
 from captum_consistency.engine.datasets import DATA_KINDS
 
-__all__ = ["RECIPES", "positive_int", "add_data_arguments", "check_input_size"]
+__all__ = ["RECIPES", "positive_int", "architecture", "add_data_arguments", "check_input_size"]
 
 #: The recipes that share :func:`add_data_arguments`.
 RECIPES: Tuple[str, ...] = ("train", "evaluate", "robustness")
@@ -66,6 +66,44 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def architecture(text: str) -> str:
+    """``argparse`` type of ``--arch``: a name of :data:`~captum_consistency.builders.ARCHITECTURES`
+    or ``timm:<name>``, a timm model of the ResNet, ConvNeXt, EfficientNet or RegNet classes.
+
+    A timm name is built once on the ``meta`` device (no memory, no weights) to check that
+    timm is installed, knows the name and that its class has default layers.
+
+    Args:
+        text (str): the command-line value.
+
+    Returns:
+        str: the value.
+
+    Raises:
+        argparse.ArgumentTypeError: an unknown name, a timm name without timm installed or of
+            another class; argparse turns it into a usage error naming the option.
+
+    Examples::
+
+        >>> parser.add_argument("--arch", type=architecture)
+        >>> parser.parse_args(["--arch", "timm:convnext_atto"]).arch
+        'timm:convnext_atto'
+    """
+    if is_timm_arch(text):
+        try:
+            with torch.device("meta"):
+                build_model(text, 2)
+        except (ImportError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+    if text not in ARCHITECTURES:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {', '.join(ARCHITECTURES)}, or timm:<name> "
+            "for a timm ResNet, ConvNeXt, EfficientNet or RegNet)"
+        )
+    return text
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, recipe: str) -> argparse._ArgumentGroup:
