@@ -14,7 +14,12 @@ from captum_consistency.engine.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from captum_consistency.engine.cli import add_data_arguments, check_input_size, positive_int
+from captum_consistency.engine.cli import (
+    add_data_arguments,
+    architecture,
+    check_input_size,
+    positive_int,
+)
 from captum_consistency.engine.distributed import (
     DistributedInfo,
     all_reduce_sum,
@@ -67,6 +72,7 @@ __all__ = [
     "add_data_arguments",
     "check_input_size",
     "positive_int",
+    "architecture",
     "evaluate_transfer",
     "TRANSFER_METHODS",
     # the procedural shapes benchmark (recipes/quickstart.py)
