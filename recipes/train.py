@@ -35,7 +35,11 @@ paper). Every epoch ends with an atomic ``checkpoint.pth`` in ``--output-dir`` (
 optimizer, scheduler, epoch, arguments, every rank's RNG states): a run killed at any moment
 loses at most the epoch in progress, and ``--resume`` continues from the last completed epoch.
 TensorBoard scalars go to ``<output-dir>/tensorboard`` and one JSON line per epoch to
-``<output-dir>/log.jsonl``.
+``<output-dir>/log.jsonl``. After every epoch, rank 0 also logs Grad-CAM panels of
+``--log-images`` fixed validation images and of their 2x2 composites (tags ``gradcam/images``
+and ``gradcam/composites``), and every rank scores its shard of a fixed validation subset of
+``--log-subset`` images: NQH, and PG and CH where the validation set has boxes or masks
+(tags ``val_subset/nqh``, ``val_subset/pg``, ``val_subset/ch``).
 """
 
 from __future__ import annotations
@@ -52,14 +56,18 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from captum_consistency import GradCamConsistencyLoss
 from captum_consistency.builders import build_model, gradcam_layer
+from torch.utils.data import Subset
+
 from captum_consistency.data import (
     DatasetDistractorSampler,
+    SizeGroupedBatchSampler,
     DatasetWithDistractors,
     DistractorFallback,
     collate_with_distractors,
     gather_distractors,
 )
 from captum_consistency.engine import (
+    GradCamPanels,
     ScaledBCEWithLogitsLoss,
     ShardSampler,
     check_checkpoint_compatible,
@@ -77,6 +85,9 @@ from captum_consistency.engine import (
     set_rng_state,
     train_one_epoch,
     barrier,
+    distractor_classes_ok,
+    fixed_indices,
+    validation_scalars,
 )
 from captum_consistency.engine.cli import (
     add_data_arguments,
@@ -147,7 +158,22 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, help="checkpoint to continue from")
     g.add_argument("--log-every", default=20, type=int, help="TensorBoard/progress interval (steps)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+    g = p.add_argument_group("TensorBoard (per epoch, on the validation set)")
+    g.add_argument("--log-images", default=8, type=non_negative_int, metavar="N",
+                   help="Grad-CAM panels of N fixed validation images and their 2x2 composites "
+                   "(tags gradcam/images, gradcam/composites), drawn by rank 0; 0: none")
+    g.add_argument("--log-subset", default=512, type=non_negative_int, metavar="N",
+                   help="NQH, and PG and CH where the validation set has boxes or masks, of N "
+                   "fixed validation images (tags val_subset/*; ImageNet boxes: --boxes); 0: none")
     return p
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _schedule(args):
@@ -177,6 +203,78 @@ def _synthetic_kwargs(args, split_length):
 def _log(msg: str, main: bool) -> None:
     if main:
         print(msg, flush=True)
+
+
+def _validation_monitor(args, info, val, val_split):
+    """What the per-epoch TensorBoard logging needs (panels, subset loaders), or None."""
+    if not (args.log_images or args.log_subset):
+        return None
+    if val is None:
+        _log("--no-val: no Grad-CAM panels or validation scalars are logged", info.is_main)
+        return None
+    n = len(val.dataset)
+    monitor = {"val": val, "panels": None, "crop": None, "whole": None}
+    if args.log_images and info.is_main:
+        if args.log_images > n:
+            _log(f"--log-images {args.log_images} is larger than the validation set ({n} "
+                 f"images): logging {n}", True)
+        monitor["panels"] = GradCamPanels(
+            val.dataset, val.classes, val.mean, val.std, min(args.log_images, n),
+            collate_fn=val.collate_fn, seed=args.seed)
+    if not args.log_subset:
+        return monitor
+    if args.log_subset > n:
+        _log(f"--log-subset {args.log_subset} is larger than the validation set ({n} images): "
+             f"scoring {n}", info.is_main)
+    subset = fixed_indices(n, args.log_subset)
+    monitor["crop"] = DataLoader(
+        Subset(val.dataset, subset), batch_size=args.batch_size, collate_fn=val.collate_fn,
+        sampler=ShardSampler(len(subset), info.rank, info.world_size), num_workers=args.workers)
+    monitor["fallback"] = DistractorFallback(val.dataset, DatasetDistractorSampler(
+        val.targets, seed=rank_seed(args.seed, 0, 6), rank=info.rank, num_classes=val.num_classes))
+    monitor["distractor_ok"] = distractor_classes_ok(val.targets, val.num_classes)
+    if args.data == "imagenet" and not args.boxes:
+        _log("the validation set has no boxes (ImageNet without --boxes): the per-epoch PG and "
+             "CH are left out, NQH is logged", info.is_main)
+        return monitor
+    whole = build_dataset(
+        args.data, val_split, "whole", args.image_size, data_root=args.data_root,
+        boxes=args.boxes, ann_file=args.val_ann_file, classes=val.classes,
+        skip_corrupt=args.skip_corrupt, skip_missing_boxes=args.skip_missing_boxes,
+        synthetic=_synthetic_kwargs(args, args.synthetic_val_length),
+        allow_empty=args.allow_empty_classes)
+    subset = fixed_indices(len(whole.dataset), args.log_subset)
+    if args.data == "synthetic":
+        monitor["whole"] = DataLoader(
+            Subset(whole.dataset, subset), batch_size=args.batch_size, num_workers=args.workers,
+            sampler=ShardSampler(len(subset), info.rank, info.world_size))
+    else:
+        sizes = whole.dataset.original_sizes()
+        sampler = SizeGroupedBatchSampler([sizes[i] for i in subset], args.batch_size,
+                                          short_side=None, num_replicas=info.world_size,
+                                          rank=info.rank)
+        monitor["whole"] = DataLoader(Subset(whole.dataset, subset), batch_sampler=sampler,
+                                      num_workers=args.workers, collate_fn=whole.collate_fn)
+    return monitor
+
+
+def _log_validation(monitor, model, writer, epoch, device, args, channels_last, main_proc):
+    """Panels (rank 0) and the subset's scalars (every rank) of one epoch; returns the scalars."""
+    if monitor["panels"] is not None:
+        monitor["panels"].log(writer, model, epoch, device)
+    if monitor["crop"] is None:
+        return None
+    val = monitor["val"]
+    scalars = validation_scalars(
+        model, monitor["crop"], device, val.num_classes, whole_loader=monitor["whole"],
+        multilabel=val.multilabel, fallback=monitor["fallback"],
+        distractor_ok=monitor["distractor_ok"], seed=args.seed,
+        tolerance=15.0 * args.image_size / 224 if args.data == "synthetic" else 15.0,
+        amp=args.amp, channels_last=channels_last)
+    if main_proc:
+        for name, value in scalars.items():
+            writer.add_scalar(f"val_subset/{name}", value, epoch)
+    return scalars
 
 
 def main(args) -> dict:
@@ -258,6 +356,8 @@ def _main(args, info) -> dict:
             sampler=ShardSampler(len(val.dataset), info.rank, info.world_size),
             num_workers=args.workers, collate_fn=val.collate_fn, pin_memory=pin,
         )
+
+    monitor = _validation_monitor(args, info, val, val_split)
 
     # ------------------------------------------------------------------ model
     model = build_model(args.arch, num_classes, gmp=args.gmp)
@@ -361,8 +461,17 @@ def _main(args, info) -> dict:
                 model, val_loader, device, multilabel=val.multilabel, amp=args.amp,
                 channels_last=channels_last, num_classes=num_classes,
             )
+        subset_stats, log_time = None, 0.0
+        if monitor is not None:
+            t_log = time.time()
+            subset_stats = _log_validation(monitor, model, writer, epoch + 1, device, args,
+                                           channels_last, main_proc)
+            log_time = round(time.time() - t_log, 3)
         record = {"epoch": epoch + 1, "lr": lr, "train": stats, "val": val_stats,
                   "time_s": round(time.time() - t0, 3)}
+        if monitor is not None:
+            record["val_subset"] = subset_stats
+            record["log_time_s"] = log_time
         if fallback is not None:
             record["fallback_distractors"] = fallback.num_loaded
         rng = gather_rng_states()  # collective: every rank takes part

@@ -54,6 +54,13 @@ from captum_consistency.engine.shapes_benchmark import (
     figure_inputs,
 )
 from captum_consistency.engine.transfer import TRANSFER_METHODS, evaluate_transfer
+from captum_consistency.engine.evaluation import distractor_classes_ok
+from captum_consistency.engine.monitor import (
+    PANEL_TAGS,
+    GradCamPanels,
+    fixed_indices,
+    validation_scalars,
+)
 
 # Kept importable from here (their home is captum_consistency.metrics); not listed below.
 from captum_consistency.metrics import multilabel_f1  # noqa: F401
@@ -105,4 +112,9 @@ __all__ = [
     "get_rng_state",
     "set_rng_state",
     "gather_rng_states",
+    "distractor_classes_ok",
+    "GradCamPanels",
+    "PANEL_TAGS",
+    "fixed_indices",
+    "validation_scalars",
 ]

@@ -149,8 +149,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, recipe: str) -> argparse
     add("--data-root", default=None,
         help="ImageNet: folder of the split folders of <class>/<image> files; COCO: folder of "
         "the split folders and annotations/" + saved)
-    add("--boxes", default=None, used_by={"evaluate"},
-        help="ImageNet: folder of the evaluated split's bounding-box XMLs")
+    add("--boxes", default=None, used_by={"train", "evaluate"},
+        help="ImageNet: folder of the evaluated split's bounding-box XMLs (train.py: of the "
+        "validation split, for the per-epoch PG and CH of --log-subset)")
     add("--ann-file", default=None, used_by={"train", "evaluate"},
         help="COCO: annotations of the training split (train.py) or of the evaluated split "
         "(evaluate.py); default <root>/annotations/instances_<split>.json")
@@ -164,7 +165,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, recipe: str) -> argparse
         help="evaluated split (imagenet: val, coco: val2014, synthetic: test)")
     add("--skip-corrupt", action="store_true",
         help="skip (and count) undecodable images instead of stopping with an error")
-    add("--skip-missing-boxes", action="store_true", used_by={"evaluate"},
+    add("--skip-missing-boxes", action="store_true", used_by={"train", "evaluate"},
         help="ImageNet: skip (and count) images without a usable XML instead of stopping")
     add("--allow-empty-classes", action="store_true",
         help="ImageNet: keep class folders that hold no image (their indices unchanged) "

@@ -71,7 +71,27 @@ __all__ = [
     "WholeImagePairs",
     "whole_image_pairs",
     "evaluate_interpretations",
+    "distractor_classes_ok",
 ]
+
+
+def distractor_classes_ok(targets: Any, num_classes: int) -> Tensor:
+    """The classes that have a valid composite: at least three images of the data set lack them.
+
+    A class contained in all but fewer than three images (tiny sets) has no three distractors
+    without it; pass the result as ``distractor_ok`` to :func:`evaluate_interpretations`.
+
+    Args:
+        targets (sequence or Tensor): ``(N,)`` class ids or ``(N, K)`` multi-hot targets.
+        num_classes (int): number of classes.
+
+    Returns:
+        Tensor: ``(num_classes,)`` bool.
+    """
+    contains = torch.as_tensor(targets)
+    counts = (contains != 0).sum(0) if contains.dim() == 2 else torch.bincount(
+        contains.long(), minlength=num_classes)
+    return (contains.shape[0] - counts) >= 3
 
 
 class SaliencyExplainer:
