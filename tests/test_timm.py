@@ -3,7 +3,6 @@ trains each timm family of the family table, GMP replaces their head's pooling, 
 ``--arch timm:NAME`` builds them, and a missing timm is a clear error."""
 
 import sys
-import warnings
 
 import pytest
 import torch
@@ -24,11 +23,10 @@ from captum_consistency.attr import (  # noqa: E402
 from captum_consistency.attr._families import TIMM_FAMILIES  # noqa: E402
 from captum_consistency.builders import build_model, gradcam_layer, gradcam_layer_name  # noqa: E402
 from tests._recipes import load_recipe  # noqa: E402
-from tests.test_transfer_methods import FAST_OPTIONS, RULE_WARNINGS  # noqa: E402
+from tests.test_transfer_methods import _check_map, _run, check_every_name_on_convnext  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting .*(hooks|attributes):UserWarning")
 
-TARGET = torch.tensor([1, 3])
 # The smallest timm model of each family (the default layer is read from the class).
 SMALLEST = {
     "timm-resnet": "timm:resnet10t",
@@ -53,33 +51,14 @@ def _tiny_convnext():
 
 
 @pytest.fixture(scope="module")
-def resnet():
-    return _tiny_resnet()
-
-
-@pytest.fixture(scope="module")
-def convnext():
-    return _tiny_convnext()
-
-
-@pytest.fixture(scope="module")
-def x():
+def tiny():
+    """The tiny timm models and a batch they map at 2 x 2 (stride 32)."""
     torch.manual_seed(1)
-    return torch.randn(2, 3, 64, 64)  # stride 32: 2 x 2 CAM maps
+    return {"resnet": _tiny_resnet(), "convnext": _tiny_convnext(), "x": torch.randn(2, 3, 64, 64)}
 
 
-def _run(name, model, x):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        method = get_attribution(name, model, **FAST_OPTIONS.get(name, {}))
-        sal = method.attribute(x, TARGET)
-    return method, sal, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-
-
-def _check_map(sal):
-    assert sal.shape == (2, 1, 64, 64) and sal.dtype == torch.float32 and not sal.requires_grad
-    assert torch.isfinite(sal).all() and (sal >= 0).all()
-    assert (sal.flatten(1).sum(1) > 0).any()  # a real map (a ReLU'd CAM may be zero for one)
+def _check(sal):
+    _check_map(sal, shape=(2, 1, 64, 64), every_sample=False)  # a ReLU'd CAM may be zero for one
 
 
 def test_the_timm_families_are_in_the_one_table():
@@ -92,9 +71,9 @@ def test_the_timm_families_are_in_the_one_table():
 
 
 @pytest.mark.parametrize("name", available_attributions())
-def test_every_name_on_a_tiny_timm_resnet(resnet, x, name):
-    method, sal, caught = _run(name, resnet, x)
-    _check_map(sal)
+def test_every_name_on_a_tiny_timm_resnet(tiny, name):
+    method, sal, caught = _run(name, tiny["resnet"], tiny["x"])
+    _check(sal)
     assert method.arch == "timm-resnet" and method.num_classes == 5
     assert not [m for m in caught if "ordinary gradient" in m], caught  # ReLUs only
     if "layer" in method.layers and name != "cmwp":
@@ -102,22 +81,8 @@ def test_every_name_on_a_tiny_timm_resnet(resnet, x, name):
 
 
 @pytest.mark.parametrize("name", available_attributions())
-def test_every_name_on_a_tiny_timm_convnext(convnext, x, name):
-    if name == "cmwp":
-        with pytest.raises(ValueError, match="cmwp has default layers for .*timm-resnet.*timm-convnext"):
-            get_attribution(name, convnext)
-        return
-    if name == "fullgrad":  # not piecewise linear: refused, never a wrong map
-        with pytest.raises(ValueError, match="FullGrad.*channels last"):
-            get_attribution(name, convnext).attribute(x, TARGET)
-        return
-    method, sal, caught = _run(name, convnext, x)
-    _check_map(sal)
-    assert method.arch == "timm-convnext" and method.num_classes == 5
-    unguided = [m for m in caught if "ordinary gradient" in m]
-    assert bool(unguided) == (name in RULE_WARNINGS), caught
-    if "layer" in method.layers:
-        assert method.layers == {"layer": "stages"}
+def test_every_name_on_a_tiny_timm_convnext(tiny, name):
+    check_every_name_on_convnext(tiny["convnext"], tiny["x"], name, "timm-convnext", "stages", _check)
 
 
 @pytest.mark.parametrize("family", TIMM_FAMILIES)
