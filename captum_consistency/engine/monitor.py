@@ -72,7 +72,8 @@ class GradCamPanels:
     Args:
         dataset (Dataset): the validation set of fixed-size ``S x S`` crops.
         classes (sequence of str): class names.
-        mean, std (sequence of float): the images' normalisation (to show them).
+        mean (sequence of float): the images' normalisation mean (to show them).
+        std (sequence of float): its standard deviation.
         num_images (int): rows of each panel (at most ``len(dataset)``).
         collate_fn (callable, optional): the data set's collate function.
         method (str): the registry name of the maps (``"gradcam"``; the GC loss's layer).

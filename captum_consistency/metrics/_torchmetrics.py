@@ -16,7 +16,7 @@ after synchronising).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -54,7 +54,7 @@ class _MeanOfScores(Metric):
     is_differentiable = False
     full_state_update = False
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         _sum_state(self, "total")
         _sum_state(self, "count")
@@ -111,7 +111,7 @@ class PointingGame(Metric):
     full_state_update = False
 
     def __init__(self, num_classes: int = 1, tolerance: float = 15, average: str = "macro",
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if average not in ("macro", "micro"):
             raise ValueError(f"average must be 'macro' or 'micro', got {average!r}")
@@ -191,7 +191,7 @@ class StochasticPointingGame(Metric):
 
     def __init__(self, tolerance: float = 15, num_samples: int = 100, num_runs: int = 5,
                  generator: Optional[torch.Generator] = None, return_std: bool = False,
-                 **kwargs) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.tolerance = _check_tolerance(tolerance)
         self.num_samples = _check_positive_int(num_samples, "num_samples")
