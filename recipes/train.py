@@ -93,6 +93,7 @@ from captum_consistency.engine.cli import (
     add_data_arguments,
     architecture,
     check_input_size,
+    non_negative_int,
     positive_int,
     recipe_parser,
 )
@@ -168,12 +169,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    "fixed validation images (tags val_subset/*; ImageNet boxes: --boxes); 0: none")
     return p
 
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _schedule(args):

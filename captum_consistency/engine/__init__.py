@@ -18,6 +18,7 @@ from captum_consistency.engine.cli import (
     add_data_arguments,
     architecture,
     check_input_size,
+    non_negative_int,
     positive_int,
 )
 from captum_consistency.engine.distributed import (
@@ -80,6 +81,7 @@ __all__ = [
     "check_input_size",
     "positive_int",
     "architecture",
+    "non_negative_int",
     "evaluate_transfer",
     "TRANSFER_METHODS",
     # the procedural shapes benchmark (recipes/quickstart.py)

@@ -18,7 +18,14 @@ from torch import nn
 from captum_consistency.builders import ARCHITECTURES, build_model, is_timm_arch
 from captum_consistency.engine.datasets import DATA_KINDS
 
-__all__ = ["RECIPES", "positive_int", "architecture", "add_data_arguments", "check_input_size"]
+__all__ = [
+    "RECIPES",
+    "positive_int",
+    "non_negative_int",
+    "architecture",
+    "add_data_arguments",
+    "check_input_size",
+]
 
 #: The recipes that share :func:`add_data_arguments`.
 RECIPES: Tuple[str, ...] = ("train", "evaluate", "robustness")
@@ -65,6 +72,27 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """``argparse`` type of an integer option where 0 turns something off (``--log-images``).
+
+    Args:
+        text (str): the command-line value.
+
+    Returns:
+        int: the value.
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or negative.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
