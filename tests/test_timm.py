@@ -154,3 +154,21 @@ def test_missing_timm_is_a_clear_error(monkeypatch):
         build_model("timm:resnet18", 3)
     # torchvision models do not need it
     assert detect_architecture(build_model("resnet18", 3)) == "resnet"
+
+
+def test_train_recipe_trains_a_timm_model_and_logs_its_panels(tmp_path, one_thread):
+    from tests._recipes import run_recipe
+
+    train = load_recipe("train", prefix="_recipe_timm_run")
+    out = tmp_path / "run"
+    record = run_recipe(train, [
+        "--data", "synthetic", "--arch", "timm:resnet10t", "--gmp", "--image-size", "40",
+        "--epochs", "1", "--batch-size", "4", "--lr", "0.01", "--device", "cpu", "--workers", "0",
+        "--synthetic-train-length", "8", "--synthetic-val-length", "8", "--no-progress",
+        "--log-images", "2", "--log-subset", "4", "--output-dir", out])
+    assert record["epoch"] == 1 and record["train"]["consistency"] > 0
+    assert set(record["val_subset"]) == {"nqh", "pg", "ch"}
+    saved = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert saved["arch"] == "timm:resnet10t" and saved["gmp"] is True
+    rebuilt = build_model(saved["arch"], saved["num_classes"], gmp=True)
+    rebuilt.load_state_dict(saved["model"])  # the checkpoint rebuilds (evaluate.py's path)
