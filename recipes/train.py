@@ -52,17 +52,15 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from captum_consistency import GradCamConsistencyLoss
 from captum_consistency.builders import build_model, gradcam_layer
-from torch.utils.data import Subset
-
 from captum_consistency.data import (
     DatasetDistractorSampler,
-    SizeGroupedBatchSampler,
     DatasetWithDistractors,
     DistractorFallback,
+    SizeGroupedBatchSampler,
     collate_with_distractors,
     gather_distractors,
 )
@@ -168,7 +166,6 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="NQH, and PG and CH where the validation set has boxes or masks, of N "
                    "fixed validation images (tags val_subset/*; ImageNet boxes: --boxes); 0: none")
     return p
-
 
 
 def _schedule(args):

@@ -53,17 +53,21 @@ def test_tiny_run_logs_panels_and_subset_scalars(tmp_path, capsys, one_thread):
 
 def test_validation_set_without_boxes_leaves_localisation_out(tmp_path, capsys, one_thread):
     fx = make_imagenet_folder(tmp_path / "imagenet", num_classes=4, images_per_class=2)
-    out = tmp_path / "run"
-    record = run_recipe(train, [
-        "--data", "imagenet", "--data-root", fx.root, "--arch", "resnet18", "--image-size", "40",
-        "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--workers", "0", "--no-progress",
-        "--log-images", "0", "--output-dir", out])
+    common = ["--data", "imagenet", "--data-root", fx.root, "--arch", "resnet18", "--image-size",
+              "40", "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--workers", "0",
+              "--no-progress", "--log-images", "0"]
+    record = run_recipe(train, common + ["--output-dir", tmp_path / "run"])
     log = capsys.readouterr().out
     assert log.count("the validation set has no boxes") == 1
     assert set(record["val_subset"]) == {"nqh"}
-    acc = _events(out / "tensorboard")
+    acc = _events(tmp_path / "run" / "tensorboard")
     assert acc.Tags()["images"] == []  # --log-images 0
     assert [t for t in acc.Tags()["scalars"] if t.startswith("val_subset/")] == ["val_subset/nqh"]
+    # with the validation boxes: PG and CH of the subset's whole images (grouped by size)
+    record = run_recipe(train, common + ["--boxes", fx.boxes_dirs["val"], "--log-subset", "6",
+                                         "--output-dir", tmp_path / "boxes"])
+    assert "no boxes" not in capsys.readouterr().out
+    assert set(record["val_subset"]) == {"nqh", "pg", "ch"}
 
 
 def test_panels_show_the_same_images_and_composites_every_time():
