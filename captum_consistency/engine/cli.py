@@ -66,13 +66,7 @@ def positive_int(text: str) -> int:
         >>> parser.add_argument("--epochs", type=positive_int)
         >>> parser.parse_args(["--epochs", "0"])  # error: argument --epochs: must be >= 1, got 0
     """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:
@@ -87,12 +81,16 @@ def non_negative_int(text: str) -> int:
     Raises:
         argparse.ArgumentTypeError: not an integer, or negative.
     """
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
 
 
