@@ -10,6 +10,11 @@ for ResNets, the whole ``features`` stack for AlexNet (conv5 after its ReLU and 
 in the authors' code), the last stage for the others. Vision transformers are refused: their
 position embeddings are fixed to one input size, so a ViT cannot take a composite twice as
 large.
+
+timm models are built by name with ``"timm:<name>"`` (``timm.create_model(name,
+pretrained=False)``; timm is optional, ``pip install captum-consistency[timm]``) for the timm
+families of the same table: ``timm.models.ResNet``, ``ConvNeXt``, ``EfficientNet`` and
+``RegNet``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import torchvision
 from torch import nn
 
 from captum_consistency.attr._families import (
+    TIMM_FAMILIES,
+    TIMM_PREFIX,
     default_layers,
     detect_architecture,
     family_of_model_name,
@@ -28,7 +35,14 @@ from captum_consistency.attr._families import (
 )
 from captum_consistency.models import to_global_max_pool
 
-__all__ = ["ARCHITECTURES", "build_model", "gradcam_layer", "gradcam_layer_name", "unwrap_model"]
+__all__ = [
+    "ARCHITECTURES",
+    "build_model",
+    "gradcam_layer",
+    "gradcam_layer_name",
+    "unwrap_model",
+    "is_timm_arch",
+]
 
 #: The families whose models cannot take the GC loss's composites (see ``_VIT_REFUSAL``).
 _REFUSED_FAMILIES = ("vit",)
@@ -41,7 +55,51 @@ ARCHITECTURES: Tuple[str, ...] = tuple(
 torchvision classification model of the ResNet (``resnet*``, ``resnext*``, ``wide_resnet*``),
 VGG, AlexNet, ConvNeXt, EfficientNet (B0-B7, V2), MobileNetV3, DenseNet and RegNet families
 of :data:`captum_consistency.attr.ARCHITECTURE_FAMILIES` (the families are the registry's; these
-are torchvision's model names)."""
+are torchvision's model names). timm models are not listed: ``"timm:<name>"`` builds any timm
+model of the timm families (:func:`is_timm_arch`)."""
+
+_TIMM_MISSING = (
+    "{arch!r} is a timm model and timm is not installed: pip install 'captum-consistency[timm]' "
+    "(or pip install timm)"
+)
+
+
+def _import_timm(arch: str):
+    try:
+        import timm
+    except ImportError:
+        raise ImportError(_TIMM_MISSING.format(arch=arch)) from None
+    return timm
+
+
+def is_timm_arch(arch: str) -> bool:
+    """Whether ``arch`` names a timm model (``"timm:<name>"``, e.g. ``"timm:convnext_atto"``).
+
+    Args:
+        arch (str): an architecture name of :func:`build_model`.
+
+    Returns:
+        bool: True for the ``timm:`` prefix (whether or not timm knows the name).
+    """
+    return isinstance(arch, str) and arch.startswith(TIMM_PREFIX)
+
+
+def _build_timm(arch: str, num_classes: int) -> nn.Module:
+    timm = _import_timm(arch)
+    name = arch[len(TIMM_PREFIX):]
+    if not timm.is_model(name):
+        raise ValueError(
+            f"arch {arch!r}: timm has no model {name!r} (timm.list_models() lists its names)"
+        )
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+    family = detect_architecture(model)
+    if family not in TIMM_FAMILIES:
+        raise ValueError(
+            f"arch {arch!r}: a {type(model).__module__}.{type(model).__name__}, not one of the timm "
+            f"families with default layers ({', '.join(TIMM_FAMILIES)}: timm.models.ResNet, "
+            "ConvNeXt, EfficientNet, RegNet)"
+        )
+    return model
 
 _VIT_REFUSAL = (
     "vision transformers cannot be trained with the GC loss: their position embeddings fix the "
@@ -52,10 +110,12 @@ _VIT_REFUSAL = (
 
 
 def build_model(arch: str, num_classes: int, gmp: bool = False) -> nn.Module:
-    """Builds a randomly initialised torchvision classifier (``weights=None``).
+    """Builds a randomly initialised torchvision (or timm) classifier (``weights=None``).
 
     Args:
-        arch (str): one of :data:`ARCHITECTURES` (e.g. ``"resnet18"``, ``"convnext_tiny"``).
+        arch (str): one of :data:`ARCHITECTURES` (e.g. ``"resnet18"``, ``"convnext_tiny"``), or
+            ``"timm:<name>"`` for a timm model of the ResNet, ConvNeXt, EfficientNet or RegNet
+            classes (``timm.create_model(name, pretrained=False)``).
         num_classes (int): size of the classifier's output (from the data, never hard-coded).
         gmp (bool): replace the global average pooling with global max pooling
             (:func:`captum_consistency.to_global_max_pool`): ResNet, ConvNeXt, EfficientNet,
@@ -66,8 +126,10 @@ def build_model(arch: str, num_classes: int, gmp: bool = False) -> nn.Module:
         torch.nn.Module: the model, in training mode, on the CPU.
 
     Raises:
-        ValueError: unknown ``arch`` (a ViT with the reason), ``num_classes < 1``, or ``gmp``
-            with a model without a global average pooling module.
+        ValueError: unknown ``arch`` (a ViT with the reason; a timm name timm does not know or
+            of another class), ``num_classes < 1``, or ``gmp`` with a model without a global
+            average pooling module.
+        ImportError: a ``timm:`` name without timm installed.
 
     Examples::
 
@@ -75,18 +137,20 @@ def build_model(arch: str, num_classes: int, gmp: bool = False) -> nn.Module:
         >>> model.avgpool
         AdaptiveMaxPool2d(output_size=1)
     """
-    _check_arch(arch)
+    if not is_timm_arch(arch):
+        _check_arch(arch)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    builder = getattr(torchvision.models, arch)
-    if arch.startswith("regnet_") and torch.get_default_device().type == "meta":
+    if is_timm_arch(arch):
+        model = _build_timm(arch, num_classes)
+    elif arch.startswith("regnet_") and torch.get_default_device().type == "meta":
         # RegNet's builder computes its stage widths with tensor operations, which the meta
         # device cannot run (size checks build models there): build on the CPU, then move.
         with torch.device("cpu"):
-            model = builder(weights=None, num_classes=num_classes)
+            model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
         model = model.to("meta")
     else:
-        model = builder(weights=None, num_classes=num_classes)
+        model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     if gmp:
         try:
             to_global_max_pool(model)
@@ -111,7 +175,9 @@ def gradcam_layer_name(arch: str) -> str:
     and ``"trunk_output"`` for RegNet.
 
     Args:
-        arch (str): one of :data:`ARCHITECTURES`.
+        arch (str): one of :data:`ARCHITECTURES`, or ``"timm:<name>"`` (``"layer4"``,
+            ``"stages"``, ``"bn2"`` or ``"final_conv"`` for timm's ResNet, ConvNeXt,
+            EfficientNet and RegNet).
 
     Returns:
         str: the name of the layer in ``model.named_modules()`` (for ``model.get_submodule``).
@@ -126,6 +192,9 @@ def gradcam_layer_name(arch: str) -> str:
         >>> gradcam_layer_name("vgg16")
         'features.29'
     """
+    if is_timm_arch(arch):
+        with torch.device("meta"):
+            return default_layers(_build_timm(arch, 1))["layer"]
     _check_arch(arch)
     family = family_of_model_name(arch)
     name = static_layer_name(family)

@@ -40,7 +40,9 @@ def to_global_max_pool(model: nn.Module) -> nn.Module:
     locations and gives sharper element-wise Grad-CAM maps. The head's ``AdaptiveAvgPool2d``
     with a 1x1 output is replaced in place: ``model.avgpool`` when it is one (torchvision
     ResNet, ConvNeXt, EfficientNet, MobileNetV3, RegNet), else the last such module outside a
-    squeeze-and-excitation block (whose pooling is channel attention, not the head's). Pooling
+    squeeze-and-excitation block (whose pooling is channel attention, not the head's): for timm's
+    ResNet, ConvNeXt, EfficientNet and RegNet, the ``pool`` of the head's
+    ``SelectAdaptivePool2d`` (its ``pool_type`` becomes ``"max"``). Pooling
     has no parameters, so the state dict is unchanged and torchvision weights still load.
 
     Args:
@@ -83,6 +85,8 @@ def to_global_max_pool(model: nn.Module) -> nn.Module:
         )
     parent, name = found[-1]  # the one closest to the classifier in module order
     setattr(parent, name, nn.AdaptiveMaxPool2d(1))
+    if getattr(parent, "pool_type", None) == "avg":  # timm's SelectAdaptivePool2d says what it pools
+        parent.pool_type = "max"
     return model
 
 

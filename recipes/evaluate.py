@@ -54,7 +54,11 @@ from captum_consistency.engine.cli import (
     recipe_parser,
 )
 from captum_consistency.engine.datasets import build_dataset, model_name
-from captum_consistency.engine.evaluation import METHODS, evaluate_interpretations
+from captum_consistency.engine.evaluation import (
+    METHODS,
+    distractor_classes_ok,
+    evaluate_interpretations,
+)
 from captum_consistency.report import interpretation_table
 
 
@@ -224,10 +228,7 @@ def _main(args, info) -> dict:
     make_distractors = distractor_ok = None
     if not args.no_nqh:
         # A class contained in all but fewer than 3 images has no valid composite (tiny sets).
-        contains = torch.as_tensor(crop.targets)
-        counts = (contains != 0).sum(0) if contains.dim() == 2 else torch.bincount(
-            contains.long(), minlength=crop.num_classes)
-        distractor_ok = (len(crop.dataset) - counts) >= 3
+        distractor_ok = distractor_classes_ok(crop.targets, crop.num_classes)
         fallback = DistractorFallback(
             crop.dataset, DatasetDistractorSampler(crop.targets, seed=rank_seed(args.seed, 0, 5),
                                                    rank=info.rank, num_classes=crop.num_classes)

@@ -23,7 +23,7 @@ style of torchvision's ``references/classification/train.py``::
     torchrun --nproc_per_node 4 recipes/train.py --data imagenet --data-root /data/imagenet \\
         --loss cgc --output-dir runs/r18_cgc          # lambda 0.5, tau 0.5
     # ... or guided by masks: the shapes' exact masks, COCO's segmentations, or ImageNet's
-    # training boxes (--boxes DIR of the training split's XMLs)
+    # training boxes (--train-boxes DIR of the training split's XMLs)
     python recipes/train.py --data synthetic --loss energy --output-dir runs/energy ...
 
 Defaults are the paper's schedules (:func:`captum_consistency.engine.default_schedule`):
@@ -41,7 +41,11 @@ paper). Every epoch ends with an atomic ``checkpoint.pth`` in ``--output-dir`` (
 optimizer, scheduler, epoch, arguments, every rank's RNG states): a run killed at any moment
 loses at most the epoch in progress, and ``--resume`` continues from the last completed epoch.
 TensorBoard scalars go to ``<output-dir>/tensorboard`` and one JSON line per epoch to
-``<output-dir>/log.jsonl``.
+``<output-dir>/log.jsonl``. After every epoch, rank 0 also logs Grad-CAM panels of
+``--log-images`` fixed validation images and of their 2x2 composites (tags ``gradcam/images``
+and ``gradcam/composites``), and every rank scores its shard of a fixed validation subset of
+``--log-subset`` images: NQH, and PG and CH where the validation set has boxes or masks
+(tags ``val_subset/nqh``, ``val_subset/pg``, ``val_subset/ch``).
 """
 
 from __future__ import annotations
@@ -54,19 +58,21 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from captum_consistency import GradCamConsistencyLoss
 from captum_consistency.losses import EXPLANATION_LOSSES, MASK_LOSSES
-from captum_consistency.builders import ARCHITECTURES, build_model, gradcam_layer
+from captum_consistency.builders import build_model, gradcam_layer
 from captum_consistency.data import (
     DatasetDistractorSampler,
     DatasetWithDistractors,
     DistractorFallback,
+    SizeGroupedBatchSampler,
     collate_with_distractors,
     gather_distractors,
 )
 from captum_consistency.engine import (
+    GradCamPanels,
     ScaledBCEWithLogitsLoss,
     ShardSampler,
     check_checkpoint_compatible,
@@ -84,10 +90,15 @@ from captum_consistency.engine import (
     set_rng_state,
     train_one_epoch,
     barrier,
+    distractor_classes_ok,
+    fixed_indices,
+    validation_scalars,
 )
 from captum_consistency.engine.cli import (
     add_data_arguments,
+    architecture,
     check_input_size,
+    non_negative_int,
     positive_int,
     recipe_parser,
 )
@@ -106,7 +117,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--no-val", action="store_true", help="skip the per-epoch validation accuracy")
 
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="resnet18", choices=ARCHITECTURES)
+    g.add_argument("--arch", default="resnet18", type=architecture, metavar="ARCH",
+                   help="a torchvision model name (resnet18, convnext_tiny, ...) or timm:NAME, a "
+                   "timm ResNet, ConvNeXt, EfficientNet or RegNet (pip install "
+                   "'captum-consistency[timm]'; random initialisation)")
     g.add_argument("--gmp", action="store_true", help="global max pooling instead of average (ResNets)")
     g.add_argument("--init-from", default=None,
                    help="initialise from these weights, all but the classifier (COCO from ImageNet)")
@@ -134,7 +148,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--loss", default="gc", choices=tuple(EXPLANATION_LOSSES),
                    help="gc: the paper's loss (the options above); cgc: contrastive Grad-CAM "
                    "consistency (CVPR 2022); energy, l1, ppce, rrr, rrr-gradcam: guided by object "
-                   "masks (synthetic: exact masks; coco: segmentations; imagenet: --boxes DIR of "
+                   "masks (synthetic: exact masks; coco: segmentations; imagenet: --train-boxes DIR of "
                    "the training split)")
     g.add_argument("--loss-lambda", default=None, type=float,
                    help="weight of the explanation term of --loss other than gc (default: the "
@@ -168,6 +182,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, help="checkpoint to continue from")
     g.add_argument("--log-every", default=20, type=int, help="TensorBoard/progress interval (steps)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+
+    g = p.add_argument_group("TensorBoard (per epoch, on the validation set)")
+    g.add_argument("--log-images", default=8, type=non_negative_int, metavar="N",
+                   help="Grad-CAM panels of N fixed validation images and their 2x2 composites "
+                   "(tags gradcam/images, gradcam/composites), drawn by rank 0; 0: none")
+    g.add_argument("--log-subset", default=512, type=non_negative_int, metavar="N",
+                   help="NQH, and PG and CH where the validation set has boxes or masks, of N "
+                   "fixed validation images (tags val_subset/*; ImageNet boxes: --boxes); 0: none")
     return p
 
 
@@ -211,9 +233,9 @@ def _log(msg: str, main: bool) -> None:
 def _check_loss_args(args) -> None:
     """Refuses, before anything runs, a --loss the data cannot feed (argparse's exit status 2)."""
     loss = getattr(args, "loss", "gc")
-    if loss in MASK_LOSSES and args.data == "imagenet" and args.boxes is None:
+    if loss in MASK_LOSSES and args.data == "imagenet" and args.train_boxes is None:
         get_args_parser().error(
-            f"--loss {loss} needs object masks: on --data imagenet pass --boxes DIR (the "
+            f"--loss {loss} needs object masks: on --data imagenet pass --train-boxes DIR (the "
             "training split's bounding-box XMLs), or use --data coco / synthetic, or a loss "
             "without masks (gc, cgc)"
         )
@@ -285,7 +307,7 @@ def _main(args, info) -> dict:
         args.data, train_split, "train", args.image_size, data_root=args.data_root,
         ann_file=args.ann_file, skip_corrupt=args.skip_corrupt,
         synthetic=_synthetic_kwargs(args, args.synthetic_train_length),
-        allow_empty=args.allow_empty_classes, boxes=args.boxes, masks=args.loss in MASK_LOSSES,
+        allow_empty=args.allow_empty_classes, boxes=args.train_boxes, masks=args.loss in MASK_LOSSES,
     )
     num_classes = train.num_classes
     if num_classes < 2:
@@ -329,6 +351,8 @@ def _main(args, info) -> dict:
             sampler=ShardSampler(len(val.dataset), info.rank, info.world_size),
             num_workers=args.workers, collate_fn=val.collate_fn, pin_memory=pin,
         )
+
+    monitor = _validation_monitor(args, info, val, val_split)
 
     # ------------------------------------------------------------------ model
     model = build_model(args.arch, num_classes, gmp=args.gmp)
@@ -438,8 +462,17 @@ def _main(args, info) -> dict:
                 model, val_loader, device, multilabel=val.multilabel, amp=args.amp,
                 channels_last=channels_last, num_classes=num_classes,
             )
+        subset_stats, log_time = None, 0.0
+        if monitor is not None:
+            t_log = time.time()
+            subset_stats = _log_validation(monitor, model, writer, epoch + 1, device, args,
+                                           channels_last, main_proc)
+            log_time = round(time.time() - t_log, 3)
         record = {"epoch": epoch + 1, "lr": lr, "train": stats, "val": val_stats,
                   "time_s": round(time.time() - t0, 3)}
+        if monitor is not None:
+            record["val_subset"] = subset_stats
+            record["log_time_s"] = log_time
         if fallback is not None:
             record["fallback_distractors"] = fallback.num_loaded
         rng = gather_rng_states()  # collective: every rank takes part

@@ -81,7 +81,7 @@ def test_energy_on_imagenet_boxes_trains_resumes_and_evaluates(imagenet, tmp_pat
     assert exc.value.code == 2 and "--loss energy needs object masks" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
 
-    boxes = ["--loss", "energy", "--boxes", fx.boxes_dirs["train"]]
+    boxes = ["--loss", "energy", "--train-boxes", fx.boxes_dirs["train"]]
     run = tmp_path / "run"
     first = run_recipe(train, _inet_args(fx, run, 1, *boxes))
     # a random crop can miss the box, or lie inside it: those images are skipped and counted

@@ -133,8 +133,14 @@ def test_every_name_on_a_tiny_resnet18(resnet, x, name):
 
 @pytest.mark.parametrize("name", available_attributions())
 def test_every_name_on_a_tiny_convnext(convnext, x, name):
+    check_every_name_on_convnext(convnext, x, name, "convnext", "features", _check_map)
+
+
+def check_every_name_on_convnext(convnext, x, name, arch, layer, check_map):
+    """cMWP and FullGrad refused with their reasons, the others real maps at ``layer``; the
+    modified-gradient rules warn about GELU (also for timm's ConvNeXt, tests/test_timm.py)."""
     if name == "cmwp":
-        with pytest.raises(ValueError, match="cmwp has default layers for resnet, vgg, alexnet.*convnext"):
+        with pytest.raises(ValueError, match=f"cmwp has default layers for resnet, vgg, alexnet.*{arch}"):
             get_attribution(name, convnext)
         return
     if name == "fullgrad":  # not piecewise linear: refused, never a wrong map
@@ -142,15 +148,15 @@ def test_every_name_on_a_tiny_convnext(convnext, x, name):
             get_attribution(name, convnext).attribute(x, TARGET)
         return
     method, sal, caught = _run(name, convnext, x)
-    _check_map(sal)
-    assert method.arch == "convnext" and method.num_classes == 5
+    check_map(sal)
+    assert method.arch == arch and method.num_classes == 5
     unguided = [m for m in caught if "ordinary gradient" in m]
     if name in RULE_WARNINGS:
         assert len(unguided) == 1 and "gelu" in unguided[0], caught
     else:
         assert not unguided, caught
     if "layer" in method.layers:
-        assert method.layers == {"layer": "features"}
+        assert method.layers == {"layer": layer}
 
 
 # --------------------------------------------------------------------------- vs. the libraries

@@ -1,6 +1,6 @@
-"""Architecture families: the torchvision classes, their model names and their default layers.
+"""Architecture families: the torchvision and timm classes, their model names and default layers.
 
-One table, :data:`_FAMILIES`, says for each family which torchvision class it is (for
+One table, :data:`_FAMILIES`, says for each family which torchvision (or timm) class it is (for
 :func:`detect_architecture`), which ``torchvision.models`` builder names belong to it (for
 :data:`captum_consistency.builders.ARCHITECTURES` and the display names of the reports) and
 which layers the registry and the GC loss use (:func:`default_layers`,
@@ -9,6 +9,7 @@ which layers the registry and the GC loss use (:func:`default_layers`,
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
@@ -60,9 +61,20 @@ def _vit_layer(model: nn.Module) -> str:
 
 @dataclass(frozen=True)
 class _Family:
-    cls: type  # the torchvision class (subclasses count)
+    # The torchvision class (subclasses count), or "module:Class" of an optional library
+    # (timm), looked up only once that module is imported: a timm model exists only then.
+    cls: Union[type, str]
     names: Mapping[str, str]  # builder-name prefix -> its display form ("resnet" -> "ResNet")
     layers: Mapping[str, _LayerName]  # role -> layer ("layer": the CAM layer; cMWP's three)
+
+    def matches(self, model: nn.Module) -> bool:
+        cls = self.cls
+        if isinstance(cls, str):
+            module, _, name = cls.partition(":")
+            cls = getattr(sys.modules.get(module), name, None)
+            if cls is None:
+                return False
+        return isinstance(model, cls)
 
 
 # cMWP's layers of VGG and AlexNet: pool4 / pool2 (the second-to-last max pool of features),
@@ -72,6 +84,13 @@ _CMWP_VGG_LIKE: Dict[str, _LayerName] = {
     "contrast_layer": _last("classifier", nn.ReLU),
     "classifier_layer": _last("classifier", nn.Linear),
 }
+
+#: The prefix of timm model names in :func:`captum_consistency.builders.build_model` and the
+#: recipes' ``--arch`` (``"timm:resnet18"``).
+TIMM_PREFIX = "timm:"
+
+#: The timm families (classes of ``timm.models``) with default layers.
+TIMM_FAMILIES: Tuple[str, ...] = ("timm-resnet", "timm-convnext", "timm-efficientnet", "timm-regnet")
 
 _FAMILIES: Dict[str, _Family] = {
     "resnet": _Family(
@@ -87,13 +106,27 @@ _FAMILIES: Dict[str, _Family] = {
     "densenet": _Family(DenseNet, {"densenet": "DenseNet"}, {"layer": "features.denseblock4"}),
     "regnet": _Family(RegNet, {"regnet_": "RegNet-"}, {"layer": "trunk_output"}),
     "vit": _Family(VisionTransformer, {"vit_": "ViT-"}, {"layer": _vit_layer}),
+    # timm's classes (``timm.create_model(name)``; the recipes' ``--arch timm:NAME``). Their
+    # names are timm's, so the family is read from the class, never from the name.
+    "timm-resnet": _Family(
+        "timm.models.resnet:ResNet", {},
+        {"layer": "layer4", "saliency_layer": "layer3", "contrast_layer": "global_pool",
+         "classifier_layer": "fc"}),
+    "timm-convnext": _Family("timm.models.convnext:ConvNeXt", {}, {"layer": "stages"}),
+    # conv_head + bn2 (BatchNormAct2d: norm and activation), the output of the last stage
+    "timm-efficientnet": _Family("timm.models.efficientnet:EfficientNet", {}, {"layer": "bn2"}),
+    # final_conv: an Identity after stage s4 in most RegNets, a 1x1 convolution in the others
+    "timm-regnet": _Family("timm.models.regnet:RegNet", {}, {"layer": "final_conv"}),
 }
 
 ARCHITECTURE_FAMILIES: Tuple[str, ...] = tuple(_FAMILIES)
-"""The torchvision architecture families with default layers, as
-:func:`~captum_consistency.attr.detect_architecture` names them: ``resnet`` (with ResNeXt and
-Wide ResNet), ``vgg``, ``alexnet``, ``convnext``, ``efficientnet`` (with V2), ``mobilenetv3``,
-``densenet``, ``regnet`` and ``vit``. Not to be confused with
+"""The architecture families with default layers, as
+:func:`~captum_consistency.attr.detect_architecture` names them: torchvision's ``resnet`` (with
+ResNeXt and Wide ResNet), ``vgg``, ``alexnet``, ``convnext``, ``efficientnet`` (with V2),
+``mobilenetv3``, ``densenet``, ``regnet`` and ``vit``, and timm's ``timm-resnet`` (every model
+of ``timm.models.ResNet``: ResNet, ResNet-D, ResNeXt, SE-ResNet, ...), ``timm-convnext``,
+``timm-efficientnet`` (EfficientNet, MixNet, MobileNetV2, ... of ``timm.models.EfficientNet``)
+and ``timm-regnet`` (timm is optional: ``pip install captum-consistency[timm]``). Not to be confused with
 :data:`captum_consistency.builders.ARCHITECTURES`, the model names the recipes build."""
 
 #: The families cMWP has default layers for: the ReLU networks its excitation rules cover.
@@ -121,14 +154,17 @@ def detect_architecture(model: nn.Module) -> Optional[str]:
         'convnext'
     """
     for arch, family in _FAMILIES.items():
-        if isinstance(model, family.cls):
+        if family.matches(model):
             return arch
     return None
 
 
 def family_of_model_name(name: str) -> Optional[str]:
     """The family of a ``torchvision.models`` builder name (``"resnext50_32x4d"`` -> ``"resnet"``),
-    or ``None`` for a model of no family."""
+    or ``None`` for a model of no family. A timm name (``"timm:..."``) has its family in its
+    class, not its name: ``None`` as well (build it and use :func:`detect_architecture`)."""
+    if name.startswith(TIMM_PREFIX):
+        return None
     for arch, family in _FAMILIES.items():
         if name.startswith(tuple(family.names)):
             return arch
@@ -177,6 +213,13 @@ def default_layers(model: nn.Module, arch: Optional[str] = None) -> Dict[str, st
     - ``vit``: ``ln_1`` of the last encoder block (pytorch-grad-cam's choice for vision
       transformers): the last block's output reaches the classifier through the class token
       only, so its patch tokens have no gradient.
+    - ``timm-resnet``: ``layer4``; cMWP as torchvision's ResNet, contrast at ``global_pool``.
+    - ``timm-convnext``: ``stages`` (the last stage's output, before the head's pooling and
+      norm).
+    - ``timm-efficientnet``: ``bn2`` (the head's 1x1 convolution after its norm and
+      activation, as torchvision's ``features``).
+    - ``timm-regnet``: ``final_conv`` (after the last stage ``s4``; an identity in most
+      RegNets).
 
     For VGG-16 the cMWP layers are ``features.23``, ``classifier.4`` and ``classifier.6``, those
     of TorchRay's pointing-game benchmark. cMWP has defaults for ``resnet``, ``vgg`` and
@@ -188,7 +231,7 @@ def default_layers(model: nn.Module, arch: Optional[str] = None) -> Dict[str, st
             model.
 
     Returns:
-        dict with the name of ``layer`` and, for ResNet, VGG and AlexNet, of
+        dict with the name of ``layer`` and, for the ResNets, VGG and AlexNet, of
         ``saliency_layer``, ``contrast_layer`` and ``classifier_layer`` (cMWP).
 
     Raises:
@@ -205,7 +248,7 @@ def default_layers(model: nn.Module, arch: Optional[str] = None) -> Dict[str, st
         arch = detect_architecture(model)
         if arch is None:
             raise ValueError(
-                f"no default layers for {type(model).__name__}; known torchvision families: "
+                f"no default layers for {type(model).__name__}; known families (torchvision, timm): "
                 f"{', '.join(ARCHITECTURE_FAMILIES)}"
             )
     layers = _check_family(arch).layers

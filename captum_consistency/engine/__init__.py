@@ -14,7 +14,13 @@ from captum_consistency.engine.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from captum_consistency.engine.cli import add_data_arguments, check_input_size, positive_int
+from captum_consistency.engine.cli import (
+    add_data_arguments,
+    architecture,
+    check_input_size,
+    non_negative_int,
+    positive_int,
+)
 from captum_consistency.engine.distributed import (
     DistributedInfo,
     all_reduce_sum,
@@ -50,6 +56,13 @@ from captum_consistency.engine.shapes_benchmark import (
 )
 from captum_consistency.engine.transfer import TRANSFER_METHODS, evaluate_transfer
 from captum_consistency.engine.audit import AUDIT_KEYS, audit_model, gradcam_explainer
+from captum_consistency.engine.evaluation import distractor_classes_ok
+from captum_consistency.engine.monitor import (
+    PANEL_TAGS,
+    GradCamPanels,
+    fixed_indices,
+    validation_scalars,
+)
 
 # Kept importable from here (their home is captum_consistency.metrics); not listed below.
 from captum_consistency.metrics import multilabel_f1  # noqa: F401
@@ -68,6 +81,8 @@ __all__ = [
     "add_data_arguments",
     "check_input_size",
     "positive_int",
+    "architecture",
+    "non_negative_int",
     "evaluate_transfer",
     "TRANSFER_METHODS",
     # the audit: did the model change, or only its map?
@@ -104,4 +119,9 @@ __all__ = [
     "get_rng_state",
     "set_rng_state",
     "gather_rng_states",
+    "distractor_classes_ok",
+    "GradCamPanels",
+    "PANEL_TAGS",
+    "fixed_indices",
+    "validation_scalars",
 ]

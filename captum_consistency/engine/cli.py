@@ -15,10 +15,17 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from captum_consistency.builders import build_model
+from captum_consistency.builders import ARCHITECTURES, build_model, is_timm_arch
 from captum_consistency.engine.datasets import DATA_KINDS
 
-__all__ = ["RECIPES", "positive_int", "add_data_arguments", "check_input_size"]
+__all__ = [
+    "RECIPES",
+    "positive_int",
+    "non_negative_int",
+    "architecture",
+    "add_data_arguments",
+    "check_input_size",
+]
 
 #: The recipes that share :func:`add_data_arguments`.
 RECIPES: Tuple[str, ...] = ("train", "evaluate", "robustness")
@@ -59,13 +66,70 @@ def positive_int(text: str) -> int:
         >>> parser.add_argument("--epochs", type=positive_int)
         >>> parser.parse_args(["--epochs", "0"])  # error: argument --epochs: must be >= 1, got 0
     """
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """``argparse`` type of an integer option where 0 turns something off (``--log-images``).
+
+    Args:
+        text (str): the command-line value.
+
+    Returns:
+        int: the value.
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer, or negative.
+    """
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
+
+
+def architecture(text: str) -> str:
+    """``argparse`` type of ``--arch``: a name of :data:`~captum_consistency.builders.ARCHITECTURES`
+    or ``timm:<name>``, a timm model of the ResNet, ConvNeXt, EfficientNet or RegNet classes.
+
+    A timm name is built once on the ``meta`` device (no memory, no weights) to check that
+    timm is installed, knows the name and that its class has default layers.
+
+    Args:
+        text (str): the command-line value.
+
+    Returns:
+        str: the value.
+
+    Raises:
+        argparse.ArgumentTypeError: an unknown name, a timm name without timm installed or of
+            another class; argparse turns it into a usage error naming the option.
+
+    Examples::
+
+        >>> parser.add_argument("--arch", type=architecture)
+        >>> parser.parse_args(["--arch", "timm:convnext_atto"]).arch
+        'timm:convnext_atto'
+    """
+    if is_timm_arch(text):
+        try:
+            with torch.device("meta"):
+                build_model(text, 2)
+        except (ImportError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        return text
+    if text not in ARCHITECTURES:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {text!r} (choose from {', '.join(ARCHITECTURES)}, or timm:<name> "
+            "for a timm ResNet, ConvNeXt, EfficientNet or RegNet)"
+        )
+    return text
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, recipe: str) -> argparse._ArgumentGroup:
@@ -111,9 +175,12 @@ def add_data_arguments(parser: argparse.ArgumentParser, recipe: str) -> argparse
     add("--data-root", default=None,
         help="ImageNet: folder of the split folders of <class>/<image> files; COCO: folder of "
         "the split folders and annotations/" + saved)
-    add("--boxes", default=None, used_by={"evaluate", "train"},
-        help="ImageNet: folder of the evaluated split's bounding-box XMLs (evaluate.py), or of "
-        "the training split's for a mask-guided --loss (train.py)")
+    add("--boxes", default=None, used_by={"train", "evaluate"},
+        help="ImageNet: folder of the evaluated split's bounding-box XMLs (train.py: of the "
+        "validation split, for the per-epoch PG and CH of --log-subset)")
+    add("--train-boxes", default=None, used_by={"train"},
+        help="ImageNet: folder of the training split's bounding-box XMLs, the object masks of "
+        "a mask-guided --loss (train.py)")
     add("--ann-file", default=None, used_by={"train", "evaluate"},
         help="COCO: annotations of the training split (train.py) or of the evaluated split "
         "(evaluate.py); default <root>/annotations/instances_<split>.json")
@@ -127,7 +194,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, recipe: str) -> argparse
         help="evaluated split (imagenet: val, coco: val2014, synthetic: test)")
     add("--skip-corrupt", action="store_true",
         help="skip (and count) undecodable images instead of stopping with an error")
-    add("--skip-missing-boxes", action="store_true", used_by={"evaluate"},
+    add("--skip-missing-boxes", action="store_true", used_by={"train", "evaluate"},
         help="ImageNet: skip (and count) images without a usable XML instead of stopping")
     add("--allow-empty-classes", action="store_true",
         help="ImageNet: keep class folders that hold no image (their indices unchanged) "

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from captum_consistency.attr._families import display_name
-from captum_consistency.builders import ARCHITECTURES, build_model
+from captum_consistency.builders import ARCHITECTURES, build_model, is_timm_arch
 from captum_consistency.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -278,7 +278,7 @@ def load_model_from_checkpoint(path: str, device: torch.device):
     for key in ("arch", "num_classes"):
         if key not in ckpt:
             raise ValueError(f"checkpoint {path} lacks {key!r}; was it written by recipes/train.py?")
-    if ckpt["arch"] not in ARCHITECTURES:
+    if ckpt["arch"] not in ARCHITECTURES and not is_timm_arch(ckpt["arch"]):
         raise ValueError(
             f"checkpoint {path} records the architecture {ckpt['arch']!r}, which this version "
             f"cannot build (known: {', '.join(ARCHITECTURES)})"

@@ -25,11 +25,17 @@ one common size in one call. Each image's forward and Grad-CAM are the per-image
 only the floating-point summation order of batched convolutions may differ (about 1e-6).
 Grad-CAM needs one forward per batch; the classes of a multi-label image are explained by
 successive backward passes through the head only (the forward is reused).
+
+The scores are accumulated by the ``torchmetrics`` classes of :mod:`captum_consistency.metrics`
+(:class:`~captum_consistency.metrics.PointingGame`, ``StochasticPointingGame``,
+``ContentHeatmap``, ``NegativeQuadrantsHeatmap``), whose sum states torchmetrics reduces over
+the ``torch.distributed`` processes: every rank gets the data set's numbers.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -51,7 +57,13 @@ from captum_consistency.engine.distributed import all_reduce_sum, is_main_proces
 from captum_consistency.data import sample_present_classes
 from captum_consistency.engine.batches import as_train_batch
 from captum_consistency.metrics import ClassificationMeter
-from captum_consistency.metrics import InterpretationMetrics, boxes_to_mask
+from captum_consistency.metrics import (
+    ContentHeatmap,
+    NegativeQuadrantsHeatmap,
+    PointingGame,
+    StochasticPointingGame,
+    boxes_to_mask,
+)
 
 __all__ = [
     "METHODS",
@@ -59,7 +71,27 @@ __all__ = [
     "WholeImagePairs",
     "whole_image_pairs",
     "evaluate_interpretations",
+    "distractor_classes_ok",
 ]
+
+
+def distractor_classes_ok(targets: Any, num_classes: int) -> Tensor:
+    """The classes that have a valid composite: at least three images of the data set lack them.
+
+    A class contained in all but fewer than three images (tiny sets) has no three distractors
+    without it; pass the result as ``distractor_ok`` to :func:`evaluate_interpretations`.
+
+    Args:
+        targets (sequence or Tensor): ``(N,)`` class ids or ``(N, K)`` multi-hot targets.
+        num_classes (int): number of classes.
+
+    Returns:
+        Tensor: ``(num_classes,)`` bool.
+    """
+    contains = torch.as_tensor(targets)
+    counts = (contains != 0).sum(0) if contains.dim() == 2 else torch.bincount(
+        contains.long(), minlength=num_classes)
+    return (contains.shape[0] - counts) >= 3
 
 
 class SaliencyExplainer:
@@ -291,10 +323,11 @@ def evaluate_interpretations(
 
     model.eval()
     explainer = SaliencyExplainer(model, method, layer=layer, amp=amp, options=method_options)
-    metrics = InterpretationMetrics(
-        num_classes=num_classes, tolerance=tolerance, num_samples=num_samples,
-        num_runs=num_runs, generator=spg_generator, device=device,
-    )
+    # torchmetrics states, summed over the processes at compute()
+    pg = PointingGame(num_classes, tolerance=tolerance).to(device)
+    spg = StochasticPointingGame(tolerance, num_samples, num_runs, generator=spg_generator,
+                                 return_std=True).to(device)
+    ch, nqh = ContentHeatmap().to(device), NegativeQuadrantsHeatmap().to(device)
     show = progress and is_main_process()
     dropped = torch.zeros(3, dtype=torch.float64, device=device)  # whole, crop, no distractors
     if distractor_ok is not None:
@@ -308,7 +341,10 @@ def evaluate_interpretations(
                 continue
             maps = explainer(pairs.images, pairs.image_index, pairs.classes)
             maps = F.interpolate(maps, size=pairs.size, mode="bilinear", align_corners=False)
-            metrics.update(maps.clamp_(min=0), pairs.masks, pairs.classes)
+            maps = maps.clamp_(min=0)
+            pg.update(maps, pairs.masks, pairs.classes)
+            spg.update(maps, pairs.masks)
+            ch.update(maps, pairs.masks)
 
     meter = ClassificationMeter(torch.device(device), num_classes, multilabel)
     if crop_loader is not None:
@@ -348,9 +384,18 @@ def evaluate_interpretations(
                 grid = grid.contiguous(memory_format=torch.channels_last)
             maps = explainer(grid, torch.arange(n, device=device), gc_targets)
             maps = F.interpolate(maps, size=grid.shape[-2:], mode="bilinear", align_corners=False)
-            metrics.update_nqh(maps.clamp_(min=0), cells)
+            nqh.update(maps.clamp_(min=0), cells)
 
-    results = metrics.compute()
+    with warnings.catch_warnings():
+        # A metric that no batch reached (no whole-image loader, no distractors) is NaN: fine.
+        warnings.filterwarnings("ignore", message="The ``compute`` method of metric")
+        spg_mean, spg_std = (float(v) for v in spg.compute())
+        results = {"pg": float(pg.compute()), "spg_mean": spg_mean, "spg_std": spg_std,
+                   "ch": float(ch.compute()), "nqh": float(nqh.compute())}
+    with pg.sync_context(), ch.sync_context(), nqh.sync_context():  # every process's counts
+        pg_per_class = pg.per_class().cpu()
+        num_images, skipped_images = int(ch.count), int(ch.skipped)
+        num_composites, skipped_composites = int(nqh.count), int(nqh.skipped)
     all_reduce_sum(dropped)
     cls = meter.result() if crop_loader is not None else {}
     out: Dict[str, Any] = {}
@@ -365,20 +410,20 @@ def evaluate_interpretations(
         {
             "pg": _nan_to_none(results["pg"]),
             "spg_mean": _nan_to_none(results["spg_mean"]),
-            "spg_std": _nan_to_none(results["spg_std"]) if results["num_images"] else None,
+            "spg_std": _nan_to_none(results["spg_std"]) if num_images else None,
             "ch": _nan_to_none(results["ch"]),
             "nqh": _nan_to_none(results["nqh"]),
-            "skipped": int(results["skipped"]) + skipped_undecodable + no_distractors,
+            "skipped": skipped_images + skipped_composites + skipped_undecodable + no_distractors,
             "skipped_detail": {
-                "degenerate_maps_or_masks": int(results["skipped_images"]),
-                "degenerate_composites": int(results["skipped_composites"]),
+                "degenerate_maps_or_masks": skipped_images,
+                "degenerate_composites": skipped_composites,
                 "images_dropped_in_loading": skipped_undecodable,
                 "composites_without_distractors": no_distractors,
             },
-            "num_images": int(results["num_images"]),
-            "num_composites": int(results["num_composites"]),
+            "num_images": num_images,
+            "num_composites": num_composites,
             "classified_images": int(cls.get("samples", 0)) if cls else 0,
-            "pg_per_class": [_nan_to_none(float(v)) for v in results["pg_per_class"].tolist()],
+            "pg_per_class": [_nan_to_none(float(v)) for v in pg_per_class.tolist()],
         }
     )
     return out

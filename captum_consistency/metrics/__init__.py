@@ -10,6 +10,11 @@ dataset as the paper does (per-class PG, SPG mean and std over 5 runs, per-image
 across batches and ``torch.distributed`` processes.
 [`boxes_to_mask`][captum_consistency.metrics.boxes_to_mask] and
 [`resize_saliency`][captum_consistency.metrics.resize_saliency] prepare the inputs.
+The same four metrics as ``torchmetrics.Metric`` classes, states summed across processes:
+[`PointingGame`][captum_consistency.metrics.PointingGame],
+[`StochasticPointingGame`][captum_consistency.metrics.StochasticPointingGame],
+[`ContentHeatmap`][captum_consistency.metrics.ContentHeatmap] and
+[`NegativeQuadrantsHeatmap`][captum_consistency.metrics.NegativeQuadrantsHeatmap].
 [`multilabel_f1`][captum_consistency.metrics.multilabel_f1] and
 [`ClassificationMeter`][captum_consistency.metrics.ClassificationMeter] score the classifier
 itself (top-1, multi-label F1) in the training and evaluation loops.
@@ -47,6 +52,12 @@ from captum_consistency.metrics._classification import ClassificationMeter, mult
 from captum_consistency.metrics.heatmaps import content_heatmap, negative_quadrants_heatmap
 from captum_consistency.metrics.pointing import pointing_game, stochastic_pointing_game
 from captum_consistency.metrics._preprocess import boxes_to_mask, resize_saliency
+from captum_consistency.metrics._torchmetrics import (
+    ContentHeatmap,
+    NegativeQuadrantsHeatmap,
+    PointingGame,
+    StochasticPointingGame,
+)
 
 __all__ = [
     "pointing_game",
@@ -72,4 +83,8 @@ __all__ = [
     "cascading_randomization",
     "RandomizationStep",
     "spearman_correlation",
+    "PointingGame",
+    "StochasticPointingGame",
+    "ContentHeatmap",
+    "NegativeQuadrantsHeatmap",
 ]

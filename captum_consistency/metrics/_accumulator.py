@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from captum_consistency.metrics._functional import (
+    _check_labels,
     _check_positive_int,
     _check_tolerance,
     _prepare_pairs,
@@ -205,24 +206,7 @@ class InterpretationMetrics:
         self._add("nqh_skipped", bad.sum().to(torch.float64))
 
     def _check_labels(self, labels: Optional[Tensor], n: int, device: torch.device) -> Tensor:
-        if labels is None:
-            if self.num_classes != 1:
-                raise ValueError(
-                    f"labels are required for the per-class pointing game (num_classes="
-                    f"{self.num_classes})"
-                )
-            return torch.zeros(n, dtype=torch.long, device=device)
-        labels = torch.as_tensor(labels, device=device)
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-        if labels.shape != (n,):
-            raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-        if n and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(
-                f"labels must lie in 0..{self.num_classes - 1}, got values in "
-                f"[{int(labels.min())}, {int(labels.max())}]"
-            )
-        return labels.long()
+        return _check_labels(labels, n, self.num_classes, device)
 
     def _reduced_state(self) -> Tensor:
         state = self._state.clone()

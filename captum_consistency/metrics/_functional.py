@@ -102,6 +102,23 @@ def _check_masks(
     return masks.to(device)
 
 
+def _check_labels(labels: Optional[Tensor], n: int, num_classes: int, device: torch.device) -> Tensor:
+    if labels is None:
+        if num_classes != 1:
+            raise ValueError(f"labels are required for the per-class pointing game (num_classes={num_classes})")
+        return torch.zeros(n, dtype=torch.long, device=device)
+    labels = torch.as_tensor(labels, device=device)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in 0..{num_classes - 1}, got values in [{int(labels.min())}, {int(labels.max())}]"
+        )
+    return labels.long()
+
+
 def _check_tolerance(tolerance: float) -> float:
     if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real):
         raise TypeError(
