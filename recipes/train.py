@@ -250,6 +250,78 @@ def _check_loss_args(args) -> None:
         get_args_parser().error("--loss cgc needs --batch-size >= 2: the other images are the negatives")
 
 
+def _validation_monitor(args, info, val, val_split):
+    """What the per-epoch TensorBoard logging needs (panels, subset loaders), or None."""
+    if not (args.log_images or args.log_subset):
+        return None
+    if val is None:
+        _log("--no-val: no Grad-CAM panels or validation scalars are logged", info.is_main)
+        return None
+    n = len(val.dataset)
+    monitor = {"val": val, "panels": None, "crop": None, "whole": None}
+    if args.log_images and info.is_main:
+        if args.log_images > n:
+            _log(f"--log-images {args.log_images} is larger than the validation set ({n} "
+                 f"images): logging {n}", True)
+        monitor["panels"] = GradCamPanels(
+            val.dataset, val.classes, val.mean, val.std, min(args.log_images, n),
+            collate_fn=val.collate_fn, seed=args.seed)
+    if not args.log_subset:
+        return monitor
+    if args.log_subset > n:
+        _log(f"--log-subset {args.log_subset} is larger than the validation set ({n} images): "
+             f"scoring {n}", info.is_main)
+    subset = fixed_indices(n, args.log_subset)
+    monitor["crop"] = DataLoader(
+        Subset(val.dataset, subset), batch_size=args.batch_size, collate_fn=val.collate_fn,
+        sampler=ShardSampler(len(subset), info.rank, info.world_size), num_workers=args.workers)
+    monitor["fallback"] = DistractorFallback(val.dataset, DatasetDistractorSampler(
+        val.targets, seed=rank_seed(args.seed, 0, 6), rank=info.rank, num_classes=val.num_classes))
+    monitor["distractor_ok"] = distractor_classes_ok(val.targets, val.num_classes)
+    if args.data == "imagenet" and not args.boxes:
+        _log("the validation set has no boxes (ImageNet without --boxes): the per-epoch PG and "
+             "CH are left out, NQH is logged", info.is_main)
+        return monitor
+    whole = build_dataset(
+        args.data, val_split, "whole", args.image_size, data_root=args.data_root,
+        boxes=args.boxes, ann_file=args.val_ann_file, classes=val.classes,
+        skip_corrupt=args.skip_corrupt, skip_missing_boxes=args.skip_missing_boxes,
+        synthetic=_synthetic_kwargs(args, args.synthetic_val_length),
+        allow_empty=args.allow_empty_classes)
+    subset = fixed_indices(len(whole.dataset), args.log_subset)
+    if args.data == "synthetic":
+        monitor["whole"] = DataLoader(
+            Subset(whole.dataset, subset), batch_size=args.batch_size, num_workers=args.workers,
+            sampler=ShardSampler(len(subset), info.rank, info.world_size))
+    else:
+        sizes = whole.dataset.original_sizes()
+        sampler = SizeGroupedBatchSampler([sizes[i] for i in subset], args.batch_size,
+                                          short_side=None, num_replicas=info.world_size,
+                                          rank=info.rank)
+        monitor["whole"] = DataLoader(Subset(whole.dataset, subset), batch_sampler=sampler,
+                                      num_workers=args.workers, collate_fn=whole.collate_fn)
+    return monitor
+
+
+def _log_validation(monitor, model, writer, epoch, device, args, channels_last, main_proc):
+    """Panels (rank 0) and the subset's scalars (every rank) of one epoch; returns the scalars."""
+    if monitor["panels"] is not None:
+        monitor["panels"].log(writer, model, epoch, device)
+    if monitor["crop"] is None:
+        return None
+    val = monitor["val"]
+    scalars = validation_scalars(
+        model, monitor["crop"], device, val.num_classes, whole_loader=monitor["whole"],
+        multilabel=val.multilabel, fallback=monitor["fallback"],
+        distractor_ok=monitor["distractor_ok"], seed=args.seed,
+        tolerance=15.0 * args.image_size / 224 if args.data == "synthetic" else 15.0,
+        amp=args.amp, channels_last=channels_last)
+    if main_proc:
+        for name, value in scalars.items():
+            writer.add_scalar(f"val_subset/{name}", value, epoch)
+    return scalars
+
+
 def _gc_attribution(args) -> str:
     """GC's Grad-CAM: --loss-attribution when given, else --gc-gradcam."""
     if args.loss_attribution is not None:
