@@ -27,6 +27,8 @@ from captum_consistency.metrics._functional import (
     _check_labels,
     _check_positive_int,
     _check_tolerance,
+    _prepare_pairs,
+    _score_images,
 )
 from captum_consistency.metrics.heatmaps import content_heatmap, negative_quadrants_heatmap
 from captum_consistency.metrics.pointing import pointing_game, stochastic_pointing_game
@@ -204,12 +206,15 @@ class StochasticPointingGame(Metric):
 
     def update(self, saliency: Tensor, masks: Tensor) -> None:
         """Scores a batch: ``(N, H, W)`` (or ``(N, 1, H, W)``) maps, boolean ``(N, H, W)`` masks."""
-        maps = _finite_maps(saliency)
-        runs = torch.stack([
-            stochastic_pointing_game(maps, masks, self.tolerance, self.num_samples, self.generator)
-            for _ in range(self.num_runs)
-        ], dim=1).to(torch.float64)  # (N, R); a degenerate sample is NaN in every run
-        ok = ~torch.isnan(runs[:, 0])
+        maps, totals, masks = _prepare_pairs(_finite_maps(saliency), masks, self.generator)
+        if maps.shape[0] == 0:
+            return
+        # All runs' draws at once, in the order InterpretationMetrics and the functional metric
+        # draw them: a seeded generator gives the same SPG through either accumulator.
+        scores = _score_images(maps, totals, masks, self.tolerance, self.num_samples,
+                               self.num_runs, self.generator, pg=False, ch=False)
+        runs = scores.spg.to(torch.float64)  # (N, R); a degenerate sample is NaN in every run
+        ok = ~scores.degenerate
         self.total += runs[ok].sum(dim=0)
         self.count += ok.sum()
         self.skipped += (~ok).sum()
