@@ -14,7 +14,18 @@ from captum_consistency.engine.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from captum_consistency.engine.cli import add_data_arguments, check_input_size, positive_int
+from captum_consistency.engine.cli import (
+    add_data_arguments,
+    check_input_size,
+    end_of_checks,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+    run_cli,
+    writable_dir,
+)
 from captum_consistency.engine.distributed import (
     DistributedInfo,
     all_reduce_sum,
@@ -67,6 +78,13 @@ __all__ = [
     "add_data_arguments",
     "check_input_size",
     "positive_int",
+    "non_negative_int",
+    "positive_float",
+    "non_negative_float",
+    "probability",
+    "writable_dir",
+    "run_cli",
+    "end_of_checks",
     "evaluate_transfer",
     "TRANSFER_METHODS",
     # the procedural shapes benchmark (recipes/quickstart.py)
