@@ -16,7 +16,6 @@ from captum._utils.gradient import _forward_layer_eval
 from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
-from captum_consistency._warnings import CaptumConsistencyWarning
 from captum_consistency.attr._layers import _target_tensor
 from captum_consistency.attr._methods import _SPECS
 from captum_consistency.attr._recording import _eval_mode, _zero_non_finite_maps
@@ -133,6 +132,8 @@ class SaliencyMethod:
         try:
             with torch.no_grad():
                 out = self.model(inputs[:1], *_as_tuple(additional_forward_args))
+        except Exception:  # noqa: BLE001 - the method's own call reports it, with its message
+            return
         finally:
             if handle is not None:
                 handle.remove()
@@ -188,7 +189,7 @@ class SaliencyMethod:
                 warnings.filterwarnings("ignore", message=message)
             out = self.method.attribute(inputs, target=target, additional_forward_args=additional_forward_args)
         out = _zero_non_finite_maps(out.detach().float(), self.name,
-                                    f" from the {_SPECS[self.name].library} method")
+                                    f" from the {_SPECS[self.name].library} method", stacklevel=4)
         if upsample and tuple(out.shape[-2:]) != tuple(inputs.shape[-2:]):
             out = LayerAttribution.interpolate(out, tuple(inputs.shape[-2:]), "bilinear")
         return out
