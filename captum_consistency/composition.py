@@ -150,6 +150,10 @@ def compose_grid(
         is written once, straight into its cell (no intermediate copy); differentiable with
         respect to ``positive`` and ``distractors``.
 
+    Raises:
+        ValueError: (with ``check``) shapes that do not match, bad cells, or ``distractors``
+            on another device than ``positive``.
+
     Examples::
 
         >>> x = torch.rand(8, 3, 224, 224)
@@ -241,6 +245,13 @@ def _check_sources(positive: Tensor, distractors: Optional[Tensor]) -> None:
         raise ValueError(
             "distractors must have shape (N, 3, C, H, W) = "
             f"{(n, NUM_DISTRACTORS, c, h, w)} to match positive, got {tuple(distractors.shape)}"
+        )
+    if distractors.device != positive.device:
+        # Copying across devices into the grid is not done: the distractor cells would be
+        # left unwritten (uninitialised memory) on some device pairs.
+        raise ValueError(
+            f"distractors are on {distractors.device} and positive on {positive.device}: move "
+            "both to one device (distractors.to(positive.device))"
         )
 
 

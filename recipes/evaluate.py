@@ -50,8 +50,14 @@ from captum_consistency.engine import (
 )
 from captum_consistency.engine.cli import (
     add_data_arguments,
+    end_of_checks,
     load_evaluated_checkpoint,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
     recipe_parser,
+    run_cli,
+    writable_dir,
 )
 from captum_consistency.engine.datasets import build_dataset, model_name
 from captum_consistency.engine.evaluation import (
@@ -71,10 +77,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint.pth written by recipes/train.py")
     p.add_argument("--method", default="elementwise-gradcam", choices=METHODS,
                    help="explanation method (the paper's main tables: element-wise Grad-CAM)")
-    p.add_argument("--image-size", default=None, type=int,
+    p.add_argument("--image-size", default=None, type=positive_int,
                    help="S: whole images get short side 2S, composites 2S x 2S (default: the checkpoint's)")
-    p.add_argument("--batch-size", "-b", default=32, type=int, help="images per process")
-    p.add_argument("--workers", "-j", default=8, type=int)
+    p.add_argument("--batch-size", "-b", default=32, type=positive_int, help="images per process")
+    p.add_argument("--workers", "-j", default=8, type=non_negative_int)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--amp", action="store_true", help="bf16 autocast for the forward passes")
     p.add_argument("--no-fold-bn", action="store_true",
@@ -84,40 +90,30 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="allow TF32 convolutions on CUDA (faster; moves CH/SPG by about 1e-3, "
                    "so the default is strict float32)")
     p.add_argument("--seed", default=0, type=int, help="seed of cells, distractors and SPG draws")
-    p.add_argument("--tolerance", default=None, type=float,
+    p.add_argument("--tolerance", default=None, type=non_negative_float,
                    help="PG/SPG margin in pixels (default 15, the paper's; synthetic: 15 S / 224, "
                    "since its images are S x S and not resized)")
-    p.add_argument("--spg-samples", default=100, type=int, help="SPG draws per map")
-    p.add_argument("--spg-runs", default=5, type=int, help="SPG runs (mean and std)")
+    p.add_argument("--spg-samples", default=100, type=positive_int, help="SPG draws per map")
+    p.add_argument("--spg-runs", default=5, type=positive_int, help="SPG runs (mean and std)")
     p.add_argument("--no-nqh", action="store_true", help="do not compute NQH")
     g = p.add_argument_group("audit: did the model change, or only its map?")
     g.add_argument("--audit", action="store_true",
                    help="also run captum_consistency.engine.audit_model: cell-ablation share and "
                         "own-cell removal on 2x2 composites, deletion curves (and ROAD) of the "
                         "element-wise Grad-CAM against random maps, cascading randomisation")
-    g.add_argument("--audit-composites", default=5000, type=int, metavar="N",
+    g.add_argument("--audit-composites", default=5000, type=non_negative_int, metavar="N",
                    help="composites ablated per process (0: every crop)")
-    g.add_argument("--audit-faithfulness-images", default=256, type=int, metavar="N",
+    g.add_argument("--audit-faithfulness-images", default=256, type=non_negative_int, metavar="N",
                    help="images per process for the deletion curves (0: none)")
-    g.add_argument("--audit-road-images", default=0, type=int, metavar="N",
+    g.add_argument("--audit-road-images", default=0, type=non_negative_int, metavar="N",
                    help="images per process for ROAD (pytorch-grad-cam, CPU, slow; 0: none)")
-    g.add_argument("--audit-randomization-images", default=128, type=int, metavar="N",
+    g.add_argument("--audit-randomization-images", default=128, type=non_negative_int, metavar="N",
                    help="images per process for the randomisation check (0: none)")
-    p.add_argument("--output-dir", required=True, help="metrics.json and table.md go here")
+    p.add_argument("--output-dir", required=True, type=writable_dir,
+                   help="metrics.json and table.md go here (checked before evaluating)")
     p.add_argument("--no-progress", action="store_true")
     add_data_arguments(p, "evaluate")
     return p
-
-
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
-    """Checks the audit options (argparse errors, status 2, before anything is loaded)."""
-    for flag in ("audit_composites", "audit_faithfulness_images", "audit_road_images",
-                 "audit_randomization_images"):
-        if getattr(args, flag) < 0:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-    if args.audit and args.no_nqh:
-        parser.error("--audit builds the NQH composites: it cannot be combined with --no-nqh")
-    return args
 
 
 def _audit(args, model, crop, device, info, make_distractors) -> dict:
@@ -176,6 +172,8 @@ def main(args) -> dict:
 
 
 def _main(args, info) -> dict:
+    if args.audit and args.no_nqh:
+        raise ValueError("--audit builds the NQH composites: it cannot be combined with --no-nqh")
     device = info.device
     t0 = time.time()
     if device.type == "cuda":
@@ -240,6 +238,7 @@ def _main(args, info) -> dict:
     tolerance = args.tolerance
     if tolerance is None:
         tolerance = 15.0 * image_size / 224 if data == "synthetic" else 15.0
+    end_of_checks()  # from here on errors are failures of the evaluation, not usage errors
     metrics = evaluate_interpretations(
         model, args.method, whole_loader, crop_loader, device, num_classes=whole.num_classes,
         multilabel=whole.multilabel, make_distractors=make_distractors, generator=generator,
@@ -273,6 +272,10 @@ def _main(args, info) -> dict:
     return metrics
 
 
+def cli(argv=None) -> dict:
+    """The command line: every check before evaluating ends as a usage error (status 2)."""
+    return run_cli(get_args_parser(), main, argv)
+
+
 if __name__ == "__main__":
-    parser = get_args_parser()
-    main(check_args(parser, parser.parse_args()))
+    cli()

@@ -247,8 +247,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--lr must be a positive number, got {args.lr}")
     if not (args.lam >= 0 and math.isfinite(args.lam)):
         parser.error(f"--lam must be a non-negative number, got {args.lam}")
-    if args.weight_decay < 0:
-        parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        parser.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
     if args.batch_size < 4:
         parser.error(f"--batch-size must be at least 4 (three distractors per image), got {args.batch_size}")
     if args.train_size < args.batch_size:

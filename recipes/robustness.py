@@ -31,7 +31,17 @@ from captum_consistency.engine import (
     check_checkpoint_compatible,
     distributed_session,
 )
-from captum_consistency.engine.cli import add_data_arguments, load_evaluated_checkpoint, recipe_parser
+from captum_consistency.engine.cli import (
+    add_data_arguments,
+    end_of_checks,
+    load_evaluated_checkpoint,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    recipe_parser,
+    run_cli,
+    writable_dir,
+)
 from captum_consistency.engine.datasets import build_dataset, model_name
 from captum_consistency.report import fgsm_table
 from captum_consistency.robust import PAPER_EPSILONS, fgsm_accuracy
@@ -43,13 +53,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         add_help,
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint.pth written by recipes/train.py")
-    p.add_argument("--epsilons", default=list(PAPER_EPSILONS), type=float, nargs="+",
+    p.add_argument("--epsilons", default=list(PAPER_EPSILONS), type=non_negative_float, nargs="+",
                    help="L_inf strengths on the 0-255 scale (the paper's: 1 2 8 16 32 64)")
-    p.add_argument("--image-size", default=None, type=int, help="crop side S (default: the checkpoint's)")
-    p.add_argument("--batch-size", "-b", default=64, type=int, help="images per process")
-    p.add_argument("--workers", "-j", default=8, type=int)
+    p.add_argument("--image-size", default=None, type=positive_int, help="crop side S (default: the checkpoint's)")
+    p.add_argument("--batch-size", "-b", default=64, type=positive_int, help="images per process")
+    p.add_argument("--workers", "-j", default=8, type=non_negative_int)
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--output-dir", required=True, help="robustness.json and robustness.md go here")
+    p.add_argument("--output-dir", required=True, type=writable_dir,
+                   help="robustness.json and robustness.md go here (checked before the attack)")
     p.add_argument("--no-progress", action="store_true")
     add_data_arguments(p, "robustness")
     return p
@@ -102,6 +113,7 @@ def _main(args, info) -> dict:
     )
     counting = _Counting(loader)
     epsilons = [0.0] + [float(e) for e in args.epsilons if e != 0]
+    end_of_checks()  # from here on errors are failures of the attack, not usage errors
     acc = fgsm_accuracy(model, counting, epsilons=epsilons, mean=crop.mean, std=crop.std,
                         device=device, progress=not args.no_progress and info.is_main)
     # Weighted average over ranks: each rank saw `count` images.
@@ -135,5 +147,10 @@ def _main(args, info) -> dict:
     return result
 
 
+def cli(argv=None) -> dict:
+    """The command line: every check before the attack ends as a usage error (status 2)."""
+    return run_cli(get_args_parser(), main, argv)
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli()

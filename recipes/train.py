@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import time
 
@@ -98,9 +99,14 @@ from captum_consistency.engine.cli import (
     add_data_arguments,
     architecture,
     check_input_size,
+    end_of_checks,
+    non_negative_float,
     non_negative_int,
+    positive_float,
     positive_int,
     recipe_parser,
+    run_cli,
+    writable_dir,
 )
 from captum_consistency.engine.datasets import DEFAULT_SPLITS, build_dataset
 
@@ -126,10 +132,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    help="initialise from these weights, all but the classifier (COCO from ImageNet)")
 
     g = p.add_argument_group("GC loss")
-    g.add_argument("--gc-lambda", default=None, type=float,
+    g.add_argument("--gc-lambda", default=None, type=non_negative_float,
                    help="weight of the consistency term; 0 trains the baseline "
                    "(default: 25 ImageNet/synthetic, 1 COCO)")
-    g.add_argument("--bce-weight", default=None, type=float,
+    g.add_argument("--bce-weight", default=None, type=positive_float,
                    help="multi-label loss = W x BCEWithLogits (default: the number of categories, "
                    "80 for COCO, as the authors)")
     g.add_argument("--gc-gradcam", default="elementwise", choices=("elementwise", "standard"),
@@ -150,13 +156,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    "consistency (CVPR 2022); energy, l1, ppce, rrr, rrr-gradcam: guided by object "
                    "masks (synthetic: exact masks; coco: segmentations; imagenet: --train-boxes DIR of "
                    "the training split)")
-    g.add_argument("--loss-lambda", default=None, type=float,
+    g.add_argument("--loss-lambda", default=None, type=non_negative_float,
                    help="weight of the explanation term of --loss other than gc (default: the "
                    "loss's, 0.5 for cgc, 1 for the others); --gc-lambda 0 still trains the baseline")
     g.add_argument("--loss-attribution", default=None,
                    help="differentiable attribution inside the loss: elementwise-gradcam, gradcam, "
                    "input-x-gradient, layer-gradient-x-activation (default: the loss's)")
-    g.add_argument("--cgc-temperature", default=0.5, type=float, help="CGC's tau (0.5)")
+    g.add_argument("--cgc-temperature", default=0.5, type=positive_float, help="CGC's tau (0.5)")
     g.add_argument("--cgc-classes", default="predicted", choices=("predicted", "label"),
                    help="class whose Grad-CAM CGC regularises (the official code: predicted)")
     g.add_argument("--cgc-gather-negatives", action="store_true",
@@ -164,23 +170,23 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation (defaults: the paper's schedule of --data)")
     g.add_argument("--epochs", default=None, type=positive_int)
-    g.add_argument("--lr", default=None, type=float)
-    g.add_argument("--momentum", default=None, type=float)
-    g.add_argument("--weight-decay", "--wd", default=None, type=float)
-    g.add_argument("--lr-milestones", default=None, type=int, nargs="*",
+    g.add_argument("--lr", default=None, type=positive_float)
+    g.add_argument("--momentum", default=None, type=non_negative_float)
+    g.add_argument("--weight-decay", "--wd", default=None, type=non_negative_float)
+    g.add_argument("--lr-milestones", default=None, type=positive_int, nargs="*",
                    help="epochs at which the lr is multiplied by --lr-gamma")
-    g.add_argument("--lr-gamma", default=None, type=float)
-    g.add_argument("--batch-size", "-b", default=32, type=int, help="images per process")
-    g.add_argument("--image-size", default=224, type=int, help="crop side S; composites are 2S x 2S")
+    g.add_argument("--lr-gamma", default=None, type=positive_float)
+    g.add_argument("--batch-size", "-b", default=32, type=positive_int, help="images per process")
+    g.add_argument("--image-size", default=224, type=positive_int, help="crop side S; composites are 2S x 2S")
 
     g = p.add_argument_group("running")
-    g.add_argument("--workers", "-j", default=8, type=int, help="data-loading workers per process")
+    g.add_argument("--workers", "-j", default=8, type=non_negative_int, help="data-loading workers per process")
     g.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     g.add_argument("--amp", action="store_true", help="bf16 autocast")
     g.add_argument("--seed", default=0, type=int)
-    g.add_argument("--output-dir", required=True, help="checkpoint.pth, log.jsonl, tensorboard/")
+    g.add_argument("--output-dir", required=True, type=writable_dir, help="checkpoint.pth, log.jsonl, tensorboard/")
     g.add_argument("--resume", default=None, help="checkpoint to continue from")
-    g.add_argument("--log-every", default=20, type=int, help="TensorBoard/progress interval (steps)")
+    g.add_argument("--log-every", default=20, type=positive_int, help="TensorBoard/progress interval (steps)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
     g = p.add_argument_group("TensorBoard (per epoch, on the validation set)")
@@ -201,8 +207,10 @@ def _schedule(args):
         value = getattr(args, name)
         if value is not None:
             setattr(s, attr, list(value) if attr == "milestones" else value)
-    if s.gc_lambda < 0:
-        raise ValueError(f"--gc-lambda must be >= 0, got {s.gc_lambda}")
+    if not (math.isfinite(s.gc_lambda) and s.gc_lambda >= 0):  # a Namespace built in Python
+        raise ValueError(f"--gc-lambda must be a finite number >= 0, got {s.gc_lambda}")
+    if not s.gamma > 0:
+        raise ValueError(f"--lr-gamma must be > 0, got {s.gamma}")
     if s.epochs < 1:
         raise ValueError(f"--epochs must be >= 1, got {s.epochs}")
     return s
@@ -358,14 +366,16 @@ def _main(args, info) -> dict:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.gmp and args.arch == "alexnet":
         raise ValueError("--gmp needs a ResNet: AlexNet has no global average pooling")
-    # Before any data is read: a size the architecture cannot take fails here, not mid-epoch.
-    min_batch_size = check_input_size(args.arch, args.image_size, args.batch_size, gmp=args.gmp)
+    schedule = _schedule(args)
+    # Before any data is read: a size the architecture (or, with GC, the composite's Grad-CAM
+    # map) cannot take fails here, not mid-epoch.
+    min_batch_size = check_input_size(args.arch, args.image_size, args.batch_size, gmp=args.gmp,
+                                      gc=schedule.gc_lambda > 0)
     if args.resume is None and os.path.exists(ckpt_path):
         raise FileExistsError(
             f"{ckpt_path} exists: pass --resume {ckpt_path} to continue that run, or choose "
             "another --output-dir (refusing to overwrite a checkpoint)"
         )
-    schedule = _schedule(args)
     seed_everything(args.seed, info.rank)
     if main_proc:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -507,6 +517,7 @@ def _main(args, info) -> dict:
          f"{info.world_size} process(es) x {args.batch_size}, epochs {start_epoch}..{schedule.epochs}",
          main_proc)
     record: dict = {"epoch": start_epoch}
+    end_of_checks()  # from here on errors are failures of the run, not usage errors
     for epoch in range(start_epoch, schedule.epochs):
         t0 = time.time()
         train_sampler.set_epoch(epoch)
@@ -588,5 +599,10 @@ def _main(args, info) -> dict:
     return record
 
 
+def cli(argv=None) -> dict:
+    """The command line: every check before training ends as a usage error (status 2)."""
+    return run_cli(get_args_parser(), main, argv)
+
+
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli()

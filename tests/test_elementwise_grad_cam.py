@@ -156,13 +156,18 @@ def _generic_path(model, layer, x, target):
 
 def test_cut_graph_path_equals_captum_generic_path_and_skips_the_backbone_graph():
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=5).train()  # BN in batch-statistics mode
+    # A model in training mode is attributed in eval mode (running statistics, left unchanged)
+    # and given back in training mode.
+    model = torchvision.models.resnet18(num_classes=5).train()
     x = torch.randn(2, 3, 64, 64)
     target = torch.tensor([1, 4])
     state = {k: v.clone() for k, v in model.state_dict().items()}
     ours = LayerElementwiseGradCam(model, model.layer3).attribute(x, target=target)
-    model.load_state_dict(state)  # same running statistics for the generic path
-    torch.testing.assert_close(ours, _generic_path(model, model.layer3, x, target), rtol=1e-5, atol=1e-6)
+    assert model.training
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    expected = _generic_path(model.eval(), model.layer3, x, target)
+    model.train()
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
     # The map of a plain attribution has no graph below the layer: no parameter gets a gradient.
     ours.sum().backward()
     assert all(p.grad is None for p in model.conv1.parameters())

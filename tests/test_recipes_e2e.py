@@ -355,9 +355,11 @@ def test_train_checks_sizes_and_epochs_before_reading_any_data(tmp_path, capsys)
         run_recipe(train, base + ["--arch", "alexnet", "--image-size", "32"])
     with pytest.raises(ValueError, match="--batch-size 1 with --image-size 32 cannot train resnet18.*"
                                          "--batch-size 2 or more, or --image-size 33 or more"):
-        run_recipe(train, base + ["--arch", "resnet18", "--image-size", "32", "--batch-size", "1"])
+        run_recipe(train, base + ["--arch", "resnet18", "--image-size", "32", "--batch-size", "1",
+                                  "--gc-lambda", "0"])
     with pytest.raises(FileNotFoundError):  # sizes that work: the data is read next
-        run_recipe(train, base + ["--arch", "resnet18", "--image-size", "33", "--batch-size", "1"])
+        run_recipe(train, base + ["--arch", "resnet18", "--image-size", "33", "--batch-size", "1",
+                                  "--gc-lambda", "0"])
     for epochs in ("0", "-2"):
         with pytest.raises(SystemExit):
             train.get_args_parser().parse_args(["--data", "synthetic", "--output-dir", "x",

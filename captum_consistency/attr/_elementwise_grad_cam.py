@@ -20,7 +20,12 @@ from torch import Tensor
 from torch.nn import Module
 
 from captum_consistency.attr._layers import check_layer_in_model
-from captum_consistency.attr._recording import _UnsupportedLayerOutput, layer_gradients
+from captum_consistency.attr._recording import (
+    _eval_mode,
+    _UnsupportedLayerOutput,
+    _zero_non_finite_maps,
+    layer_gradients,
+)
 
 __all__ = ["LayerElementwiseGradCam", "elementwise_grad_cam", "grad_cam", "check_layer_in_model"]
 
@@ -172,7 +177,11 @@ class LayerElementwiseGradCam(LayerAttribution, GradientAttribution):
 
         Returns:
             Tensor ``(N, 1, *spatial)`` (or a tuple, one per layer input/output tensor); for an
-            empty batch (``N = 0``), empty maps ``(0, 1, *spatial)``.
+            empty batch (``N = 0``), empty maps ``(0, 1, *spatial)``. A map that holds NaN or
+            infinity (an image with a NaN pixel) is returned all zero, with a warning, as
+            :func:`~captum_consistency.attr.get_attribution`'s methods do. A model in training
+            mode is run in eval mode and given back in its own mode: the attribution never
+            updates batch-norm statistics, and a map does not depend on its batch mates.
 
         Raises:
             ValueError: a negative class index in ``target`` (``-1`` would explain the last
@@ -184,6 +193,22 @@ class LayerElementwiseGradCam(LayerAttribution, GradientAttribution):
             >>> attr = LayerElementwiseGradCam(model, model.layer4).attribute(
             ...     x, target=3, relu_attributions=True)
         """
+        with _eval_mode(self.forward_func):
+            out = self._attribute(inputs, target, additional_forward_args, attribute_to_layer_input,
+                                  relu_attributions, grad_kwargs)
+        if isinstance(out, tuple):
+            return tuple(_zero_non_finite_maps(o, type(self).__name__, stacklevel=4) for o in out)
+        return _zero_non_finite_maps(out, type(self).__name__, stacklevel=4)
+
+    def _attribute(
+        self,
+        inputs: Union[Tensor, Tuple[Tensor, ...]],
+        target: TargetType,
+        additional_forward_args: Optional[object],
+        attribute_to_layer_input: bool,
+        relu_attributions: bool,
+        grad_kwargs: Optional[Dict[str, Any]],
+    ) -> Union[Tensor, Tuple[Tensor, ...]]:
         inputs = _format_tensor_into_tuples(inputs)
         additional_forward_args = _format_additional_forward_args(additional_forward_args)
         _check_target(target)

@@ -9,10 +9,14 @@ forward pass), :func:`score_gradients` differentiates the chosen scores, and
 
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+import contextlib
+import warnings
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+
+from captum_consistency._warnings import CaptumConsistencyWarning
 
 __all__ = ["LayerRecorder", "LayerGradients", "layer_gradients", "score_gradients"]
 
@@ -36,6 +40,11 @@ class LayerRecorder:
             gradient recording is switched on, so a forward pass run under ``torch.no_grad()``
             keeps no graph below the layer. The copy lets the model modify the output in place
             (an in-place ReLU) without touching the recorded activations.
+        require_grad (bool): when gradients are recorded and the layer's output does not
+            require grad (every parameter below it frozen, inputs that do not require grad),
+            replace it by a detached copy that does, so that the gradient of the scores with
+            respect to it exists (a frozen backbone's Grad-CAM); nothing below the layer has a
+            gradient to lose.
 
     Attributes:
         replicate (Tensor, optional): when set, the layer's output is replaced by
@@ -49,9 +58,10 @@ class LayerRecorder:
         >>> acts = rec.pop()
     """
 
-    def __init__(self, layer: nn.Module, start_graph: bool = False) -> None:
+    def __init__(self, layer: nn.Module, start_graph: bool = False, require_grad: bool = False) -> None:
         self.layer = layer
         self.start_graph = start_graph
+        self.require_grad = require_grad
         self.replicate: Optional[Tensor] = None
         self._outputs: List[Tensor] = []
         self._handle = None
@@ -68,12 +78,13 @@ class LayerRecorder:
             self._outputs.append(leaf)
             torch.set_grad_enabled(True)  # the rest of the forward pass is recorded
             return leaf.clone()  # a forward hook's return value replaces the layer's output
+        replaced = False
+        if self.require_grad and torch.is_grad_enabled() and not output.requires_grad:
+            output, replaced = output.detach().requires_grad_(), True
         if self.replicate is not None:
-            output = output.index_select(0, self.replicate)
-            self._outputs.append(output)
-            return output
+            output, replaced = output.index_select(0, self.replicate), True
         self._outputs.append(output)
-        return None
+        return output if replaced else None
 
     def __enter__(self) -> "LayerRecorder":
         self._handle = self.layer.register_forward_hook(self._hook)
@@ -212,3 +223,39 @@ def layer_gradients(
     activations = recorder.pop()
     (gradients,) = score_gradients(output, activations, classes, create_graph=create_graph)
     return LayerGradients(output, activations, gradients)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: object) -> Iterator[None]:
+    """Runs the block with ``model`` (if a module) in eval mode, then restores each submodule's
+    own mode: an attribution must not update batch-norm statistics, nor make an image's map
+    depend on its batch mates."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    training = [m for m in model.modules() if m.training]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m in training:
+            m.training = True
+
+
+def _zero_non_finite_maps(maps: Tensor, who: str, source: str = "", stacklevel: int = 3) -> Tensor:
+    """Replaces the maps that hold NaN or infinity by all-zero maps, with one warning (the
+    metrics skip and count all-zero maps)."""
+    if maps.dim() == 0 or maps.shape[0] == 0:
+        return maps
+    finite = torch.isfinite(maps).flatten(1).all(1)
+    if bool(finite.all()):
+        return maps
+    bad = int((~finite).sum())
+    warnings.warn(
+        f"{who}: {bad} of {maps.shape[0]} maps are not finite (NaN or infinity{source}); they are "
+        "returned as all-zero maps, which the metrics skip and count",
+        CaptumConsistencyWarning,
+        stacklevel=stacklevel,
+    )
+    shape = (-1,) + (1,) * (maps.dim() - 1)
+    return torch.where(finite.view(shape), maps, torch.zeros((), device=maps.device, dtype=maps.dtype))

@@ -16,9 +16,9 @@ from captum._utils.gradient import _forward_layer_eval
 from captum.attr import LayerAttribution
 from torch import Tensor, nn
 
-from captum_consistency._warnings import CaptumConsistencyWarning
 from captum_consistency.attr._layers import _target_tensor
 from captum_consistency.attr._methods import _SPECS
+from captum_consistency.attr._recording import _eval_mode, _zero_non_finite_maps
 
 __all__ = ["SaliencyMethod"]
 
@@ -67,6 +67,7 @@ class SaliencyMethod:
     rule: str = ""
     _prepare: Optional[Callable[[Tensor, Optional[object]], None]] = field(default=None, repr=False)
     _layer: Optional[nn.Module] = field(default=None, repr=False)  # maps at its resolution
+    _output_checked: bool = field(default=False, repr=False)
 
     def attribute(
         self,
@@ -83,7 +84,9 @@ class SaliencyMethod:
         that resizes them to another size (the evaluation, to the original image size)
         interpolates once. A sample whose map holds NaN or infinity (a peer library's failure,
         e.g. a 0/0 in a normalisation) is returned as an all-zero map, which the metrics skip
-        and count, with a warning.
+        and count, with a warning. A model in training mode is attributed in eval mode and
+        given back in its own mode (each submodule's): an attribution never updates the
+        batch-norm statistics, and an image's map does not depend on its batch mates.
 
         Args:
             inputs (Tensor): ``(N, C, H, W)`` images, normalised as the model expects.
@@ -98,11 +101,66 @@ class SaliencyMethod:
             empty maps ``(0, 1, H, W)`` (``(0, 1, h, w)``) for an empty batch.
 
         Raises:
-            ValueError: a target outside ``[0, num_classes)``, or inputs that are not images.
+            ValueError: a target outside ``[0, num_classes)``, inputs that are not images, or
+                a layer whose output is not a spatial ``(N, C, H, W)`` map.
+            TypeError: inputs that are not floating point (``uint8`` images), or a model whose
+                forward returns a tuple or a dict (wrap it to return the logits).
+            RuntimeError: a call under ``torch.inference_mode()`` or on its tensors.
         """
         if not isinstance(inputs, Tensor) or inputs.dim() != 4:
             raise ValueError(f"inputs must be a tensor (N, C, H, W), got {getattr(inputs, 'shape', inputs)!r}")
+        if not inputs.is_floating_point():
+            raise TypeError(
+                f"inputs must be floating-point images, got {inputs.dtype}: convert and normalise "
+                "them as the model expects (e.g. images.float() / 255, then the mean and std)"
+            )
+        if torch.is_inference_mode_enabled() or inputs.is_inference():
+            raise RuntimeError(
+                f"{self.name} needs gradients, which torch.inference_mode() turns off for good "
+                "(its tensors cannot be differentiated later): call attribute outside "
+                "torch.inference_mode() with tensors made outside it (torch.no_grad() is fine)"
+            )
+        with _eval_mode(self.model):
+            return self._attribute(inputs, target, additional_forward_args, upsample)
+
+    def _check_model_output(self, inputs: Tensor, additional_forward_args: Optional[object]) -> None:
+        """Once: the model returns one logits tensor and the map's layer a spatial map."""
+        recorded = []
+        handle = None
+        if self._layer is not None and self.name != "cmwp":
+            handle = self._layer.register_forward_hook(lambda m, i, o: recorded.append(o))
+        try:
+            with torch.no_grad():
+                out = self.model(inputs[:1], *_as_tuple(additional_forward_args))
+        except Exception:  # noqa: BLE001 - the method's own call reports it, with its message
+            return
+        finally:
+            if handle is not None:
+                handle.remove()
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"the model returned a {type(out).__name__}, not a (N, num_classes) logits tensor: "
+                "wrap it in a module whose forward returns the logits (e.g. out[0] or out['logits'])"
+            )
+        if recorded and not (isinstance(recorded[0], Tensor) and recorded[0].dim() == 4):
+            shape = tuple(recorded[0].shape) if isinstance(recorded[0], Tensor) else type(recorded[0]).__name__
+            raise ValueError(
+                f"{self.name}: the layer {self.layers.get('layer')!r} must output a spatial "
+                f"(N, C, H, W) map, got {shape}: pass a convolutional block (a ResNet's layer4), "
+                "not the final Linear or a pooling"
+            )
+        self._output_checked = True
+
+    def _attribute(
+        self,
+        inputs: Tensor,
+        target: Union[None, int, Sequence[int], Tensor],
+        additional_forward_args: Optional[object],
+        upsample: bool,
+    ) -> Tensor:
         n = inputs.shape[0]
+        if n and not self._output_checked:
+            self._check_model_output(inputs, additional_forward_args)
         if n == 0:  # several wrapped methods index the first sample
             size = tuple(inputs.shape[-2:])
             if not upsample and self._layer is not None:
@@ -130,18 +188,8 @@ class SaliencyMethod:
             for message in _CAPTUM_NOISE:
                 warnings.filterwarnings("ignore", message=message)
             out = self.method.attribute(inputs, target=target, additional_forward_args=additional_forward_args)
-        out = out.detach().float()
-        finite = torch.isfinite(out).flatten(1).all(1)
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            warnings.warn(
-                f"{self.name}: {bad} of {n} maps are not finite (NaN or infinity from the "
-                f"{_SPECS[self.name].library} method); they are returned as all-zero maps, which "
-                "the metrics skip and count",
-                CaptumConsistencyWarning,
-                stacklevel=2,
-            )
-            out = torch.where(finite.view(-1, 1, 1, 1), out, torch.zeros((), device=out.device))
+        out = _zero_non_finite_maps(out.detach().float(), self.name,
+                                    f" from the {_SPECS[self.name].library} method", stacklevel=4)
         if upsample and tuple(out.shape[-2:]) != tuple(inputs.shape[-2:]):
             out = LayerAttribution.interpolate(out, tuple(inputs.shape[-2:]), "bilinear")
         return out

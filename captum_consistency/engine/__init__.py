@@ -20,6 +20,12 @@ from captum_consistency.engine.cli import (
     check_input_size,
     non_negative_int,
     positive_int,
+    end_of_checks,
+    non_negative_float,
+    positive_float,
+    probability,
+    run_cli,
+    writable_dir,
 )
 from captum_consistency.engine.distributed import (
     DistributedInfo,
@@ -83,6 +89,12 @@ __all__ = [
     "positive_int",
     "architecture",
     "non_negative_int",
+    "positive_float",
+    "non_negative_float",
+    "probability",
+    "writable_dir",
+    "run_cli",
+    "end_of_checks",
     "evaluate_transfer",
     "TRANSFER_METHODS",
     # the audit: did the model change, or only its map?

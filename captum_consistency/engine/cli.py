@@ -5,12 +5,22 @@ data options (:func:`add_data_arguments`), so that the same ``--data ... --data-
 line works with all three; an option a recipe does not use is accepted, ignored, and marked
 so in its ``--help``. :func:`check_input_size` refuses an image size or batch size that the
 architecture cannot run before any data is read, with the smallest value that works.
+
+Every check a recipe makes before it trains or evaluates ends as argparse's usage error (the
+usage line, the message, exit status 2, no traceback): numbers are checked by the option's
+type (:func:`positive_int`, :func:`positive_float`, :func:`non_negative_float`,
+:func:`non_negative_int`, :func:`probability`; none accepts NaN or infinity), output folders by
+:func:`writable_dir`, and the checks that need the data or the checkpoint run inside
+:func:`run_cli` until the recipe calls :func:`end_of_checks`.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Dict, Optional, Tuple
+import contextvars
+import math
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -23,6 +33,12 @@ __all__ = [
     "positive_int",
     "non_negative_int",
     "architecture",
+    "positive_float",
+    "non_negative_float",
+    "probability",
+    "writable_dir",
+    "run_cli",
+    "end_of_checks",
     "add_data_arguments",
     "check_input_size",
 ]
@@ -66,11 +82,17 @@ def positive_int(text: str) -> int:
         >>> parser.add_argument("--epochs", type=positive_int)
         >>> parser.parse_args(["--epochs", "0"])  # error: argument --epochs: must be >= 1, got 0
     """
-    return _int_at_least(text, 1)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def non_negative_int(text: str) -> int:
-    """``argparse`` type of an integer option where 0 turns something off (``--log-images``).
+    """``argparse`` type of an integer option that must be at least 0 (``--workers``).
 
     Args:
         text (str): the command-line value.
@@ -80,17 +102,17 @@ def non_negative_int(text: str) -> int:
 
     Raises:
         argparse.ArgumentTypeError: not an integer, or negative.
+
+    Examples::
+
+        >>> parser.add_argument("--workers", type=non_negative_int)
     """
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -130,6 +152,189 @@ def architecture(text: str) -> str:
             "for a timm ResNet, ConvNeXt, EfficientNet or RegNet)"
         )
     return text
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """``argparse`` type of a finite number ``> 0`` (``--lr``, ``--lr-gamma``).
+
+    Args:
+        text (str): the command-line value.
+
+    Returns:
+        float: the value.
+
+    Raises:
+        argparse.ArgumentTypeError: not a number, NaN, infinite, or ``<= 0``.
+
+    Examples::
+
+        >>> parser.add_argument("--lr-gamma", type=positive_float)
+        >>> parser.parse_args(["--lr-gamma", "-1"])  # error: argument --lr-gamma: must be > 0
+    """
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """``argparse`` type of a finite number ``>= 0`` (``--gc-lambda``, ``--weight-decay``).
+
+    Args:
+        text (str): the command-line value.
+
+    Returns:
+        float: the value.
+
+    Raises:
+        argparse.ArgumentTypeError: not a number, NaN, infinite, or negative.
+
+    Examples::
+
+        >>> parser.add_argument("--gc-lambda", type=non_negative_float)
+        >>> parser.parse_args(["--gc-lambda", "nan"])  # error: must be a finite number
+    """
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    """``argparse`` type of a number in ``[0, 1]`` (``--synthetic-cue-strength``).
+
+    Args:
+        text (str): the command-line value.
+
+    Returns:
+        float: the value.
+
+    Raises:
+        argparse.ArgumentTypeError: not a number, NaN, or outside ``[0, 1]``.
+
+    Examples::
+
+        >>> parser.add_argument("--synthetic-cue-strength", type=probability)
+    """
+    value = _finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text!r}")
+    return value
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def writable_dir(text: str) -> str:
+    """``argparse`` type of an output folder: checked before the recipe runs, not after.
+
+    The folder need not exist; it must not be a file, and its nearest existing ancestor must be
+    a folder this process can write into (so that the results of a long evaluation are not
+    lost when they are written). Nothing is created.
+
+    Args:
+        text (str): the command-line value.
+
+    Returns:
+        str: the path, unchanged.
+
+    Raises:
+        argparse.ArgumentTypeError: empty, a file (or under one), or not writable.
+
+    Examples::
+
+        >>> parser.add_argument("--output-dir", type=writable_dir, required=True)
+    """
+    if not text:
+        raise argparse.ArgumentTypeError("must be a folder path, got an empty string")
+    path = os.path.abspath(text)
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == path else f"is under {probe}, which is a file"
+        raise argparse.ArgumentTypeError(f"{text!r} {where}, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write into {probe} (permission denied)")
+    return text
+
+
+# Set while run_cli runs a recipe's checks: {"checking": bool}.
+_CHECKING: contextvars.ContextVar[Optional[Dict[str, bool]]] = contextvars.ContextVar(
+    "captum_consistency_recipe_checks", default=None
+)
+#: What a check before training or evaluating raises; run_cli turns these into usage errors.
+_CHECK_ERRORS = (ValueError, OSError)
+
+
+def end_of_checks() -> None:
+    """Marks the end of a recipe's checks: from here on, :func:`run_cli` lets errors through.
+
+    A recipe calls it once its options, data and checkpoint have been checked, just before
+    training (or evaluating). Outside :func:`run_cli` it does nothing.
+    """
+    state = _CHECKING.get()
+    if state is not None:
+        state["checking"] = False
+
+
+def run_cli(
+    parser: argparse.ArgumentParser,
+    main: Callable[[argparse.Namespace], Any],
+    argv: Optional[Sequence[str]] = None,
+) -> Any:
+    """Runs a recipe's ``main`` on the command line: every check before the work is a usage error.
+
+    Parses ``argv`` (``sys.argv`` when ``None``) with ``parser``, then runs ``main(args)``. A
+    ``ValueError`` or ``OSError`` raised before ``main`` calls :func:`end_of_checks` (a size
+    the architecture cannot run, a missing data folder or checkpoint, an existing checkpoint
+    without ``--resume``) ends as ``parser.error``: the usage line, ``error: <message>`` and
+    exit status 2, without a traceback. Errors after that point (during training) propagate
+    with their traceback, as genuine failures do.
+
+    Args:
+        parser (argparse.ArgumentParser): the recipe's parser.
+        main (Callable): the recipe's ``main(args)``.
+        argv (sequence of str, optional): the arguments; ``None`` reads ``sys.argv``.
+
+    Returns:
+        what ``main`` returns.
+
+    Raises:
+        SystemExit: status 2 for a bad option, as argparse does.
+
+    Examples::
+
+        >>> if __name__ == "__main__":
+        ...     run_cli(get_args_parser(), main)
+    """
+    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    state = {"checking": True}
+    token = _CHECKING.set(state)
+    try:
+        return main(args)
+    except _CHECK_ERRORS as e:
+        if not state["checking"]:
+            raise
+        parser.error(str(e).strip() or type(e).__name__)
+    finally:
+        _CHECKING.reset(token)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, recipe: str) -> argparse._ArgumentGroup:
@@ -172,7 +377,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, recipe: str) -> argparse
 
     saved = "" if train else " (default: the checkpoint's)"
     add("--data", required=train, default=None, choices=DATA_KINDS, help="data set kind" + saved)
-    add("--data-root", default=None,
+    add("--data-root", default=None, type=_non_empty,
         help="ImageNet: folder of the split folders of <class>/<image> files; COCO: folder of "
         "the split folders and annotations/" + saved)
     add("--boxes", default=None, used_by={"train", "evaluate"},
@@ -207,7 +412,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, recipe: str) -> argparse
     add("--synthetic-val-length", default=1000 if train else None, type=positive_int,
         help="synthetic: validation images (train.py), evaluated images (evaluate.py, "
         "robustness.py)" + synthetic_saved)
-    add("--synthetic-cue-strength", default=0.9 if train else None, type=float,
+    add("--synthetic-cue-strength", default=0.9 if train else None, type=probability,
         help="synthetic: probability that the context cue matches the class" + synthetic_saved)
     add("--synthetic-seed", default=0 if train else None, type=int,
         help="synthetic: generator seed" + synthetic_saved)
@@ -232,7 +437,13 @@ def _min_side(runs: Callable[[int], bool], start: int) -> Optional[int]:
 
 
 def check_input_size(
-    arch: str, image_size: int, batch_size: int = 1, *, train: bool = True, gmp: bool = False
+    arch: str,
+    image_size: int,
+    batch_size: int = 1,
+    *,
+    train: bool = True,
+    gmp: bool = False,
+    gc: bool = False,
 ) -> int:
     """Checks that ``arch`` runs on ``image_size x image_size`` images, before data is read.
 
@@ -240,7 +451,12 @@ def check_input_size(
     batch of that size; what fails there fails in the first step of a run, after the data has
     been indexed. Two limits are found this way: the input side below which a pooling or
     convolution has nothing left (AlexNet: 63 pixels), and, in training mode, batch norm on
-    ``1 x 1`` maps with one image (one value per channel: ResNets below 33 pixels).
+    ``1 x 1`` maps with one image (one value per channel: ResNets below 33 pixels). With
+    ``gc``, a third: the GC loss compares each image's map with its cell of the composite's
+    map, so the Grad-CAM layer's map of a ``2S x 2S`` composite must give each of the four
+    cells at least ``2 x 2`` locations (``4 x 4`` in all). Below that (ResNet-18: 49 pixels) the
+    maps are ``1 x 1`` per cell, their normalised values constant, and the consistency term
+    and its gradient vanish: the run would train a plain classifier while reporting a GC run.
 
     Args:
         arch (str): an architecture of :func:`~captum_consistency.builders.build_model`.
@@ -249,6 +465,8 @@ def check_input_size(
         batch_size (int): images per process (``--batch-size``).
         train (bool): training mode (batch norm normalises with the batch's statistics).
         gmp (bool): global max pooling (ResNets).
+        gc (bool): the run trains with the GC loss (``--gc-lambda > 0``): check the composite's
+            Grad-CAM map as above.
 
     Returns:
         int: the smallest batch that trains at this size (``1``, or ``2`` when some batch norm
@@ -258,7 +476,8 @@ def check_input_size(
         False.
 
     Raises:
-        ValueError: the size or the batch cannot work; the message names the option and the
+        ValueError: the size or the batch cannot work (or, with ``gc``, leaves a cell of the
+            composite's map less than 2x2 locations); the message names the option and the
             smallest value that works.
 
     Examples::
@@ -267,6 +486,7 @@ def check_input_size(
         1
         >>> check_input_size("alexnet", 32)  # ValueError: --image-size 32 is too small for
         ...                                  # alexnet: it needs at least 63 pixels ...
+        >>> check_input_size("resnet18", 40, 4, gc=True)  # ValueError: ... at least 49 pixels
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"--image-size must be a positive int, got {image_size!r}")
@@ -304,6 +524,8 @@ def check_input_size(
                 f"--image-size {image_size} is too small for {arch}: it needs {need} "
                 f"({errors[image_size]})"
             )
+        if gc:
+            _check_gc_map(model, arch, image_size, smallest_norm_map)
         if not train or values > 1:
             return 1
         if batch_size >= 2:
@@ -317,6 +539,37 @@ def check_input_size(
     finally:
         for h in handles:
             h.remove()
+
+
+def _check_gc_map(model: nn.Module, arch: str, image_size: int, runs: Callable[[int], Optional[int]]) -> None:
+    """Refuses a side ``S`` whose composite's Grad-CAM map leaves a cell under 2x2 locations."""
+    from captum_consistency.builders import gradcam_layer
+
+    layer = gradcam_layer(model)
+    sizes: List[Tuple[int, int]] = []
+    handle = layer.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[-2:])))
+
+    def cell_side(side: int) -> int:
+        """Locations per cell side of the composite's map at image side ``side`` (0: fails)."""
+        sizes.clear()
+        if runs(2 * side) is None or not sizes:
+            return 0
+        return min(sizes[-1]) // 2
+
+    try:
+        per_cell = cell_side(image_size)
+        if per_cell >= 2:
+            return
+        least = _min_side(lambda s: runs(s) is not None and cell_side(s) >= 2, image_size)
+        need = f"at least {least} pixels" if least else f"more than {_MAX_SIDE} pixels"
+        raise ValueError(
+            f"--image-size {image_size} is too small for the GC loss with {arch}: the Grad-CAM "
+            f"map of a {2 * image_size}x{2 * image_size} composite gives each cell {per_cell}x"
+            f"{per_cell} location(s), and the consistency term needs at least 2x2 (below, it "
+            f"and its gradient vanish); {arch} needs {need} (or --gc-lambda 0 for a baseline)"
+        )
+    finally:
+        handle.remove()
 
 
 def load_evaluated_checkpoint(args: argparse.Namespace, device: torch.device):

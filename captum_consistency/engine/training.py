@@ -223,6 +223,17 @@ def _explanation_step(loss_fn, batch: TrainBatch, images: Tensor, targets: Tenso
     return loss_fn(images, targets, gradcam_targets=gc_targets)
 
 
+def _raise_non_finite(epoch: int, steps: int, values: dict, first_bad: Tensor) -> None:
+    first = int(first_bad)
+    if first == 0 and all(math.isfinite(v) for v in values.values()):
+        return
+    raise FloatingPointError(
+        f"non-finite training loss at epoch {epoch} (first non-finite loss at step "
+        f"{first or steps}, detected at step {steps}): {values}; lower --lr or check the data "
+        "(NaN or infinite pixels)"
+    )
+
+
 def _step_values(out, targets: Tensor, lr: float, multilabel: bool,
                  shared: bool) -> Dict[str, float]:
     """The scalars of a logged step, read on the host."""
@@ -315,6 +326,13 @@ def train_one_epoch(
             (e.g. warm-up then cosine), stepped after every optimizer step. An epoch-level
             schedule (the paper's ``MultiStepLR``) is stepped by the caller after the epoch.
 
+    Raises:
+        FloatingPointError: a non-finite loss (NaN or infinity: a non-finite pixel on an
+            accelerator, where the loss does not check the pixels, or a diverging lr), on rank
+            0 at the next logged step or at the epoch's end, naming the first non-finite step.
+            The check costs no host-device synchronisation of its own: a device flag records
+            the first such step, read where the logged values are read anyway.
+
     Returns:
         dict: epoch averages over all ranks: ``loss``, ``classification``, ``consistency``,
         ``top1`` (or ``f1_per_class``, ``f1_overall``, ``exact_match``), ``samples``,
@@ -360,6 +378,7 @@ def train_one_epoch(
     bar = tqdm(loader, total=total, desc=f"epoch {epoch}", disable=not (progress and main),
                dynamic_ncols=True, leave=False)
     steps = skipped_steps = skipped = 0
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # 1-based step, 0: none yet
     vote = get_world_size() > 1
     ungrouped = 0  # shared composites: images that got a composite of their own
     masks_skipped = 0  # mask-guided losses: images whose mask is all-false or all-true
@@ -390,6 +409,8 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
+        bad = ~torch.isfinite(out.loss.detach())
+        first_bad = torch.where(bad & (first_bad == 0), steps + 1, first_bad)  # no sync
         lr = optimizer.param_groups[0]["lr"]
         if lr_scheduler is not None:
             lr_scheduler.step()
@@ -398,16 +419,14 @@ def train_one_epoch(
         global_step += 1
         if main and (steps % log_every == 0 or steps == total):
             values = _step_values(out, targets, lr, multilabel, shared)
-            if not all(math.isfinite(v) for v in values.values()):
-                raise FloatingPointError(
-                    f"non-finite training loss at epoch {epoch}, step {steps}: {values}; lower "
-                    "--lr or check the data"
-                )
+            _raise_non_finite(epoch, steps, values, first_bad)
             if writer is not None:
                 for key, value in values.items():
                     writer.add_scalar(key, value, global_step)
             bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in values.items()})
     bar.close()
+    if main and steps:
+        _raise_non_finite(epoch, steps, {}, first_bad)
     result = meter.result()
     if loss_fn is None:
         result.pop("consistency")

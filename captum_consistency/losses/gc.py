@@ -137,6 +137,29 @@ class GradCamConsistencyLoss(_SharedComposites, nn.Module):
             of the grouping and of the ungrouped images' in-batch distractors.
         composites (str): ``"per-image"`` (one composite per image, the paper's scheme) or
             ``"shared"`` (one composite for four images, see above).
+        output_transform (Callable, optional): picks the ``(N, num_classes)`` logits from what
+            the model returns, for a model whose forward returns a tuple or a dict (e.g.
+            ``lambda out: out["logits"]``), as pytorch-grad-cam's targets do.
+
+    **Inputs the loss refuses** (each with an error that names the problem): images that are
+    not floating point (``uint8`` images: convert and normalise them first); on the CPU, images
+    or distractors holding NaN or infinity (on an accelerator this check would cost a
+    host-device synchronisation per step, so there the non-finite value propagates to
+    ``loss`` and :func:`~captum_consistency.engine.train_one_epoch` stops with a
+    ``FloatingPointError`` naming the first non-finite step); a call under ``torch.no_grad()``
+    or ``torch.inference_mode()`` (Grad-CAM is a gradient); a model whose every parameter is
+    frozen; a ``layer`` whose output is not a spatial ``(N, C, H, W)`` map (the final
+    ``Linear``, the pooling, the whole model); a model compiled as a whole with
+    ``torch.compile`` (compile the modules before ``layer`` instead, see below); ``lam``
+    beyond float32's range. A frozen backbone with a trainable head works: the layer's
+    activations are made to require grad, so the head's gradients (classification and
+    consistency) are those of a model whose backbone is a constant.
+
+    **torch.compile.** The loss records ``layer``'s output with a forward hook, which a model
+    compiled as a whole does not run as a separate module, so such a model is refused.
+    Compile the parts before the layer in place instead, e.g. for a ResNet
+    ``for name in ("conv1", "bn1", "layer1", "layer2", "layer3"): getattr(model, name).compile()``;
+    the layer and the head (through which the loss backpropagates twice) stay eager.
 
     Examples::
 
@@ -161,11 +184,15 @@ class GradCamConsistencyLoss(_SharedComposites, nn.Module):
         eps: float = DEFAULT_EPS,
         generator: Optional[torch.Generator] = None,
         composites: str = "per-image",
+        output_transform: Optional[Callable[[object], Tensor]] = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        _refuse_compiled(model)
         check_layer_in_model(model, layer)
+        if output_transform is not None and not callable(output_transform):
+            raise TypeError(f"output_transform must be callable, got {type(output_transform).__name__}")
         if composites not in COMPOSITE_MODES:
             raise ValueError(f"composites must be one of {COMPOSITE_MODES}, got {composites!r}")
         # Plain attributes, not submodules: the loss must not re-register the model's parameters.
@@ -178,13 +205,30 @@ class GradCamConsistencyLoss(_SharedComposites, nn.Module):
         self.eps = eps
         self.generator = generator
         self.composites = composites
+        self.output_transform = output_transform
         self._checked_on_device = False
         self._checked_groups_on_device = False
 
     def _check_inputs(self, images: Tensor, targets: Tensor, gradcam_targets: Optional[Tensor]):
+        if not torch.is_grad_enabled():
+            raise RuntimeError(
+                "GradCamConsistencyLoss needs gradients (Grad-CAM is the gradient of a class score) "
+                "but gradient recording is off: it was called under torch.no_grad() or "
+                "torch.inference_mode(); call it with gradients enabled (torch.enable_grad())"
+            )
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError(
+                "every parameter of the model is frozen (requires_grad=False): the GC loss would "
+                "train nothing; unfreeze at least the head (model.fc.requires_grad_(True))"
+            )
         if not isinstance(images, Tensor) or images.dim() != 4:
             raise ValueError(
                 f"images must be a (N, C, H, W) tensor, got {getattr(images, 'shape', type(images))}"
+            )
+        if not images.is_floating_point():
+            raise TypeError(
+                f"images must be a floating-point tensor, got {images.dtype}: convert and normalise "
+                "them as the model expects (e.g. images.float() / 255, then the mean and std)"
             )
         n = images.shape[0]
         if n == 0:
@@ -273,6 +317,14 @@ class GradCamConsistencyLoss(_SharedComposites, nn.Module):
         composite, cells, groups, replicate = self._compose(
             images, targets, gradcam_targets, distractors, cells, groups
         )
+        # Every image is in a composite: checking these checks the images and the distractors.
+        # Free on the CPU; on an accelerator it would be a host-device sync per step, so there a
+        # non-finite pixel propagates to the loss (train_one_epoch stops on it).
+        if composite.device.type == "cpu" and not bool(torch.isfinite(composite).all()):
+            raise ValueError(
+                "the images or their distractors hold non-finite values (NaN or infinity): the "
+                "loss and every gradient would be NaN; check the data and its normalisation"
+            )
         logits, acts_x, logits_c, acts_c = self._record(images, composite, replicate)
         self._check_classes(gradcam_targets, logits.shape[1])
         classification = self.criterion(logits, targets)
@@ -334,12 +386,21 @@ class GradCamConsistencyLoss(_SharedComposites, nn.Module):
     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Logits and the layer's activations of the images and of the composites: ``(logits,
         acts_x, logits_c, acts_c)``, one row of ``logits_c`` per image."""
-        with LayerRecorder(self.layer) as recorder:
-            logits = self.model(images)
+        # require_grad: with a frozen backbone the layer's output does not require grad; made a
+        # leaf that does, the head's Grad-CAM (a function of the head's weights) stays
+        # differentiable and the head trains on both terms.
+        with LayerRecorder(self.layer, require_grad=True) as recorder:
+            logits = self._logits(self.model(images))
             acts_x = recorder.pop()
             recorder.replicate = replicate
-            logits_c = self.model(composite)
+            logits_c = self._logits(self.model(composite))
             acts_c = recorder.pop()
+        if acts_x.dim() != 4:
+            raise ValueError(
+                f"the Grad-CAM layer {type(self.layer).__name__} must output a spatial (N, C, H, W) "
+                f"map, got shape {tuple(acts_x.shape)}: pass a convolutional block (a ResNet's "
+                "layer4), not the final Linear, a pooling or the whole model"
+            )
         if logits.dim() != 2:
             raise ValueError(f"the model must return (N, num_classes) logits, got {tuple(logits.shape)}")
         n = images.shape[0]
@@ -350,6 +411,17 @@ class GradCamConsistencyLoss(_SharedComposites, nn.Module):
                 "the layer's output (not the input's)"
             )
         return logits, acts_x, logits_c, acts_c
+
+    def _logits(self, output: object) -> Tensor:
+        if self.output_transform is not None:
+            output = self.output_transform(output)
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"the model returned a {type(output).__name__}, not a (N, num_classes) logits tensor: "
+                "pass output_transform= to pick the logits (e.g. lambda out: out[0] or "
+                "lambda out: out['logits'])"
+            )
+        return output
 
     def _check_classes(self, gradcam_targets: Tensor, num_classes: int) -> None:
         # A value check reads the tensor on the host. On CPU that is free; on an accelerator it
@@ -406,5 +478,29 @@ def _as_lambda(lam: Union[float, Tensor]) -> float:
     lam = float(lam)
     if not math.isfinite(lam) or lam < 0:
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if lam > _FLOAT32_MAX:
+        raise ValueError(
+            f"lam must be at most float32's largest value {_FLOAT32_MAX:.4g} (the loss is float32: "
+            f"lam * consistency would be infinite and the gradients NaN), got {lam!r}"
+        )
     return lam
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _refuse_compiled(model: nn.Module) -> None:
+    """A model compiled as a whole runs its layers inside one graph, where the loss's forward
+    hook on ``layer`` does not see the activations that produced the logits."""
+    for m in (model, getattr(model, "module", None)):  # DistributedDataParallel wraps it
+        if m is None:
+            continue
+        if hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None:
+            raise TypeError(
+                "GradCamConsistencyLoss cannot hook the Grad-CAM layer of a model compiled as a "
+                "whole with torch.compile: pass the uncompiled model and compile the modules "
+                "before the layer in place instead, e.g. for a ResNet "
+                "`for name in ('conv1', 'bn1', 'layer1', 'layer2', 'layer3'): "
+                "getattr(model, name).compile()`"
+            )
 
