@@ -264,7 +264,9 @@ def audit_comparison(summaries: Mapping[str, dict], layer: str = "layer4",
         list of dict: ``pair``, ``comparable`` and, when comparable, ``nqh_relative_drop``,
         ``share_relative_drop``, ``share_blur_relative_drop``, ``own_cell_predicted`` (GC,
         reference), ``deletion_gain`` (Grad-CAM minus random maps; GC, reference),
-        ``survives_randomization`` (GC, reference) and ``reading``.
+        ``survives_randomization`` (GC, reference), ``reading`` (from the cells replaced by
+        zeros, the reports' replacement) and ``reading_blur`` (the same from blurred cells, a
+        check that the reading does not hang on the replacement).
     """
     rows = []
     for new, ref in pairs:
@@ -282,14 +284,16 @@ def audit_comparison(summaries: Mapping[str, dict], layer: str = "layer4",
         blur_drop = (_relative_drop(aa["ablation_share_blur"], ab["ablation_share_blur"])
                      if aa.get("ablation_share_blur") is not None
                      and ab.get("ablation_share_blur") is not None else None)
-        if nqh_drop is None or nqh_drop < 0.30:
-            reading = "no claim"
-        elif share_drop is not None and share_drop >= 0.30:
-            reading = "model"
-        elif share_drop is not None and share_drop > 0:
-            reading = "partly"
-        else:
-            reading = "map only"
+        def read(drop: Optional[float]) -> str:
+            if nqh_drop is None or nqh_drop < 0.30:
+                return "no claim"
+            if drop is not None and drop >= 0.30:
+                return "model"
+            if drop is not None and drop > 0:
+                return "partly"
+            return "map only"
+
+        reading = read(share_drop)
         gain = lambda x: (None if x.get("deletion_gradcam") is None or x.get("deletion_random") is None  # noqa: E731
                           else x["deletion_gradcam"] - x["deletion_random"])
         rows.append(dict(
@@ -299,7 +303,7 @@ def audit_comparison(summaries: Mapping[str, dict], layer: str = "layer4",
             deletion_gain=[gain(aa), gain(ab)],
             survives_randomization=[_survives(aa.get("randomization"), layer),
                                     _survives(ab.get("randomization"), layer)],
-            reading=reading))
+            reading=reading, reading_blur=None if blur_drop is None else read(blur_drop)))
     return rows
 
 
@@ -366,6 +370,9 @@ def audit_markdown(summaries: Mapping[str, dict], comparison: Sequence[Mapping[s
             f"- {na} vs {nb}: NQH {drop(c['nqh_relative_drop'])} lower, cell-ablation share "
             f"{drop(c['share_relative_drop'])} lower (blurred cells: "
             f"{drop(c['share_blur_relative_drop'])}): {_READINGS[c['reading']]}.")
+        if c.get("reading_blur") not in (None, c["reading"]):
+            lines.append(f"  - with the cells blurred instead of emptied, the reading differs: "
+                         f"{_READINGS[c['reading_blur']]}.")
         flags = [n for n, f in zip((na, nb), c["survives_randomization"]) if f]
         lines.append("  - randomisation: " + (
             f"**red flag** for {', '.join(flags)}: the map still correlates above "
