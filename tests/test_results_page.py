@@ -99,6 +99,10 @@ def test_the_home_page_shows_the_default_runs_figure_and_claims():
     seeds = f"{results['config']['seeds']} seeds"
     for fact in (minutes, seeds, "](assets/quickstart/gradcam.png)"):
         assert fact in HOME, f"docs/index.md must show the default run's {fact}"
+    # the audit's headline: the distractors' share of the class's evidence in the output
+    base, gc = (results["variants"][v]["audit"]["ablation_share"] for v in ("baseline", "gc"))
+    share = f"from {100 * base:.1f}% to {100 * gc:.1f}%"
+    assert share in HOME, f"docs/index.md must state the audit's ablation share ({share})"
 
 
 def test_the_home_page_shows_the_readmes_two_commands():
