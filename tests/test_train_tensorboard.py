@@ -28,16 +28,21 @@ def _events(logdir):
     return acc
 
 
+#: The audit's model-level measures, logged where the subset is single-label.
+AUDIT = ("ablation_share", "own_cell_predicted")
+
+
 def test_tiny_run_logs_panels_and_subset_scalars(tmp_path, capsys, one_thread):
     out = tmp_path / "run"
     record = run_recipe(train, [
-        "--data", "synthetic", "--arch", "resnet18", "--image-size", "40", "--epochs", "2",
+        "--data", "synthetic", "--arch", "resnet18", "--image-size", "64", "--epochs", "2",
         "--batch-size", "4", "--lr", "0.01", "--device", "cpu", "--workers", "0",
         "--synthetic-train-length", "8", "--synthetic-val-length", "12", "--no-progress",
         "--log-images", "50", "--log-subset", "8", "--output-dir", out])
     log = capsys.readouterr().out
     assert "--log-images 50 is larger than the validation set (12 images): logging 12" in log
-    assert set(record["val_subset"]) == {"nqh", "pg", "ch"} and record["log_time_s"] > 0
+    assert {"nqh", "pg", "ch"} <= set(record["val_subset"]) <= {"nqh", "pg", "ch", *AUDIT}
+    assert record["log_time_s"] > 0
     acc = _events(out / "tensorboard")
     assert set(acc.Tags()["images"]) == set(PANEL_TAGS.values())
     for tag in PANEL_TAGS.values():
@@ -54,20 +59,22 @@ def test_tiny_run_logs_panels_and_subset_scalars(tmp_path, capsys, one_thread):
 def test_validation_set_without_boxes_leaves_localisation_out(tmp_path, capsys, one_thread):
     fx = make_imagenet_folder(tmp_path / "imagenet", num_classes=4, images_per_class=2)
     common = ["--data", "imagenet", "--data-root", fx.root, "--arch", "resnet18", "--image-size",
-              "40", "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--workers", "0",
+              "64", "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--workers", "0",
               "--no-progress", "--log-images", "0"]
     record = run_recipe(train, common + ["--output-dir", tmp_path / "run"])
     log = capsys.readouterr().out
     assert log.count("the validation set has no boxes") == 1
-    assert set(record["val_subset"]) == {"nqh"}
+    assert "pg" not in record["val_subset"] and "ch" not in record["val_subset"]
+    assert {"nqh"} <= set(record["val_subset"]) <= {"nqh", *AUDIT}
     acc = _events(tmp_path / "run" / "tensorboard")
     assert acc.Tags()["images"] == []  # --log-images 0
-    assert [t for t in acc.Tags()["scalars"] if t.startswith("val_subset/")] == ["val_subset/nqh"]
+    assert {t for t in acc.Tags()["scalars"] if t.startswith("val_subset/")} == {
+        f"val_subset/{name}" for name in record["val_subset"]}
     # with the validation boxes: PG and CH of the subset's whole images (grouped by size)
     record = run_recipe(train, common + ["--boxes", fx.boxes_dirs["val"], "--log-subset", "6",
                                          "--output-dir", tmp_path / "boxes"])
     assert "no boxes" not in capsys.readouterr().out
-    assert set(record["val_subset"]) == {"nqh", "pg", "ch"}
+    assert {"nqh", "pg", "ch"} <= set(record["val_subset"])
 
 
 def test_panels_show_the_same_images_and_composites_every_time():
@@ -94,8 +101,10 @@ def test_fixed_indices_and_scalars_dict():
     whole = SpuriousContextShapes("val", num_classes=4, length=16, image_size=32, seed=0, annotations=True)
     loader = torch.utils.data.DataLoader(val, batch_size=8)
     model = SmallResNet(4, widths=(8, 8, 16, 16)).eval()
-    crop_only = validation_scalars(model, loader, torch.device("cpu"), 4)
+    crop_only = validation_scalars(model, loader, torch.device("cpu"), 4, audit=False)
     assert set(crop_only) == {"nqh"}
     both = validation_scalars(model, loader, torch.device("cpu"), 4,
                               whole_loader=torch.utils.data.DataLoader(whole, batch_size=8))
-    assert set(both) == {"nqh", "pg", "ch"} and both["nqh"] == crop_only["nqh"]  # same composites
+    assert set(both) == {"nqh", "pg", "ch", *AUDIT} and both["nqh"] == crop_only["nqh"]  # same composites
+    # the audit's share is audit_model's on the same loader (cells emptied)
+    assert 0.0 <= both["ablation_share"] <= 1.0 and 0.0 <= both["own_cell_predicted"] <= 1.0

@@ -174,14 +174,18 @@ def validation_scalars(
     method: str = "gradcam",
     amp: bool = False,
     channels_last: bool = False,
+    audit: bool = True,
 ) -> Dict[str, float]:
     """The interpretation metrics of a fixed validation subset, ``name -> value``.
 
     :func:`~captum_consistency.engine.evaluation.evaluate_interpretations` on the subset's
     loaders, with the cells and distractors drawn from ``seed`` afresh at every call (the same
     composites every epoch when the loaders are not shuffled): ``"nqh"`` always, ``"pg"`` and
-    ``"ch"`` with ``whole_loader`` (whole images with boxes or masks). Metrics without a scored
-    sample are left out. A collective under ``torch.distributed``: every rank calls it, with its
+    ``"ch"`` with ``whole_loader`` (whole images with boxes or masks), and with ``audit`` the
+    audit's model-level measures of single-label data
+    (:func:`~captum_consistency.engine.audit_model`, cells emptied): ``"ablation_share"``, the
+    distractors' share of the class's evidence in the output, and ``"own_cell_predicted"``.
+    Metrics without a scored sample are left out. A collective under ``torch.distributed``: every rank calls it, with its
     shard of the subset.
 
     Args:
@@ -199,9 +203,12 @@ def validation_scalars(
         method (str): registry name of the maps (``"gradcam"``).
         amp (bool): bf16 autocast.
         channels_last (bool): channels-last inputs.
+        audit (bool): add the model-level measures (one more forward pass of 5 composites
+            per subset image, and one of 2).
 
     Returns:
-        dict: ``{"nqh": ..., "pg": ..., "ch": ...}`` (floats in [0, 1]).
+        dict: ``{"nqh": ..., "pg": ..., "ch": ..., "ablation_share": ...,
+        "own_cell_predicted": ...}`` (floats in [0, 1]).
     """
     generator = torch.Generator().manual_seed(seed)
 
@@ -217,4 +224,33 @@ def validation_scalars(
     scalars: Dict[str, Optional[float]] = {"nqh": m["nqh"]}
     if whole_loader is not None:
         scalars.update(pg=m["pg"], ch=m["ch"])
+    if audit and not multilabel and (distractor_ok is None or bool(distractor_ok.all())):
+        scalars.update(_ablation_scalars(model, crop_loader, device, fallback, seed))
     return {name: float(value) for name, value in scalars.items() if value is not None}
+
+
+def _ablation_scalars(model: nn.Module, crop_loader: Any, device: torch.device,
+                      fallback: Optional[Callable[[Tensor], Tensor]], seed: int) -> Dict[str, Optional[float]]:
+    """The audit's model-level measures on the subset (cells emptied), summed over ranks:
+    ``ablation_share`` and ``own_cell_predicted``."""
+    from captum_consistency.builders import gradcam_layer
+    from captum_consistency.engine.audit import audit_model
+    from captum_consistency.engine.distributed import all_reduce_sum
+
+    generator = torch.Generator().manual_seed(seed + 1)
+
+    def make_distractors(images, targets, gc_targets):
+        return gather_distractors(images, targets, gc_targets, generator=generator, fallback=fallback)
+
+    out = audit_model(model, crop_loader, device, layer=gradcam_layer(model),
+                      make_distractors=make_distractors, generator=generator,
+                      faithfulness_images=0, road_images=0, randomization_images=0,
+                      progress=False)
+    defined = out["num_composites"] - out["ablation_undefined"]
+    sums = torch.tensor([(out["ablation_share"] or 0.0) * defined, defined,
+                         (out["own_cell_predicted"] or 0.0) * out["num_composites"],
+                         out["num_composites"]], dtype=torch.float64, device=device)
+    all_reduce_sum(sums)
+    share, n_defined, predicted, n = sums.tolist()
+    return {"ablation_share": share / n_defined if n_defined else None,
+            "own_cell_predicted": predicted / n if n else None}
