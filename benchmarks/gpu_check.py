@@ -591,7 +591,7 @@ def markdown(info: Dict[str, Any], rows: List[Dict[str, Any]], failed: Optional[
 def config(args: argparse.Namespace) -> Config:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if args.tiny:
-        cfg = Config(archs=["resnet18", "resnet50"], batch_size=4, image_size=40, bench_steps=1,
+        cfg = Config(archs=["resnet18", "resnet50"], batch_size=4, image_size=64, bench_steps=1,
                      bench_rounds=1, bench_warmup=1, steps=4, classes=4, unique_per_class=2,
                      val_per_class=1, photo_sizes=((60, 80), (80, 60)), workers=min(2, cores))
     else:
@@ -622,7 +622,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=480.0,
                    help="seconds for the whole run; a step that would run past it fails")
     p.add_argument("--batch-size", type=int, default=None, help="default 128 (tiny 4)")
-    p.add_argument("--image-size", type=int, default=None, help="S (default 224; tiny 40)")
+    p.add_argument("--image-size", type=int, default=None, help="S (default 224; tiny 64, the smallest size at which a ResNet composite gives each cell 2x2 map locations)")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: the cores)")
     p.add_argument("--classes", type=int, default=None, help="classes of the folder (default 100)")
     p.add_argument("--archs", default="", help="step 1's models (default resnet18,resnet50)")
