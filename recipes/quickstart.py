@@ -651,7 +651,13 @@ def _results(args, train_images: Tensor, train_labels: Tensor):
     try:
         yield from pool.imap_unordered(run_job, jobs)
     except BaseException:  # an interrupt (or the consumer's close()) stops the models in training
-        pool.terminate()
+        try:
+            pool.terminate()
+        except AssertionError:
+            # multiprocessing asserts when the interrupt landed inside its result handler
+            # ("Cannot have cache with result_hander not alive"); the workers are stopped
+            # either way, and the interrupt, not this, is what the run ends with
+            pass
         raise
     else:
         pool.close()

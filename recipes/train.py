@@ -252,8 +252,6 @@ def _check_loss_args(args) -> None:
             f"--loss gc computes Grad-CAM on composites: --loss-attribution must be "
             f"elementwise-gradcam or gradcam, got {args.loss_attribution}"
         )
-    if loss != "gc" and args.loss_lambda is not None and args.loss_lambda < 0:
-        get_args_parser().error(f"--loss-lambda must be >= 0, got {args.loss_lambda}")
     if loss == "cgc" and args.batch_size < 2 and not args.cgc_gather_negatives:
         get_args_parser().error("--loss cgc needs --batch-size >= 2: the other images are the negatives")
 
@@ -312,7 +310,18 @@ def _validation_monitor(args, info, val, val_split):
 
 
 def _log_validation(monitor, model, writer, epoch, device, args, channels_last, main_proc):
-    """Panels (rank 0) and the subset's scalars (every rank) of one epoch; returns the scalars."""
+    """Panels (rank 0) and the subset's scalars (every rank) of one epoch; returns the scalars.
+
+    Runs on a fork of torch's random state: the loaders it iterates draw their seeds from the
+    global generator, and logging must not change what is trained."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        return _log_validation_now(monitor, model, writer, epoch, device, args, channels_last,
+                                   main_proc)
+
+
+def _log_validation_now(monitor, model, writer, epoch, device, args, channels_last, main_proc):
     if monitor["panels"] is not None:
         monitor["panels"].log(writer, model, epoch, device)
     if monitor["crop"] is None:

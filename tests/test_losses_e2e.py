@@ -106,7 +106,7 @@ def test_energy_on_imagenet_boxes_trains_resumes_and_evaluates(imagenet, tmp_pat
 
 
 def _synthetic_args(out, epochs, *extra):
-    return ["--data", "synthetic", "--arch", "resnet18", "--image-size", "32", "--batch-size", "4",
+    return ["--data", "synthetic", "--arch", "resnet18", "--image-size", "64", "--batch-size", "4",
             "--device", "cpu", "--workers", "0", "--synthetic-train-length", "16", "--synthetic-val-length", "8",
             "--synthetic-classes", "3", "--lr", "0.01", "--no-progress", "--epochs", epochs,
             "--output-dir", out, "--seed", "1", *extra]
@@ -164,7 +164,7 @@ def test_coco_training_masks_are_one_present_category_each(tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--loss", "gc", "--loss-attribution", "input-x-gradient"], "must be elementwise-gradcam or gradcam"),
     (["--loss", "cgc", "--batch-size", "1"], "--loss cgc needs --batch-size >= 2"),
-    (["--loss", "energy", "--loss-lambda", "-1"], "--loss-lambda must be >= 0"),
+    (["--loss", "energy", "--loss-lambda", "-1"], "argument --loss-lambda: must be >= 0"),
 ])
 def test_loss_options_are_refused_before_training(tmp_path, capsys, extra, message):
     args = _synthetic_args(tmp_path / "o", 1) + extra

