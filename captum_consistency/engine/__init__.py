@@ -11,10 +11,12 @@ from captum_consistency.engine.checkpoint import (
     load_checkpoint,
     load_model_weights,
     load_pretrained_backbone,
+    load_torchvision_weights,
+    torchvision_weights_path,
     remove_stale_temporaries,
     save_checkpoint,
 )
-from captum_consistency.engine.cli import add_data_arguments, check_input_size, positive_int
+from captum_consistency.engine.cli import add_data_arguments, check_input_size, positive_int, unit_fraction
 from captum_consistency.engine.distributed import (
     DistributedInfo,
     all_reduce_sum,
@@ -39,6 +41,7 @@ from captum_consistency.engine.training import (
     ScaledBCEWithLogitsLoss,
     Schedule,
     default_schedule,
+    finetune_schedule,
     sample_positive_class,
     train_one_epoch,
 )
@@ -63,11 +66,13 @@ __all__ = [
     "ScaledBCEWithLogitsLoss",
     "Schedule",
     "default_schedule",
+    "finetune_schedule",
     "evaluate_classification",
     # the recipes' command line
     "add_data_arguments",
     "check_input_size",
     "positive_int",
+    "unit_fraction",
     "evaluate_transfer",
     "TRANSFER_METHODS",
     # the audit: did the model change, or only its map?
@@ -86,6 +91,8 @@ __all__ = [
     "check_checkpoint_compatible",
     "load_model_weights",
     "load_pretrained_backbone",
+    "load_torchvision_weights",
+    "torchvision_weights_path",
     "remove_stale_temporaries",
     # torchrun
     "DistributedInfo",

@@ -18,7 +18,7 @@ from torch import nn
 from captum_consistency.builders import build_model
 from captum_consistency.engine.datasets import DATA_KINDS
 
-__all__ = ["RECIPES", "positive_int", "add_data_arguments", "check_input_size"]
+__all__ = ["RECIPES", "positive_int", "unit_fraction", "add_data_arguments", "check_input_size"]
 
 #: The recipes that share :func:`add_data_arguments`.
 RECIPES: Tuple[str, ...] = ("train", "evaluate", "robustness")
@@ -65,6 +65,33 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    """``argparse`` type of a fraction in ``(0, 1]`` (``--gc-fraction``).
+
+    Args:
+        text (str): the command-line value.
+
+    Returns:
+        float: the value.
+
+    Raises:
+        argparse.ArgumentTypeError: not a number, or outside ``(0, 1]``; argparse turns it
+            into a usage error naming the option.
+
+    Examples::
+
+        >>> parser.add_argument("--gc-fraction", type=unit_fraction)
+        >>> parser.parse_args(["--gc-fraction", "0"])  # error: ... must be in (0, 1], got 0.0
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return value
 
 

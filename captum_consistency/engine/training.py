@@ -42,6 +42,7 @@ from captum_consistency.metrics import ClassificationMeter
 __all__ = [
     "Schedule",
     "default_schedule",
+    "finetune_schedule",
     "ScaledBCEWithLogitsLoss",
     "sample_positive_class",
     "train_one_epoch",
@@ -119,6 +120,45 @@ def default_schedule(data: str, arch: str) -> Schedule:
             milestones=[30, 60], gamma=0.1, gc_lambda=25.0, cls_weight=1.0, batch_size=256,
         )
     raise ValueError(f"data must be 'imagenet', 'coco' or 'synthetic', got {data!r}")
+
+
+#: Fine-tuning length as a share of the from-scratch schedule's epochs (measured on the
+#: quickstart's ``shapes`` benchmark: docs/results.md, "Fine-tuning and partial GC").
+FINETUNE_SHARE = 1 / 14
+#: The from-scratch learning rate over the fine-tuning one.
+FINETUNE_LR_DIVISOR = 10
+
+
+def finetune_schedule(data: str, arch: str) -> Schedule:
+    """The fine-tuning schedule of a trained model with the GC loss (``recipes/train.py
+    --weights``, ``--schedule finetune``).
+
+    The from-scratch schedule of :func:`default_schedule` with the learning rate divided by
+    10 (ImageNet: 0.01, the paper's lr after its first decay; COCO: 0.001) and
+    :data:`FINETUNE_SHARE` of its epochs (ImageNet 6 of 90, COCO 3 of 36), decayed by a cosine
+    to 0 over them (``torch.optim.lr_scheduler.CosineAnnealingLR``, stepped per epoch) instead
+    of the milestones; momentum, weight decay, lambda and the classification loss are the
+    paper's. On ``shapes`` (a quickstart with 14 epochs) this is one epoch at a fifth of the
+    peak lr of a warm-up-cosine; the ImageNet and COCO values are this rule, not measured.
+
+    Args:
+        data (str): ``"imagenet"``, ``"coco"`` or ``"synthetic"``.
+        arch (str): the architecture (AlexNet's lower lr carries over).
+
+    Returns:
+        Schedule: with ``milestones=[]``.
+
+    Examples::
+
+        >>> s = finetune_schedule("imagenet", "resnet50")
+        >>> s.lr, s.epochs
+        (0.01, 6)
+    """
+    s = default_schedule(data, arch)
+    s.lr = s.lr / FINETUNE_LR_DIVISOR
+    s.epochs = max(1, round(s.epochs * FINETUNE_SHARE))
+    s.milestones = []
+    return s
 
 
 def sample_positive_class(targets: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
