@@ -78,7 +78,7 @@ from captum_consistency.claims import (
     transfer_markdown,
 )
 from captum_consistency.report import markdown_table, percent, summarize_seeds, table1_markdown
-from captum_consistency.viz import gradcam_panel, lambda_sweep_plot
+from captum_consistency.viz import cost_plot, gradcam_panel, lambda_sweep_plot
 
 #: slug -> (display name, global max pooling, GC loss)
 VARIANTS: Dict[str, tuple] = {
@@ -716,43 +716,6 @@ def cost_markdown(settings: Mapping[str, Mapping[str, Any]], base_key: str = "ba
                            "cost (images)", "target"], rows).splitlines()
 
 
-def cost_plot(settings: Mapping[str, Mapping[str, Any]], path: str, title: str = "",
-              base_key: str = "baseline") -> str:
-    """NQH against the total training cost relative to the baseline's training (seconds),
-    one point per setting (error bars: spread over seeds), a line for the baseline's NQH and
-    the target's box."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base = settings[base_key]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
-    ax.axhline(100 * base["nqh"], color="grey", ls="--", label="baseline NQH")
-    ax.axhline(100 * COST_TARGET["nqh_ratio"] * base["nqh"], color="green", ls=":",
-               label="target: NQH -30%")
-    ax.axvline(COST_TARGET["cost"], color="green", ls="-.", label="target: cost 1.3x")
-    for key, s in settings.items():
-        if key == base_key or s.get("rel_time") is None or s.get("nqh") is None:
-            continue
-        sd = s.get("spread") or {}
-        ax.errorbar(s["rel_time"], 100 * s["nqh"], xerr=sd.get("rel_time") or 0,
-                    yerr=100 * (sd.get("nqh") or 0), fmt="o", capsize=3)
-        ax.annotate(s["name"], (s["rel_time"], 100 * s["nqh"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("total training cost / baseline's training (seconds)")
-    ax.set_ylabel("NQH (%), lower is better")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 def _add_relative_cost(runs: Dict[str, List[dict]], summaries: Dict[str, dict]) -> None:
     """A run with ``gc_finetune``: every variant's seeds get ``rel_time`` and ``rel_images``
     (:func:`with_relative_cost`), and its summary their means and spreads."""
@@ -781,7 +744,8 @@ def _cost_lines(args, summaries: Dict[str, dict], out_dir: str) -> List[str]:
              "", *cost_markdown(settings), ""]
     if len(settings) >= 2:
         plot = cost_plot(settings, os.path.join(out_dir, "finetune_cost.png"),
-                         title=f"{args.benchmark}: NQH against training cost")
+                         title=f"{args.benchmark}: NQH against training cost",
+                         nqh_ratio=COST_TARGET["nqh_ratio"], max_cost=COST_TARGET["cost"])
         lines += [f"![NQH against relative training cost]({os.path.basename(plot)})", ""]
     return lines
 
@@ -879,7 +843,8 @@ def write_study(args, runs: Dict[str, List[dict]], status: str, elapsed: float) 
         lines += cost_markdown(settings)
     if len(settings) >= 2 and "baseline" in settings:
         plot = cost_plot(settings, os.path.join(out, "finetune_cost.png"),
-                         title=f"{args.benchmark}: {args.seeds} seed(s)")
+                         title=f"{args.benchmark}: {args.seeds} seed(s)",
+                         nqh_ratio=COST_TARGET["nqh_ratio"], max_cost=COST_TARGET["cost"])
         lines += ["", f"![NQH against relative training cost]({os.path.basename(plot)})"]
     _atomic_write(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
     return results
