@@ -113,9 +113,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                       "checkpoints); a classifier of another size is re-initialised; implies "
                       "--schedule finetune")
     g.add_argument("--schedule", default=None, choices=("paper", "finetune"),
-                   help="paper: the paper's from-scratch schedule of --data; finetune: a short "
-                   "cosine at a lower lr (captum_consistency.engine.finetune_schedule); default: "
-                   "finetune with --weights, the resumed run's, else paper")
+                   help="paper: the paper's from-scratch schedule of --data; finetune: 1/14 of "
+                   "its epochs, a cosine from its lr, 8x its lambda "
+                   "(captum_consistency.engine.finetune_schedule); default: finetune with "
+                   "--weights, the resumed run's, else paper")
 
     g = p.add_argument_group("GC loss")
     g.add_argument("--gc-lambda", default=None, type=float,

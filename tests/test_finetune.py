@@ -82,11 +82,12 @@ def test_unknown_weights_list_the_valid_names():
         load_torchvision_weights(build_model("resnet18", 10), NAME, "resnet18")  # another arch's
 
 
-def test_finetune_schedule_is_a_tenth_of_the_lr_and_a_share_of_the_epochs():
+def test_finetune_schedule_is_a_share_of_the_epochs_at_a_larger_lambda():
     s = finetune_schedule("imagenet", "resnet50")
-    assert (s.lr, s.epochs, s.milestones, s.gc_lambda) == (0.01, 6, [], 25.0)
+    assert (s.lr, s.epochs, s.milestones, s.gc_lambda) == (0.1, 6, [], 200.0)
     c = finetune_schedule("coco", "resnet18")
-    assert (c.lr, c.epochs, c.gc_lambda, c.cls_weight) == (0.001, 3, 1.0, 80.0)
+    assert (c.lr, c.epochs, c.gc_lambda, c.cls_weight) == (0.01, 3, 8.0, 80.0)
+    assert finetune_schedule("imagenet", "alexnet").lr == 0.01
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -117,7 +118,7 @@ def test_train_with_weights_then_resume_continues_the_finetune_schedule(offline_
     assert ckpt["args"]["schedule_kind"] == "finetune"
     assert "T_max" in ckpt["scheduler"]  # the cosine, not the paper's MultiStepLR
     record = json.loads((out / "log.jsonl").read_text().splitlines()[0])
-    assert record["lr"] == pytest.approx(0.01)  # finetune_schedule("synthetic"): 0.1 / 10
+    assert record["lr"] == pytest.approx(0.1)  # finetune_schedule("synthetic"): the paper's lr
     assert record["train"]["gc_steps"] == 1 and record["train"]["steps"] == 2
     # resumed without --weights: the checkpoint's fine-tuning schedule goes on
     run_recipe(train, common + ["--resume", out / "checkpoint.pth", "--epochs", "2"])
