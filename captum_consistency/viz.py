@@ -4,6 +4,7 @@ r"""Figures of the recipes: the Grad-CAM panel of the paper's Figure 2 and the l
   Grad-CAM overlays (:func:`pytorch_grad_cam.utils.image.show_cam_on_image`) for every variant;
   :func:`panel_size` is its size in pixels.
 * :func:`lambda_sweep_plot` -- NQH, CH and top-1 against the GC weight ``lambda``.
+* :func:`cost_plot` -- NQH against the training cost, one point per setting.
 
 matplotlib, Pillow and pytorch-grad-cam are imported when a figure is drawn.
 """
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["gradcam_panel", "panel_size", "lambda_sweep_plot"]
+__all__ = ["gradcam_panel", "panel_size", "lambda_sweep_plot", "cost_plot"]
 
 
 def lambda_sweep_plot(points: Sequence[Mapping[str, object]], path: str, title: str = "") -> str:
@@ -53,14 +54,71 @@ def lambda_sweep_plot(points: Sequence[Mapping[str, object]], path: str, title: 
     ax.set_xlabel("GC weight lambda (0 = baseline)")
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)
+    return _save(fig, ax, path, title)
+
+
+def _save(fig, ax, path: str, title: str, legend_size: int = 8) -> str:
+    """Grid, legend and title, then the PNG; closes the figure."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="best", fontsize=legend_size)
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def cost_plot(settings: Mapping[str, Mapping[str, object]], path: str, baseline: str = "baseline",
+              title: str = "", nqh_ratio: Optional[float] = None,
+              max_cost: Optional[float] = None, cost_key: str = "rel_time") -> str:
+    """Draws NQH against the training cost relative to the baseline's, one point per setting.
+
+    Each setting is a point with error bars (its ``spread`` over seeds); the baseline's NQH is
+    a horizontal line, and a target (NQH at most ``nqh_ratio`` times the baseline's, cost at
+    most ``max_cost``) two dotted lines.
+
+    Args:
+        settings (dict): key -> dict with ``name``, ``nqh`` (fraction), ``cost_key`` (cost over
+            the baseline's training) and optionally ``spread`` (the same keys, over seeds).
+        path (str): output PNG file.
+        baseline (str): the key of the baseline in ``settings``.
+        title (str): figure title.
+        nqh_ratio (float, optional): the target's NQH as a share of the baseline's.
+        max_cost (float, optional): the target's largest relative cost.
+        cost_key (str): the cost to draw (``"rel_time"``: seconds; ``"rel_images"``: images).
+
+    Returns:
+        str: ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = float(settings[baseline]["nqh"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    ax.axhline(100 * base, color="grey", ls="--", label="baseline NQH")
+    if nqh_ratio is not None:
+        ax.axhline(100 * nqh_ratio * base, color="green", ls=":",
+                   label=f"target NQH ({100 * (1 - nqh_ratio):.0f}% lower)")
+    if max_cost is not None:
+        ax.axvline(max_cost, color="green", ls="-.", label=f"target cost ({max_cost:g}x)")
+    for key, s in settings.items():
+        if key == baseline or s.get(cost_key) is None or s.get("nqh") is None:
+            continue
+        sd = s.get("spread") or {}
+        x, y = float(s[cost_key]), 100 * float(s["nqh"])
+        ax.errorbar(x, y, xerr=sd.get(cost_key) or 0, yerr=100 * (sd.get("nqh") or 0),
+                    fmt="o", capsize=3)
+        ax.annotate(str(s["name"]), (x, y), fontsize=6, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("total training cost / baseline's training ("
+                  + ("seconds" if cost_key == "rel_time" else "images") + ")")
+    ax.set_ylabel("NQH (%), lower is better")
+    ax.set_ylim(bottom=0)
+    return _save(fig, ax, path, title, legend_size=7)
 
 
 def panel_size(num_images: int, num_variants: int, tile: int, header: int = 24,

@@ -40,7 +40,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -62,7 +62,7 @@ from captum_consistency.engine import (
     rank_seed,
     train_one_epoch,
 )
-from captum_consistency.engine.cli import positive_int, recipe_parser
+from captum_consistency.engine.cli import positive_int, recipe_parser, unit_fraction
 from captum_consistency.engine.evaluation import SaliencyExplainer
 from captum_consistency.models import SmallResNet
 from captum_consistency.claims import (
@@ -78,7 +78,7 @@ from captum_consistency.claims import (
     transfer_markdown,
 )
 from captum_consistency.report import markdown_table, percent, summarize_seeds, table1_markdown
-from captum_consistency.viz import gradcam_panel, lambda_sweep_plot
+from captum_consistency.viz import cost_plot, gradcam_panel, lambda_sweep_plot
 
 #: slug -> (display name, global max pooling, GC loss)
 VARIANTS: Dict[str, tuple] = {
@@ -86,6 +86,8 @@ VARIANTS: Dict[str, tuple] = {
     "gc": ("GC", False, True),
     "gmp": ("GMP", True, False),
     "gmp_gc": ("GMP + GC", True, True),
+    # GC fine-tuning of the same seed's trained baseline (--finetune-epochs, --finetune-lr)
+    "gc_finetune": ("GC fine-tuned", False, True),
 }
 
 #: The two benchmarks: their defaults of the data and training flags (a flag given on the
@@ -112,6 +114,11 @@ FAST = {
 }
 
 
+#: The fine-tuning of ``gc_finetune`` on ``shapes``, the best measured setting (docs/results.md,
+#: "Fine-tuning and partial GC"): one epoch of warm-up-then-cosine at the from-scratch peak lr,
+#: with 8 times the from-scratch lambda.
+FINETUNE = {"epochs": 1, "lr": 0.05, "lam": 64.0}
+
 
 def _epsilons(text: str) -> List[float]:
     try:
@@ -133,6 +140,26 @@ def _sweep_factors(text: str) -> List[float]:
     if any(not math.isfinite(v) or v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"lambda factors must be non-negative numbers, got {text!r}")
     return sorted(set(values))
+
+
+def _positive_ints(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _positive_floats(text: str) -> List[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -187,6 +214,32 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "(the paper and the authors' code do not)")
     g.add_argument("--layer", default="layer4", choices=("layer3", "layer4"),
                    help="Grad-CAM layer of the GC loss and of the evaluation (the paper: layer4)")
+    g = p.add_argument_group("fine-tuning and partial GC (docs/tutorials/finetune.md)")
+    g.add_argument("--finetune-epochs", type=positive_int, default=FINETUNE["epochs"],
+                   help="gc_finetune: GC epochs on top of the trained baseline")
+    g.add_argument("--finetune-lr", type=float, default=FINETUNE["lr"],
+                   help="gc_finetune and --finetune-study: peak lr of the fine-tuning cosine "
+                        "(5%% warm-up)")
+    g.add_argument("--finetune-lam", type=float, default=FINETUNE["lam"],
+                   help="gc_finetune: GC weight lambda of the fine-tuning")
+    g.add_argument("--finetune-study", action="store_true",
+                   help="instead of --variants: baseline, GC, GC fine-tuning of each seed's "
+                        "baseline for --study-epochs epochs and partial GC from scratch "
+                        "(--study-every, --study-fraction); writes finetune-results.json, "
+                        "finetune_cost.png and report.md")
+    g.add_argument("--study-epochs", type=_positive_ints, default=[1, 2, 4], metavar="E,E",
+                   help="fine-tuning lengths of --finetune-study")
+    g.add_argument("--study-lrs", type=_positive_floats, default=None, metavar="LR,LR",
+                   help="fine-tuning lrs of --finetune-study (default: --finetune-lr)")
+    g.add_argument("--study-lams", type=_positive_floats, default=None, metavar="L,L",
+                   help="fine-tuning lambdas of --finetune-study (default: --lam)")
+    g.add_argument("--study-settings", default="finetune,gc,every,fraction",
+                   help="what --finetune-study trains besides the baseline: a subset of "
+                        "finetune, gc, every, fraction")
+    g.add_argument("--study-every", type=positive_int, default=4, metavar="K",
+                   help="partial GC of --finetune-study: the GC loss on every K-th step")
+    g.add_argument("--study-fraction", type=unit_fraction, default=0.25, metavar="P",
+                   help="partial GC of --finetune-study: the GC loss on a fraction P of each batch")
     g = p.add_argument_group("evaluation")
     g.add_argument("--fgsm-eps", type=_epsilons, default=[0.0, 1.0, 2.0, 4.0, 8.0],
                    help="FGSM epsilons on the 0-255 scale")
@@ -249,6 +302,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--lam must be a non-negative number, got {args.lam}")
     if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
         parser.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if not (args.finetune_lr > 0 and math.isfinite(args.finetune_lr)):
+        parser.error(f"--finetune-lr must be a positive number, got {args.finetune_lr}")
+    if not (args.finetune_lam >= 0 and math.isfinite(args.finetune_lam)):
+        parser.error(f"--finetune-lam must be a non-negative number, got {args.finetune_lam}")
     if args.batch_size < 4:
         parser.error(f"--batch-size must be at least 4 (three distractors per image), got {args.batch_size}")
     if args.train_size < args.batch_size:
@@ -262,6 +319,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if not variants or unknown:
         parser.error(f"--variants must be a subset of {', '.join(VARIANTS)}, got {args.variants!r}")
     args.variants = variants
+    settings = [v.strip() for v in args.study_settings.split(",") if v.strip()]
+    if not set(settings) <= {"finetune", "gc", "every", "fraction"}:
+        parser.error(f"--study-settings must be a subset of finetune, gc, every, fraction, "
+                     f"got {args.study_settings!r}")
+    args.study_settings = settings
+    args.study_lrs = args.study_lrs or [args.finetune_lr]
+    args.study_lams = args.study_lams or [args.lam]
     if args.threads is None:
         args.threads = 1 if args.workers > 1 else (os.cpu_count() or 1)
     return args
@@ -301,19 +365,29 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int):
 
 
 def train_model(args, variant: str, seed: int, train_images, train_labels, device,
-                lam: Optional[float] = None) -> Dict[str, Any]:
+                lam: Optional[float] = None, init_state: Optional[Dict[str, Tensor]] = None,
+                epochs: Optional[int] = None, lr: Optional[float] = None, gc_every: int = 1,
+                gc_fraction: float = 1.0) -> Dict[str, Any]:
     """Trains one variant with one seed (GC weight ``lam``, default ``args.lam``); returns the
-    model and training statistics."""
+    model and training statistics. ``init_state`` (fine-tuning) starts from a trained model's
+    weights, ``epochs`` and ``lr`` replace ``args.epochs`` and ``args.lr``, ``gc_every`` and
+    ``gc_fraction`` are :func:`~captum_consistency.engine.train_one_epoch`'s partial GC.
+    ``images`` in the result counts the images forwarded and backpropagated (a composite
+    counts four)."""
     _, gmp, gc = VARIANTS[variant]
     lam = args.lam if lam is None else lam
+    epochs = args.epochs if epochs is None else epochs
+    lr = args.lr if lr is None else lr
     torch.manual_seed(rank_seed(seed, 0, 1))
     model = build_model(args.classes, args.width, gmp).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state)
     train_set = TensorDataset(train_images, train_labels)
     loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(rank_seed(seed, 0, 2)))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True,
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True,
                                 weight_decay=args.weight_decay)
-    scheduler = warmup_cosine(optimizer, args.epochs * len(loader))
+    scheduler = warmup_cosine(optimizer, epochs * len(loader))
     generator = torch.Generator().manual_seed(rank_seed(seed, 0, 3))
     loss_fn = make_distractors = None
     if gc:
@@ -329,15 +403,19 @@ def train_model(args, variant: str, seed: int, train_images, train_labels, devic
 
     t0 = time.perf_counter()
     history = []
-    for epoch in range(args.epochs):
+    images = 0
+    for epoch in range(epochs):
         stats = train_one_epoch(
             model, optimizer, loader, device, epoch, criterion=torch.nn.CrossEntropyLoss(),
             loss_fn=loss_fn, make_distractors=make_distractors, generator=generator,
             log_every=10, progress=not args.no_progress, lr_scheduler=scheduler,
+            gc_every=gc_every, gc_fraction=gc_fraction,
         )
         history.append({k: stats[k] for k in ("loss", "classification", "consistency", "top1")
                         if k in stats})
-    return {"model": model.eval(), "train_time_s": time.perf_counter() - t0, "history": history}
+        images += int(stats["samples"]) + 4 * int(stats.get("composites", 0))
+    return {"model": model.eval(), "train_time_s": time.perf_counter() - t0, "history": history,
+            "images": images}
 
 
 # ----------------------------------------------------------------------------------- reports
@@ -381,6 +459,8 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
             s["name"] = VARIANTS[v][0]
             s["seeds"] = [r["seed"] for r in runs[v]]
             summaries[v] = s
+    if "gc_finetune" in args.variants:
+        _add_relative_cost(runs, summaries)
     config = {k: v for k, v in vars(args).items()}
     config["model"] = (f"SmallResNet(BasicBlock x [1,1,1,1], widths {args.width}..{8 * args.width}, "
                        f"stem 3x3 stride 1, layer4 {args.image_size // 8}x{args.image_size // 8})")
@@ -524,6 +604,8 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
                   caption + f" Columns: the first seed's model of each variant, element-wise "
                   f"Grad-CAM of that class at {args.layer} (a tile labelled *all-zero map* is a "
                   "map that is zero everywhere after the ReLU).", ""]
+    if "gc_finetune" in args.variants:
+        lines += _cost_lines(args, summaries, out_dir)
     data = (f"`SpuriousContextShapes(num_classes={args.classes}, image_size={args.image_size}, "
             f"cue_prob={args.cue_prob:g}, cue_strength={args.cue_strength:g}, "
             f"stray_cue_prob={args.stray_cue_prob:g}, object_size={args.object_size}, "
@@ -574,6 +656,251 @@ def make_figure(args, models: Dict[str, torch.nn.Module], test: SpuriousContextS
     return path
 
 
+# ------------------------------------------------------------- fine-tuning and partial GC
+
+
+def finetune_model(args, seed: int, train_images, train_labels, device,
+                   lam: Optional[float] = None, epochs: Optional[int] = None) -> Dict[str, Any]:
+    """``gc_finetune``: trains the seed's baseline (the same run as the ``baseline`` job), then
+    fine-tunes it with GC for ``epochs`` (``--finetune-epochs``) at ``--finetune-lr``; the
+    times and image counts are the sums of both trainings."""
+    base = train_model(args, "baseline", seed, train_images, train_labels, device)
+    tuned = train_model(args, "gc_finetune", seed, train_images, train_labels, device, lam=lam,
+                        init_state=base["model"].state_dict(),
+                        epochs=args.finetune_epochs if epochs is None else epochs,
+                        lr=args.finetune_lr)
+    return dict(tuned, train_time_s=base["train_time_s"] + tuned["train_time_s"],
+                finetune_time_s=tuned["train_time_s"], images=base["images"] + tuned["images"],
+                base=base)
+
+
+#: The target of the fine-tuning and partial-GC study (issue 21), against the baseline.
+COST_TARGET = {"nqh_ratio": 0.7, "top1_drop": 0.03, "cost": 1.3}
+
+
+def with_relative_cost(runs: Sequence[dict], baseline_runs: Sequence[dict]) -> List[dict]:
+    """Each run with ``rel_time`` and ``rel_images``: its total training cost (seconds, and
+    images forwarded and backpropagated) over the same seed's baseline training."""
+    base = {r["seed"]: r for r in baseline_runs}
+    out = []
+    for r in runs:
+        b = base.get(r["seed"])
+        r = dict(r)
+        if b is not None and r.get("train_images") is not None:
+            r["rel_time"] = r["train_time_s"] / b["train_time_s"]
+            r["rel_images"] = r["train_images"] / b["train_images"]
+        out.append(r)
+    return out
+
+
+def meets_target(s: Mapping[str, Any], base: Mapping[str, Any]) -> Optional[bool]:
+    """Whether a setting's means meet :data:`COST_TARGET` against the baseline's means: NQH at
+    least 30% lower, CH and PG not lower, top-1 within 3 points, total cost (seconds and
+    images) at most 1.3x the baseline's training."""
+    keys = ("nqh", "ch", "pg", "top1", "rel_time", "rel_images")
+    if any(s.get(k) is None for k in keys) or any(base.get(k) is None for k in keys[:4]):
+        return None
+    return bool(s["nqh"] <= COST_TARGET["nqh_ratio"] * base["nqh"] and s["ch"] >= base["ch"]
+                and s["pg"] >= base["pg"] and s["top1"] >= base["top1"] - COST_TARGET["top1_drop"]
+                and max(s["rel_time"], s["rel_images"]) <= COST_TARGET["cost"])
+
+
+def cost_markdown(settings: Mapping[str, Mapping[str, Any]], base_key: str = "baseline") -> List[str]:
+    """The cost table: per setting NQH, CH, PG, top-1 (mean ± spread over seeds), training
+    seconds, relative cost in seconds and in images, and whether it meets the target."""
+    base = settings.get(base_key) or {}
+    rows = []
+    for s in settings.values():
+        sd = s.get("spread") or {}
+        ok = meets_target(s, base) if s is not base else None
+        rows.append([
+            s["name"], *(percent(s.get(k), sd.get(k) or 0) for k in ("nqh", "ch", "pg", "top1")),
+            f"{s['train_time_s']:.0f}" if s.get("train_time_s") is not None else "n/a",
+            *(f"{s[k]:.2f} ± {sd.get(k) or 0:.2f}" if s.get(k) is not None else "n/a"
+              for k in ("rel_time", "rel_images")),
+            "-" if ok is None else ("yes" if ok else "no"),
+        ])
+    return markdown_table(["Setting", "NQH", "CH", "PG", "top-1", "train s", "cost (s)",
+                           "cost (images)", "target"], rows).splitlines()
+
+
+def _add_relative_cost(runs: Dict[str, List[dict]], summaries: Dict[str, dict]) -> None:
+    """A run with ``gc_finetune``: every variant's seeds get ``rel_time`` and ``rel_images``
+    (:func:`with_relative_cost`), and its summary their means and spreads."""
+    if not runs.get("baseline"):
+        return
+    for v, s in summaries.items():
+        cost = summarize_seeds(with_relative_cost(runs[v], runs["baseline"]))
+        s["per_seed"] = cost["per_seed"]
+        for key in ("rel_time", "rel_images"):
+            s[key] = cost.get(key)
+            s.setdefault("spread", {})[key] = (cost.get("spread") or {}).get(key)
+
+
+def _cost_lines(args, summaries: Dict[str, dict], out_dir: str) -> List[str]:
+    """report.md's cost section of a run with ``gc_finetune`` (and finetune_cost.png)."""
+    if "baseline" not in summaries:
+        return []
+    settings = {v: dict(s, name=s["name"] + (f" ({args.finetune_epochs} ep, lr {args.finetune_lr:g}, "
+                                             f"lambda {args.finetune_lam:g})"
+                                             if v == "gc_finetune" else ""))
+                for v, s in summaries.items()}
+    lines = ["## Training cost", "",
+             "Total training cost relative to the same seed's baseline training (the fine-tuned "
+             "model's includes its baseline's), in seconds of this run and in images forwarded "
+             "and backpropagated (a 2x2 composite counts four). Target: NQH at least 30% below "
+             "the baseline's, CH and PG not lower, top-1 within 3 points, cost at most 1.3x.",
+             "", *cost_markdown(settings), ""]
+    if len(settings) >= 2:
+        plot = cost_plot(settings, os.path.join(out_dir, "finetune_cost.png"),
+                         title=f"{args.benchmark}: NQH against training cost",
+                         nqh_ratio=COST_TARGET["nqh_ratio"], max_cost=COST_TARGET["cost"])
+        lines += [f"![NQH against relative training cost]({os.path.basename(plot)})", ""]
+    return lines
+
+
+def _study_jobs(args) -> List[Tuple[str, int]]:
+    kinds = ["baseline+finetune" if "finetune" in args.study_settings else "baseline",
+             *(k for k in ("gc", "every", "fraction") if k in args.study_settings)]
+    return [(kind, seed) for seed in range(args.seeds) for kind in kinds]
+
+
+def _finetune_key(args, epochs: int, lr: float, lam: float) -> str:
+    if lr == args.finetune_lr and lam == args.lam:
+        return f"finetune_{epochs}"
+    return f"finetune_{epochs}_lr{lr:g}_lam{lam:g}"
+
+
+def run_study_job(job: Tuple[str, int]) -> Tuple[tuple, List[Tuple[str, dict]]]:
+    """One job of :func:`run_study`: ``(setting, metrics)`` of the models it trained."""
+    args, (train_images, train_labels), test = _WORKER["args"], _WORKER["train"], _WORKER["test"]
+    kind, seed = job
+    device = torch.device("cpu")
+    trained: List[Tuple[str, Dict[str, Any]]] = []
+    if kind in ("baseline", "baseline+finetune"):
+        base = train_model(args, "baseline", seed, train_images, train_labels, device)
+        trained.append(("baseline", base))
+        combos = [(e, lr, lam) for e in args.study_epochs for lr in args.study_lrs
+                  for lam in args.study_lams] if kind == "baseline+finetune" else []
+        for e, lr, lam in combos:
+            tuned = train_model(args, "gc_finetune", seed, train_images, train_labels, device,
+                                init_state=base["model"].state_dict(), epochs=e, lr=lr, lam=lam)
+            trained.append((_finetune_key(args, e, lr, lam), dict(
+                tuned, train_time_s=base["train_time_s"] + tuned["train_time_s"],
+                finetune_time_s=tuned["train_time_s"], images=base["images"] + tuned["images"])))
+    elif kind == "gc":
+        trained.append(("gc", train_model(args, "gc", seed, train_images, train_labels, device)))
+    elif kind == "every":
+        trained.append((f"every_{args.study_every}", train_model(
+            args, "gc", seed, train_images, train_labels, device, gc_every=args.study_every)))
+    else:
+        trained.append((f"fraction_{args.study_fraction:g}", train_model(
+            args, "gc", seed, train_images, train_labels, device,
+            gc_fraction=args.study_fraction)))
+    out = []
+    for key, t in trained:
+        model = t["model"]
+        t_eval = time.perf_counter()
+        metrics = evaluate_on_shapes(model, test, device, layer=getattr(model, args.layer),
+                                     seed=seed, fgsm_epsilons=args.fgsm_eps, transfer="none",
+                                     audit=False, progress=not args.no_progress)
+        metrics.update(seed=seed, train_time_s=round(t["train_time_s"], 2),
+                       train_images=t["images"], eval_time_s=round(time.perf_counter() - t_eval, 2),
+                       train_last_epoch=t["history"][-1])
+        if "finetune_time_s" in t:
+            metrics["finetune_time_s"] = round(t["finetune_time_s"], 2)
+        out.append((key, metrics))
+    return job, out
+
+
+def _study_names(args) -> Dict[str, str]:
+    names = {"baseline": "Baseline", "gc": f"GC from scratch ({args.epochs} ep)"}
+    for e in args.study_epochs:
+        for lr in args.study_lrs:
+            for lam in args.study_lams:
+                names[_finetune_key(args, e, lr, lam)] = (
+                    f"GC fine-tuning {e} ep (lr {lr:g}" + (f", lambda {lam:g})" if lam != args.lam else ")"))
+    names[f"every_{args.study_every}"] = f"partial GC: GC every {args.study_every} steps"
+    names[f"fraction_{args.study_fraction:g}"] = f"partial GC: {args.study_fraction:g} of each batch"
+    return names
+
+
+def write_study(args, runs: Dict[str, List[dict]], status: str, elapsed: float) -> Dict[str, Any]:
+    """finetune-results.json, finetune_cost.png and report.md of :func:`run_study`."""
+    names = _study_names(args)
+    settings = {}
+    for key, name in names.items():
+        if runs.get(key) and runs.get("baseline"):
+            s = summarize_seeds(with_relative_cost(runs[key], runs["baseline"]))
+            s.update(name=name, seeds=[r["seed"] for r in runs[key]])
+            settings[key] = s
+    base = settings.get("baseline") or {}
+    for key, s in settings.items():
+        s["meets_target"] = meets_target(s, base) if key != "baseline" else None
+    results = {"status": status, "benchmark": args.benchmark, "elapsed_s": round(elapsed, 1),
+               "machine": machine_info(args), "config": dict(vars(args)), "target": COST_TARGET,
+               "settings": settings}
+    out = args.output_dir
+    _atomic_write(os.path.join(out, "finetune-results.json"), json.dumps(results, indent=2) + "\n")
+    lines = [f"# GC fine-tuning and partial GC on the `{args.benchmark}` benchmark", "",
+             f"Status: **{status}**, {elapsed / 60:.1f} min on {os.cpu_count()} CPU core(s) "
+             f"({args.workers} worker process(es)), {args.seeds} seed(s). Mean ± spread over "
+             "seeds, in percent; cost: total training cost over the same seed's baseline "
+             "training, in seconds and in images forwarded and backpropagated (a 2x2 "
+             "composite counts four).", ""]
+    if settings:
+        lines += cost_markdown(settings)
+    if len(settings) >= 2 and "baseline" in settings:
+        plot = cost_plot(settings, os.path.join(out, "finetune_cost.png"),
+                         title=f"{args.benchmark}: {args.seeds} seed(s)",
+                         nqh_ratio=COST_TARGET["nqh_ratio"], max_cost=COST_TARGET["cost"])
+        lines += ["", f"![NQH against relative training cost]({os.path.basename(plot)})"]
+    _atomic_write(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
+    return results
+
+
+def run_study(args: argparse.Namespace) -> Dict[str, Any]:
+    """``--finetune-study``: baseline, GC from scratch, GC fine-tuning of each seed's baseline
+    for every ``--study-epochs`` and partial GC from scratch (``--study-every``,
+    ``--study-fraction``), ``--seeds`` seeds each, in ``--workers`` processes."""
+    import multiprocessing
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    train_ds, _ = _data_sets(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    train_images, train_labels = _render(train_ds, not args.no_progress, "render train", args.workers)
+    runs: Dict[str, List[dict]] = {}
+    jobs = _study_jobs(args)
+    status = "running"
+    worker_args = argparse.Namespace(**dict(vars(args), no_progress=True))
+    if args.workers == 1:
+        _init_worker(args, train_images, train_labels)
+        results = map(run_study_job, jobs)
+        pool = None
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(
+            min(args.workers, len(jobs)), initializer=_init_worker,
+            initargs=(worker_args, train_images, train_labels))
+        results = pool.imap_unordered(run_study_job, jobs)
+    try:
+        for _, out in results:
+            for key, metrics in out:
+                runs.setdefault(key, []).append(metrics)
+                runs[key].sort(key=lambda r: r["seed"])
+            write_study(args, runs, status, time.perf_counter() - t0)
+        status = "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        final = write_study(args, runs, status, time.perf_counter() - t0)
+    return final
+
+
 # -------------------------------------------------------------------------------------- main
 
 
@@ -615,7 +942,11 @@ def run_job(job: Tuple[str, int, float, Optional[float]]) -> Tuple[tuple, Dict[s
     args, (train_images, train_labels), test = _WORKER["args"], _WORKER["train"], _WORKER["test"]
     v, seed, lam, factor = job
     device = torch.device("cpu")
-    trained = train_model(args, v, seed, train_images, train_labels, device, lam=lam)
+    if v == "gc_finetune":
+        trained = finetune_model(args, seed, train_images, train_labels, device,
+                                 lam=args.finetune_lam)
+    else:
+        trained = train_model(args, v, seed, train_images, train_labels, device, lam=lam)
     t_eval = time.perf_counter()
     # lambda-sweep models get Table 1's metrics only; the transfer table is per variant
     model = trained["model"]
@@ -628,6 +959,10 @@ def run_job(job: Tuple[str, int, float, Optional[float]]) -> Tuple[tuple, Dict[s
     metrics.update(seed=seed, train_time_s=round(trained["train_time_s"], 2),
                    eval_time_s=round(time.perf_counter() - t_eval, 2),
                    train_last_epoch=trained["history"][-1])
+    if "gc_finetune" in args.variants:  # the cost column (the default run's JSON is unchanged)
+        metrics.update(train_images=trained["images"])
+        if "finetune_time_s" in trained:
+            metrics.update(finetune_time_s=round(trained["finetune_time_s"], 2))
     return job, metrics, trained["model"].state_dict()
 
 
@@ -736,6 +1071,10 @@ def main(argv: Optional[Sequence[str]] = None,
     # and the worker processes are terminated instead of being left to finish their model.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if args.finetune_study:
+            results = run_study(args)
+            print(open(os.path.join(args.output_dir, "report.md")).read())
+            return 0
         results = run(args, on_run_done)
     except KeyboardInterrupt:
         path = os.path.join(args.output_dir, "results.json")

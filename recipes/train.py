@@ -78,12 +78,14 @@ from captum_consistency.engine import (
     ShardSampler,
     check_checkpoint_compatible,
     default_schedule,
+    finetune_schedule,
     distributed_session,
     evaluate_classification,
     gather_rng_states,
     load_checkpoint,
     load_model_weights,
     load_pretrained_backbone,
+    load_torchvision_weights,
     rank_seed,
     remove_stale_temporaries,
     save_checkpoint,
@@ -106,6 +108,7 @@ from captum_consistency.engine.cli import (
     positive_int,
     recipe_parser,
     run_cli,
+    unit_fraction,
     writable_dir,
 )
 from captum_consistency.engine.datasets import DEFAULT_SPLITS, build_dataset
@@ -128,8 +131,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                    "timm ResNet, ConvNeXt, EfficientNet or RegNet (pip install "
                    "'captum-consistency[timm]'; random initialisation)")
     g.add_argument("--gmp", action="store_true", help="global max pooling instead of average (ResNets)")
-    g.add_argument("--init-from", default=None,
-                   help="initialise from these weights, all but the classifier (COCO from ImageNet)")
+    init = g.add_mutually_exclusive_group()
+    init.add_argument("--init-from", default=None,
+                      help="initialise from these weights, all but the classifier (COCO from ImageNet)")
+    init.add_argument("--weights", default=None, metavar="NAME",
+                      help="initialise from torchvision's pretrained weights, by their enum name "
+                      "(e.g. ResNet50_Weights.IMAGENET1K_V2; cached under $TORCH_HOME/hub/"
+                      "checkpoints); a classifier of another size is re-initialised; implies "
+                      "--schedule finetune")
+    g.add_argument("--schedule", default=None, choices=("paper", "finetune"),
+                   help="paper: the paper's from-scratch schedule of --data; finetune: 1/14 of "
+                   "its epochs, a cosine from its lr, 8x its lambda "
+                   "(captum_consistency.engine.finetune_schedule); default: finetune with "
+                   "--weights, the resumed run's, else paper")
 
     g = p.add_argument_group("GC loss")
     g.add_argument("--gc-lambda", default=None, type=non_negative_float,
@@ -143,6 +157,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--distractors", default="batch", choices=("batch", "dataset"),
                    help="batch: other images of the batch (no extra decoding, data-set fallback); "
                    "dataset: three extra images decoded per sample, the authors' loader")
+    g.add_argument("--gc-every", default=1, type=positive_int, metavar="K",
+                   help="partial GC: the GC loss on every K-th step only, plain steps between "
+                   "(no composite, no double backward)")
+    g.add_argument("--gc-fraction", default=1.0, type=unit_fraction, metavar="P",
+                   help="partial GC: the consistency term on a fraction P in (0, 1] of each "
+                   "batch, a plain forward on the rest")
     g.add_argument("--composites", default="shared", choices=("per-image", "shared"),
                    help="per-image: one 2x2 composite per image (the paper's scheme); shared "
                    "(same NQH/CH/PG/top-1 within the seed spread on the quickstart): "
@@ -199,8 +219,26 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def _schedule_kind(args) -> str:
+    """``--schedule``, else ``finetune`` with ``--weights``, else the resumed run's, else
+    ``paper``: a resumed fine-tuning run continues its cosine, not the paper's steps."""
+    if args.schedule is not None:
+        return args.schedule
+    if args.weights:
+        return "finetune"
+    if args.resume and os.path.isfile(args.resume):
+        previous = load_checkpoint(args.resume, map_location="cpu").get("args") or {}
+        if previous.get("schedule_kind") == "finetune":
+            return "finetune"
+    return "paper"
+
+
 def _schedule(args):
-    s = default_schedule(args.data, args.arch)
+    args.schedule_kind = _schedule_kind(args)
+    if args.schedule_kind == "finetune":
+        s = finetune_schedule(args.data, args.arch)
+    else:
+        s = default_schedule(args.data, args.arch)
     for name, attr in (("epochs", "epochs"), ("lr", "lr"), ("momentum", "momentum"),
                        ("weight_decay", "weight_decay"), ("lr_milestones", "milestones"),
                        ("lr_gamma", "gamma"), ("gc_lambda", "gc_lambda")):
@@ -450,14 +488,22 @@ def _main(args, info) -> dict:
     if args.init_from and args.resume is None:
         left = load_pretrained_backbone(model, args.init_from)
         _log(f"initialised from {args.init_from} (kept at init: {left or 'none'})", main_proc)
+    if args.weights and args.resume is None:
+        left = load_torchvision_weights(model, args.weights, args.arch)
+        _log(f"initialised from torchvision's {args.weights}"
+             + (f"; classifier re-initialised for {num_classes} classes ({', '.join(left)})"
+                if left else ""), main_proc)
     channels_last = device.type == "cuda"
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=schedule.lr, momentum=schedule.momentum,
                                 weight_decay=schedule.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(schedule.milestones),
-                                                     gamma=schedule.gamma)
+    if args.schedule_kind == "finetune":  # stepped per epoch, like MultiStepLR
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=schedule.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(schedule.milestones),
+                                                         gamma=schedule.gamma)
 
     start_epoch, global_step, rng_states = 0, 0, None
     if args.resume:
@@ -543,7 +589,7 @@ def _main(args, info) -> dict:
             amp=args.amp, channels_last=channels_last, generator=generator, writer=writer,
             global_step=global_step, log_every=args.log_every,
             progress=not args.no_progress, num_classes=num_classes,
-            min_batch_size=min_batch_size,
+            min_batch_size=min_batch_size, gc_every=args.gc_every, gc_fraction=args.gc_fraction,
         )
         global_step = stats["global_step"]
         lr = optimizer.param_groups[0]["lr"]

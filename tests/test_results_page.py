@@ -113,3 +113,25 @@ def test_the_home_page_shows_the_readmes_two_commands():
     assert commands == ["make quickstart", "make test"], commands
     for command in commands:
         assert f"\n{command} " in HOME, f"docs/index.md does not show `{command}`"
+
+
+FINETUNE_RUNS = ["finetune-results.json", "finetune-probe.json", "finetune-confirm.json"]
+
+
+@pytest.mark.parametrize("name", [r for r in FINETUNE_RUNS if (ASSETS / r).exists()])
+def test_the_page_shows_the_finetune_study_tables(name):
+    """The fine-tuning and partial-GC subsection shows the cost table the study wrote from
+    the JSON kept beside the page, and the plot of that run."""
+    results = _load(name)
+    assert results["status"] == "complete"
+    for line in quickstart.cost_markdown(results["settings"]):
+        assert line in PAGE, f"docs/results.md does not show the cost table of {name}: {line}"
+    for s in results["settings"].values():
+        if s.get("meets_target") is not None:
+            assert s["meets_target"] == quickstart.meets_target(s, results["settings"]["baseline"])
+
+
+def test_the_page_shows_the_finetune_plot():
+    if (ASSETS / "finetune-results.json").exists():
+        assert "(assets/quickstart/finetune_cost.png)" in PAGE
+        assert (ASSETS / "finetune_cost.png").is_file()

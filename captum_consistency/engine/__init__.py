@@ -11,6 +11,8 @@ from captum_consistency.engine.checkpoint import (
     load_checkpoint,
     load_model_weights,
     load_pretrained_backbone,
+    load_torchvision_weights,
+    torchvision_weights_path,
     remove_stale_temporaries,
     save_checkpoint,
 )
@@ -25,6 +27,7 @@ from captum_consistency.engine.cli import (
     positive_float,
     probability,
     run_cli,
+    unit_fraction,
     writable_dir,
 )
 from captum_consistency.engine.distributed import (
@@ -51,6 +54,7 @@ from captum_consistency.engine.training import (
     ScaledBCEWithLogitsLoss,
     Schedule,
     default_schedule,
+    finetune_schedule,
     sample_positive_class,
     train_one_epoch,
 )
@@ -82,6 +86,7 @@ __all__ = [
     "ScaledBCEWithLogitsLoss",
     "Schedule",
     "default_schedule",
+    "finetune_schedule",
     "evaluate_classification",
     # the recipes' command line
     "add_data_arguments",
@@ -95,6 +100,7 @@ __all__ = [
     "writable_dir",
     "run_cli",
     "end_of_checks",
+    "unit_fraction",
     "evaluate_transfer",
     "TRANSFER_METHODS",
     # the audit: did the model change, or only its map?
@@ -113,6 +119,8 @@ __all__ = [
     "check_checkpoint_compatible",
     "load_model_weights",
     "load_pretrained_backbone",
+    "load_torchvision_weights",
+    "torchvision_weights_path",
     "remove_stale_temporaries",
     # torchrun
     "DistributedInfo",

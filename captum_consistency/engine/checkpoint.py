@@ -318,6 +318,12 @@ def load_pretrained_backbone(model: nn.Module, path: str) -> List[str]:
     state = obj.get("model", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds no state dict")
+    return _load_fitting(model, state, path)
+
+
+def _load_fitting(model: nn.Module, state: Dict[str, Any], source: str) -> List[str]:
+    """Copies ``state`` into ``model`` but the (at most two) tensors of another shape, the
+    classifier's; returns their names."""
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     target = unwrap_model(model)
     own = target.state_dict()
@@ -326,10 +332,80 @@ def load_pretrained_backbone(model: nn.Module, path: str) -> List[str]:
     mismatched = sorted(k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape))
     if missing or unexpected or len(mismatched) > 2:
         raise ValueError(
-            f"weights {path} do not fit {type(target).__name__}: {len(missing)} missing "
+            f"weights {source} do not fit {type(target).__name__}: {len(missing)} missing "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
             f"{len(mismatched)} of another shape (e.g. {mismatched[:3]}); another architecture?"
         )
     keep = {k: v for k, v in state.items() if k not in mismatched}
     target.load_state_dict(keep, strict=False)
     return mismatched
+
+
+def torchvision_weights_path(weights: Any) -> str:
+    """Where torchvision caches a weights enum's file: ``<torch.hub.get_dir()>/checkpoints/``
+    and the file name of its URL (``$TORCH_HOME/hub/checkpoints/resnet50-11ad3fa6.pth``).
+
+    Args:
+        weights (torchvision.models.WeightsEnum): e.g. ``ResNet50_Weights.IMAGENET1K_V2``.
+
+    Returns:
+        str: the cache path, which exists once downloaded (or placed there by hand).
+    """
+    from urllib.parse import urlparse
+
+    import torch.hub
+
+    name = os.path.basename(urlparse(weights.url).path)
+    return os.path.join(torch.hub.get_dir(), "checkpoints", name)
+
+
+def load_torchvision_weights(model: nn.Module, name: str, arch: str) -> List[str]:
+    """Initialises ``model`` from torchvision's pretrained weights, named by their enum.
+
+    The weights are resolved with ``torchvision.models.get_weight(name)`` and read with the
+    enum's own ``get_state_dict``, so the download and the cache follow torchvision's rules
+    (``$TORCH_HOME/hub/checkpoints``, :func:`torchvision_weights_path`). A classifier of
+    another size than the weights' (ImageNet's 1000 classes on a data set of 80) keeps its
+    fresh initialisation; its tensor names are returned, like
+    :func:`load_pretrained_backbone`'s.
+
+    Args:
+        model (torch.nn.Module): the freshly built ``arch`` (possibly wrapped).
+        name (str): ``"<Enum>.<member>"``, e.g. ``"ResNet50_Weights.IMAGENET1K_V2"``.
+        arch (str): the torchvision architecture of ``model`` (``"resnet50"``).
+
+    Returns:
+        list of str: the names of the tensors left at their initial values.
+
+    Raises:
+        ValueError: ``name`` is not a weights enum of ``arch`` (the message lists those of
+            ``torchvision.models.get_model_weights(arch)``), or the weights do not fit.
+        RuntimeError: the file is not in the cache and cannot be downloaded (offline): the
+            message gives the URL and the path where torchvision expects the file.
+
+    Examples::
+
+        >>> model = build_model("resnet50", num_classes=80)
+        >>> load_torchvision_weights(model, "ResNet50_Weights.IMAGENET1K_V2", "resnet50")
+        ['fc.bias', 'fc.weight']
+    """
+    import torchvision
+
+    valid = [f"{w.__class__.__name__}.{w.name}" for w in torchvision.models.get_model_weights(arch)]
+    if name not in valid:
+        raise ValueError(
+            f"--weights {name!r} are not torchvision weights of {arch}: use one of "
+            f"{', '.join(valid) or '(none: torchvision has no pretrained weights for it)'}"
+        )
+    weights = torchvision.models.get_weight(name)
+    path = torchvision_weights_path(weights)
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=True)
+    except (OSError, ConnectionError) as err:  # urllib's URLError is an OSError
+        raise RuntimeError(
+            f"could not download the weights {name} from {weights.url} ({err}); offline, "
+            f"download that file elsewhere and put it at {path} (torchvision's cache: "
+            "$TORCH_HOME/hub/checkpoints, TORCH_HOME defaults to ~/.cache/torch)"
+        ) from err
+    return _load_fitting(model, state, f"{name} ({path})")
+

@@ -33,6 +33,7 @@ __all__ = [
     "positive_int",
     "non_negative_int",
     "architecture",
+    "unit_fraction",
     "positive_float",
     "non_negative_float",
     "probability",
@@ -161,6 +162,33 @@ def _finite(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def unit_fraction(text: str) -> float:
+    """``argparse`` type of a fraction in ``(0, 1]`` (``--gc-fraction``).
+
+    Args:
+        text (str): the command-line value.
+
+    Returns:
+        float: the value.
+
+    Raises:
+        argparse.ArgumentTypeError: not a number, or outside ``(0, 1]``; argparse turns it
+            into a usage error naming the option.
+
+    Examples::
+
+        >>> parser.add_argument("--gc-fraction", type=unit_fraction)
+        >>> parser.parse_args(["--gc-fraction", "0"])  # error: ... must be in (0, 1], got 0.0
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
     return value
 
 
