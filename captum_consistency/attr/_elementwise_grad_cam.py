@@ -19,9 +19,9 @@ from captum.log import log_usage
 from torch import Tensor
 from torch.nn import Module
 
+from captum_consistency._modes import eval_mode
 from captum_consistency.attr._layers import check_layer_in_model
 from captum_consistency.attr._recording import (
-    _eval_mode,
     _UnsupportedLayerOutput,
     _zero_non_finite_maps,
     layer_gradients,
@@ -193,7 +193,7 @@ class LayerElementwiseGradCam(LayerAttribution, GradientAttribution):
             >>> attr = LayerElementwiseGradCam(model, model.layer4).attribute(
             ...     x, target=3, relu_attributions=True)
         """
-        with _eval_mode(self.forward_func):
+        with eval_mode(self.forward_func):
             out = self._attribute(inputs, target, additional_forward_args, attribute_to_layer_input,
                                   relu_attributions, grad_kwargs)
         if isinstance(out, tuple):

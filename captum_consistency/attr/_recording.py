@@ -9,9 +9,8 @@ forward pass), :func:`score_gradients` differentiates the chosen scores, and
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -223,23 +222,6 @@ def layer_gradients(
     activations = recorder.pop()
     (gradients,) = score_gradients(output, activations, classes, create_graph=create_graph)
     return LayerGradients(output, activations, gradients)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: object) -> Iterator[None]:
-    """Runs the block with ``model`` (if a module) in eval mode, then restores each submodule's
-    own mode: an attribution must not update batch-norm statistics, nor make an image's map
-    depend on its batch mates."""
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    training = [m for m in model.modules() if m.training]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m in training:
-            m.training = True
 
 
 def _zero_non_finite_maps(maps: Tensor, who: str, source: str = "", stacklevel: int = 3) -> Tensor:

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from captum_consistency.attr._layers import _target_tensor
 from captum_consistency.attr._methods import _SPECS
-from captum_consistency.attr._recording import _eval_mode, _zero_non_finite_maps
+from captum_consistency._modes import eval_mode
+from captum_consistency.attr._recording import _zero_non_finite_maps
 
 __all__ = ["SaliencyMethod"]
 
@@ -120,7 +121,7 @@ class SaliencyMethod:
                 "(its tensors cannot be differentiated later): call attribute outside "
                 "torch.inference_mode() with tensors made outside it (torch.no_grad() is fine)"
             )
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             return self._attribute(inputs, target, additional_forward_args, upsample)
 
     def _check_model_output(self, inputs: Tensor, additional_forward_args: Optional[object]) -> None:

@@ -94,6 +94,22 @@ def cue_statistics(model: nn.Module, loader: Any, device: torch.device,
     }
 
 
+def _distractor_source(test: Any, seed: int, cells_stream: int, fallback_stream: int):
+    """``(generator, make_distractors)``: in-batch distractors with a data-set fallback, both
+    drawing from one generator seeded from ``seed`` and ``cells_stream``, so that replaying the
+    generator (evaluate_transfer does) gives the same composites."""
+    generator = torch.Generator().manual_seed(rank_seed(seed, 0, cells_stream))
+    fallback = DistractorFallback(
+        test, DatasetDistractorSampler(test.targets, seed=rank_seed(seed, 0, fallback_stream),
+                                       num_classes=test.num_classes))
+
+    def make_distractors(images, targets, gc_targets):
+        return gather_distractors(images, targets, gc_targets, generator=generator,
+                                  fallback=lambda classes: fallback(classes, generator))
+
+    return generator, make_distractors
+
+
 def evaluate_on_shapes(
     model: nn.Module,
     test: Any,
@@ -154,17 +170,7 @@ def evaluate_on_shapes(
     """
     crop_loader = DataLoader(test, batch_size=batch_size)
     whole_loader = DataLoader(test.with_annotations(), batch_size=batch_size)
-    generator = torch.Generator().manual_seed(rank_seed(seed, 0, 5))
-    fallback = DistractorFallback(
-        test, DatasetDistractorSampler(test.targets, seed=rank_seed(seed, 0, 6),
-                                       num_classes=test.num_classes))
-
-    def make_distractors(images, targets, gc_targets):
-        # the fallback draws from ``generator`` too, so that evaluate_transfer's replay of the
-        # generator gives every method the same composites
-        return gather_distractors(images, targets, gc_targets, generator=generator,
-                                  fallback=lambda classes: fallback(classes, generator))
-
+    generator, make_distractors = _distractor_source(test, seed, 5, 6)
     common = dict(num_classes=test.num_classes, make_distractors=make_distractors,
                   generator=generator, tolerance=15.0 * test.image_size / 224, layer=layer,
                   progress=progress)
@@ -187,15 +193,8 @@ def evaluate_on_shapes(
     out["fgsm"] = {f"{eps:g}": acc for eps, acc in fgsm.items()}
     if audit:
         t0 = time.perf_counter()
-        audit_gen = torch.Generator().manual_seed(rank_seed(seed, 0, 10))
-        audit_fallback = DistractorFallback(
-            test, DatasetDistractorSampler(test.targets, seed=rank_seed(seed, 0, 11),
-                                           num_classes=test.num_classes))
-
-        def audit_distractors(images, targets, gc_targets):
-            return gather_distractors(images, targets, gc_targets, generator=audit_gen,
-                                      fallback=lambda classes: audit_fallback(classes, audit_gen))
-
+        # cells and distractors of their own: the audit changes no other number
+        audit_gen, audit_distractors = _distractor_source(test, seed, 10, 11)
         subset = Subset(test, range(min(audit_images, len(test))))
         out["audit"] = audit_model(
             model, DataLoader(subset, batch_size=batch_size), device, layer=layer,
