@@ -25,7 +25,6 @@ from captum_consistency.metrics import (
     content_heatmap,
     negative_quadrants_heatmap,
     pointing_game,
-    stochastic_pointing_game,
 )
 from tests.test_metrics import peaked_maps, random_masks
 
@@ -113,8 +112,6 @@ def _functional_reference():
         # (InterpretationMetrics), so that both give the same SPG for a seeded generator
         accumulator.generator.manual_seed(1000 + rank)
         accumulator.update(saliency, masks, lab)
-        # each run is also a mean of the functional metric's hits over its 50 draws
-        assert 0 <= float(stochastic_pointing_game(saliency, masks, num_samples=50).nanmean()) <= 1
     pg, ch, nqh, labels = (torch.cat(v) for v in (pg, ch, nqh, labels))
     ok = ~torch.isnan(pg)
     per_class = [pg[ok & (labels == c)].double().mean() for c in range(NUM_CLASSES)]
