@@ -44,13 +44,14 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from captum_consistency import GradCamConsistencyLoss, to_global_max_pool
 from captum_consistency.data import (
     SHAPES,
     DatasetDistractorSampler,
     DistractorFallback,
+    MaskedBatch,
     SpuriousContextShapes,
     gather_distractors,
 )
@@ -64,8 +65,10 @@ from captum_consistency.engine import (
 )
 from captum_consistency.engine.cli import positive_int, recipe_parser, unit_fraction
 from captum_consistency.engine.evaluation import SaliencyExplainer
+from captum_consistency.losses import EXPLANATION_LOSSES, MASK_LOSSES
 from captum_consistency.models import SmallResNet
 from captum_consistency.claims import (
+    CLAIM_PAIRS,
     LEARNED_TOP1,
     audit_comparison,
     audit_markdown,
@@ -95,7 +98,7 @@ VARIANTS: Dict[str, tuple] = {
 #: quickstart's set-up before 0.2) shows what GC does not fix.
 BENCHMARKS: Dict[str, Dict[str, Any]] = {
     "shapes": {
-        "variants": "baseline,gc", "cue_prob": 0.0, "stray_cue_prob": 0.0, "cue_strength": 0.25,
+        "variants": "baseline,gc,gc_finetune", "cue_prob": 0.0, "stray_cue_prob": 0.0, "cue_strength": 0.25,
         "object_size": (0.2, 0.3), "width": 8, "epochs": 14, "lambda_sweep": "0,0.25,1,4",
         "composites": "shared",
     },
@@ -113,6 +116,10 @@ FAST = {
     "audit_images": 48,
 }
 
+
+#: The pairs whose claims and audit the report reads: the paper's, and the fine-tuned model
+#: against its own baseline (it has no transfer table: see :func:`run_job`).
+PAIRS = (*CLAIM_PAIRS, ("gc_finetune", "baseline"))
 
 #: The fine-tuning of ``gc_finetune`` on ``shapes``, the best measured setting (docs/results.md,
 #: "Fine-tuning and partial GC"): one epoch of warm-up-then-cosine at the from-scratch peak lr,
@@ -240,6 +247,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="partial GC of --finetune-study: the GC loss on every K-th step")
     g.add_argument("--study-fraction", type=unit_fraction, default=0.25, metavar="P",
                    help="partial GC of --finetune-study: the GC loss on a fraction P of each batch")
+    g = p.add_argument_group("explanation-guided losses (docs/losses.md)")
+    g.add_argument("--losses", nargs="?", const="all", default=None, metavar="NAMES",
+                   help="instead of the variants, the losses study: the baseline and every loss "
+                   f"({', '.join(EXPLANATION_LOSSES)}; or the comma-separated NAMES) at its "
+                   "default lambda and at --losses-factor times it, --seeds seeds each; writes "
+                   "losses-results.json and report.md")
+    g.add_argument("--losses-factor", type=float, default=4.0, metavar="F",
+                   help="--losses: the other lambda of each loss, F times its default")
     g = p.add_argument_group("evaluation")
     g.add_argument("--fgsm-eps", type=_epsilons, default=[0.0, 1.0, 2.0, 4.0, 8.0],
                    help="FGSM epsilons on the 0-255 scale")
@@ -324,6 +339,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--study-settings must be a subset of finetune, gc, every, fraction, "
                      f"got {args.study_settings!r}")
     args.study_settings = settings
+    if args.losses is not None:
+        names = list(EXPLANATION_LOSSES) if args.losses.strip() == "all" else [
+            n.strip() for n in args.losses.split(",") if n.strip()]
+        if not names or not set(names) <= set(EXPLANATION_LOSSES):
+            parser.error(f"--losses must be 'all' or a subset of {', '.join(EXPLANATION_LOSSES)}, "
+                         f"got {args.losses!r}")
+        if args.finetune_study:
+            parser.error("--losses and --finetune-study are two studies: run them one at a time")
+        args.losses = names
+    if not (args.losses_factor > 0 and math.isfinite(args.losses_factor)) or args.losses_factor == 1:
+        parser.error(f"--losses-factor must be a positive number other than 1, got {args.losses_factor}")
     args.study_lrs = args.study_lrs or [args.finetune_lr]
     args.study_lams = args.study_lams or [args.lam]
     if args.threads is None:
@@ -367,11 +393,14 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int):
 def train_model(args, variant: str, seed: int, train_images, train_labels, device,
                 lam: Optional[float] = None, init_state: Optional[Dict[str, Tensor]] = None,
                 epochs: Optional[int] = None, lr: Optional[float] = None, gc_every: int = 1,
-                gc_fraction: float = 1.0) -> Dict[str, Any]:
+                gc_fraction: float = 1.0, loss: Optional[str] = None,
+                train_masks: Optional[Tensor] = None) -> Dict[str, Any]:
     """Trains one variant with one seed (GC weight ``lam``, default ``args.lam``); returns the
     model and training statistics. ``init_state`` (fine-tuning) starts from a trained model's
     weights, ``epochs`` and ``lr`` replace ``args.epochs`` and ``args.lr``, ``gc_every`` and
     ``gc_fraction`` are :func:`~captum_consistency.engine.train_one_epoch`'s partial GC.
+    ``loss`` trains with another loss of :data:`~captum_consistency.losses.EXPLANATION_LOSSES`
+    (weight ``lam``) instead of the variant's; the mask-guided ones read ``train_masks``.
     ``images`` in the result counts the images forwarded and backpropagated (a composite
     counts four)."""
     _, gmp, gc = VARIANTS[variant]
@@ -401,6 +430,15 @@ def train_model(args, variant: str, seed: int, train_images, train_labels, devic
             return gather_distractors(images, targets, gc_targets, generator=generator,
                                       fallback=fallback)
 
+    if loss is not None and loss != "gc":
+        loss_fn = EXPLANATION_LOSSES[loss](model, getattr(model, args.layer), lam=lam)
+        if loss in MASK_LOSSES:
+            if train_masks is None:
+                raise ValueError(f"--losses {loss} needs the training masks")
+            loader = DataLoader(TensorDataset(train_images, train_labels, train_masks),
+                                batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                generator=torch.Generator().manual_seed(rank_seed(seed, 0, 2)),
+                                collate_fn=_masked_batch)
     t0 = time.perf_counter()
     history = []
     images = 0
@@ -419,6 +457,11 @@ def train_model(args, variant: str, seed: int, train_images, train_labels, devic
 
 
 # ----------------------------------------------------------------------------------- reports
+
+
+def _masked_batch(samples) -> MaskedBatch:
+    images, labels, masks = default_collate(samples)
+    return MaskedBatch(images, labels, masks, labels)
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -464,9 +507,9 @@ def write_outputs(out_dir: str, args, runs: Dict[str, List[dict]], status: str,
     config = {k: v for k, v in vars(args).items()}
     config["model"] = (f"SmallResNet(BasicBlock x [1,1,1,1], widths {args.width}..{8 * args.width}, "
                        f"stem 3x3 stride 1, layer4 {args.image_size // 8}x{args.image_size // 8})")
-    claims = check_claims(summaries)
+    claims = check_claims(summaries, pairs=PAIRS)
     comparison = transfer_comparison(summaries)
-    audit = audit_comparison(summaries, layer=args.layer)
+    audit = audit_comparison(summaries, layer=args.layer, pairs=PAIRS)
     points = _sweep_points(args, runs, sweep_runs or {})
     plot = None
     if len(points) >= 2:
@@ -737,14 +780,20 @@ def _add_relative_cost(runs: Dict[str, List[dict]], summaries: Dict[str, dict]) 
             s.setdefault("spread", {})[key] = (cost.get("spread") or {}).get(key)
 
 
+def cost_settings(args, summaries: Mapping[str, dict]) -> Dict[str, dict]:
+    """The variants' summaries as rows of :func:`cost_markdown`: ``gc_finetune`` named with
+    its fine-tuning setting."""
+    return {v: dict(s, name=s["name"] + (f" ({args.finetune_epochs} ep, lr {args.finetune_lr:g}, "
+                                         f"lambda {args.finetune_lam:g})"
+                                         if v == "gc_finetune" else ""))
+            for v, s in summaries.items()}
+
+
 def _cost_lines(args, summaries: Dict[str, dict], out_dir: str) -> List[str]:
-    """report.md's cost section of a run with ``gc_finetune`` (and finetune_cost.png)."""
+    """report.md's cost section of a run with ``gc_finetune`` (and training_cost.png)."""
     if "baseline" not in summaries:
         return []
-    settings = {v: dict(s, name=s["name"] + (f" ({args.finetune_epochs} ep, lr {args.finetune_lr:g}, "
-                                             f"lambda {args.finetune_lam:g})"
-                                             if v == "gc_finetune" else ""))
-                for v, s in summaries.items()}
+    settings = cost_settings(args, summaries)
     lines = ["## Training cost", "",
              "Total training cost relative to the same seed's baseline training (the fine-tuned "
              "model's includes its baseline's), in seconds of this run and in images forwarded "
@@ -752,7 +801,7 @@ def _cost_lines(args, summaries: Dict[str, dict], out_dir: str) -> List[str]:
              "the baseline's, CH and PG not lower, top-1 within 3 points, cost at most 1.3x.",
              "", *cost_markdown(settings), ""]
     if len(settings) >= 2:
-        plot = cost_plot(settings, os.path.join(out_dir, "finetune_cost.png"),
+        plot = cost_plot(settings, os.path.join(out_dir, "training_cost.png"),
                          title=f"{args.benchmark}: NQH against training cost",
                          nqh_ratio=COST_TARGET["nqh_ratio"], max_cost=COST_TARGET["cost"])
         lines += [f"![NQH against relative training cost]({os.path.basename(plot)})", ""]
@@ -863,26 +912,14 @@ def run_study(args: argparse.Namespace) -> Dict[str, Any]:
     """``--finetune-study``: baseline, GC from scratch, GC fine-tuning of each seed's baseline
     for every ``--study-epochs`` and partial GC from scratch (``--study-every``,
     ``--study-fraction``), ``--seeds`` seeds each, in ``--workers`` processes."""
-    import multiprocessing
-
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     train_ds, _ = _data_sets(args)
     os.makedirs(args.output_dir, exist_ok=True)
     train_images, train_labels = _render(train_ds, not args.no_progress, "render train", args.workers)
     runs: Dict[str, List[dict]] = {}
-    jobs = _study_jobs(args)
     status = "running"
-    worker_args = argparse.Namespace(**dict(vars(args), no_progress=True))
-    if args.workers == 1:
-        _init_worker(args, train_images, train_labels)
-        results = map(run_study_job, jobs)
-        pool = None
-    else:
-        pool = multiprocessing.get_context("spawn").Pool(
-            min(args.workers, len(jobs)), initializer=_init_worker,
-            initargs=(worker_args, train_images, train_labels))
-        results = pool.imap_unordered(run_study_job, jobs)
+    results = _study_results(args, run_study_job, _study_jobs(args), train_images, train_labels)
     try:
         for _, out in results:
             for key, metrics in out:
@@ -894,10 +931,189 @@ def run_study(args: argparse.Namespace) -> Dict[str, Any]:
         status = "interrupted"
         raise
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        results.close()
         final = write_study(args, runs, status, time.perf_counter() - t0)
+    return final
+
+
+def _study_results(args, job_fn: Callable, jobs: Sequence, train_images: Tensor, train_labels: Tensor,
+                   train_masks: Optional[Tensor] = None):
+    """Yields ``job_fn``'s results of a study's ``jobs``, in this process (``--workers 1``) or
+    from a pool of ``--workers`` processes (in the order they finish; closing the generator
+    stops the workers)."""
+    if args.workers == 1:
+        _init_worker(args, train_images, train_labels, train_masks)
+        yield from map(job_fn, jobs)
+        return
+    import multiprocessing
+
+    worker_args = argparse.Namespace(**dict(vars(args), no_progress=True))
+    pool = multiprocessing.get_context("spawn").Pool(
+        min(args.workers, len(jobs)), initializer=_init_worker,
+        initargs=(worker_args, train_images, train_labels, train_masks))
+    try:
+        yield from pool.imap_unordered(job_fn, jobs)
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+# ------------------------------------------------------------ explanation-guided losses
+
+
+def _loss_lambdas(args) -> Dict[str, Tuple[float, float]]:
+    """Per loss of ``--losses``: its default lambda (GC: ``--lam``, the quickstart's; the others:
+    their class's default) and ``--losses-factor`` times it."""
+    import inspect
+
+    out = {}
+    for name in args.losses:
+        lam = args.lam if name == "gc" else float(
+            inspect.signature(EXPLANATION_LOSSES[name]).parameters["lam"].default)
+        out[name] = (lam, args.losses_factor * lam)
+    return out
+
+
+def _loss_jobs(args) -> List[Tuple[str, float, int]]:
+    """``(loss, lambda, seed)``; ``("baseline", 0, seed)`` first in every seed."""
+    lambdas = _loss_lambdas(args)
+    return [job for seed in range(args.seeds) for job in [("baseline", 0.0, seed), *(
+        (name, lam, seed) for name in args.losses for lam in lambdas[name])]]
+
+
+def _loss_key(loss: str, lam: float) -> str:
+    return "baseline" if loss == "baseline" else f"{loss}@{lam:g}"
+
+
+def run_loss_job(job: Tuple[str, float, int]) -> Tuple[tuple, Dict[str, Any]]:
+    """One model of :func:`run_losses`: trained, then scored with Table 1's metrics and the audit
+    (no transfer table). A training that diverges is recorded as such (``diverged``)."""
+    args, (train_images, train_labels), test = _WORKER["args"], _WORKER["train"], _WORKER["test"]
+    loss, lam, seed = job
+    device = torch.device("cpu")
+    try:
+        if loss in ("baseline", "gc"):
+            t = train_model(args, loss, seed, train_images, train_labels, device, lam=lam or None)
+        else:
+            t = train_model(args, "baseline", seed, train_images, train_labels, device, lam=lam,
+                            loss=loss, train_masks=_WORKER["masks"])
+    except FloatingPointError as e:  # a non-finite loss: the setting failed, the study goes on
+        return job, {"seed": seed, "diverged": str(e).splitlines()[0]}
+    model, t_eval = t["model"], time.perf_counter()
+    metrics = evaluate_on_shapes(model, test, device, layer=getattr(model, args.layer), seed=seed,
+                                 fgsm_epsilons=args.fgsm_eps[:1], transfer="none",
+                                 audit=args.audit_images > 0, audit_images=args.audit_images,
+                                 progress=not args.no_progress)
+    metrics.update(seed=seed, train_time_s=round(t["train_time_s"], 2),
+                   eval_time_s=round(time.perf_counter() - t_eval, 2),
+                   train_last_epoch=t["history"][-1])
+    return job, metrics
+
+
+#: How the losses table names the losses of :data:`~captum_consistency.losses.EXPLANATION_LOSSES`.
+LOSS_NAMES = {"gc": "GC", "cgc": "CGC", "energy": "Energy", "l1": "L1", "ppce": "PPCE",
+              "rrr": "RRR", "rrr-gradcam": "RRR on Grad-CAM"}
+
+
+def losses_markdown(settings: Mapping[str, Mapping[str, Any]]) -> List[str]:
+    """The losses table: per setting top-1, PG, CH, NQH, the audit's ablation shares (cells
+    zeroed, blurred) and own-cell-removed, zero maps (mean ± spread over seeds, percent),
+    training time over the same seed's baseline's, and the seeds that diverged."""
+    rows = []
+    for s in settings.values():
+        sd, a = s.get("spread") or {}, s.get("audit") or {}
+        asd = sd.get("audit") or {}
+        rows.append([
+            LOSS_NAMES.get(s["name"], s["name"]), "-" if s.get("lam") is None else f"{s['lam']:g}",
+            *(percent(s.get(k), sd.get(k) or 0) for k in ("top1", "pg", "ch", "nqh")),
+            *(percent(a.get(k), asd.get(k) or 0) for k in ("ablation_share", "ablation_share_blur",
+                                                          "own_cell_predicted")),
+            percent(s.get("zero_maps"), sd.get("zero_maps") or 0),
+            f"{s['rel_time']:.2f}" if s.get("rel_time") is not None else "n/a",
+            f"{s['diverged']}/{s['runs']}" if s.get("diverged") else "0",
+        ])
+    return markdown_table(["Loss", "lambda", "top-1", "PG", "CH", "NQH", "Ablation share",
+                           "Ablation share, blur", "Own cell removed, still predicted",
+                           "Zero maps", "cost (s)", "diverged"], rows).splitlines()
+
+
+def write_losses(args, runs: Dict[str, List[dict]], status: str, elapsed: float) -> Dict[str, Any]:
+    """losses-results.json and report.md of :func:`run_losses`."""
+    lambdas = _loss_lambdas(args)
+    keys = {"baseline": ("Baseline", None)}
+    for name, (lam, other) in lambdas.items():
+        keys[_loss_key(name, lam)] = (name, lam)
+        keys[_loss_key(name, other)] = (name, other)
+    base_time = {r["seed"]: r["train_time_s"] for r in runs.get("baseline", []) if "train_time_s" in r}
+    settings = {}
+    for key, (name, lam) in keys.items():
+        finished = runs.get(key) or []
+        if not finished:
+            continue
+        trained = [r for r in finished if "diverged" not in r]
+        for r in trained:
+            if r["seed"] in base_time:
+                r["rel_time"] = r["train_time_s"] / base_time[r["seed"]]
+        s = summarize_seeds(trained) if trained else {"spread": {}}
+        s.update(name=name, lam=lam, seeds=[r["seed"] for r in finished], runs=len(finished),
+                 diverged=len(finished) - len(trained),
+                 diverged_messages=[r["diverged"] for r in finished if "diverged" in r])
+        settings[key] = s
+    results = {"status": status, "benchmark": args.benchmark, "elapsed_s": round(elapsed, 1),
+               "machine": machine_info(args), "config": dict(vars(args)),
+               "lambdas": {k: list(v) for k, v in lambdas.items()}, "settings": settings}
+    out = args.output_dir
+    _atomic_write(os.path.join(out, "losses-results.json"), json.dumps(results, indent=2) + "\n")
+    lines = [f"# Explanation-guided losses on the `{args.benchmark}` benchmark", "",
+             f"Status: **{status}**, {elapsed / 60:.1f} min on {os.cpu_count()} CPU core(s) "
+             f"({args.workers} worker process(es)), {args.seeds} seed(s), {args.epochs} epochs "
+             "each. Each loss at its default lambda (GC: the quickstart's `--lam`) and at "
+             f"{args.losses_factor:g} times it. Mean ± spread over seeds, in percent; the audit "
+             f"on composites of the first {min(args.audit_images, args.test_size)} test images "
+             "(0: no audit); cost: training seconds over the same seed's baseline's, in this "
+             "run; *diverged*: seeds whose training loss became non-finite (left out of the "
+             "means).", ""]
+    lines += losses_markdown(settings) if settings else ["(no model finished yet)"]
+    _atomic_write(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
+    return results
+
+
+def run_losses(args: argparse.Namespace) -> Dict[str, Any]:
+    """``--losses``: the baseline and every loss of ``--losses`` at two lambdas
+    (:func:`_loss_lambdas`), ``--seeds`` seeds each, on the same data, in ``--workers``
+    processes; rewritten after every model."""
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    train_ds, _ = _data_sets(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    progress = not args.no_progress
+    train_images, train_labels = _render(train_ds, progress, "render train", args.workers)
+    masks = None
+    if set(args.losses) & set(MASK_LOSSES):
+        loader = DataLoader(train_ds.with_annotations(), batch_size=256,
+                            num_workers=args.workers if args.workers > 1 else 0)
+        masks = torch.cat([b.mask for b in loader])
+    runs: Dict[str, List[dict]] = {}
+    status = "running"
+    jobs = _loss_jobs(args)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc="models", disable=not progress, dynamic_ncols=True)
+    results = _study_results(args, run_loss_job, jobs, train_images, train_labels, masks)
+    try:
+        for (loss, lam, _), metrics in results:
+            bar.update()
+            runs.setdefault(_loss_key(loss, lam), []).append(metrics)
+            runs[_loss_key(loss, lam)].sort(key=lambda r: r["seed"])
+            write_losses(args, runs, status, time.perf_counter() - t0)
+        status = "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        results.close()
+        bar.close()
+        final = write_losses(args, runs, status, time.perf_counter() - t0)
     return final
 
 
@@ -931,51 +1147,84 @@ def _data_sets(args) -> Tuple[SpuriousContextShapes, SpuriousContextShapes]:
 _WORKER: Dict[str, Any] = {}
 
 
-def _init_worker(args, train_images: Tensor, train_labels: Tensor) -> None:
+def _init_worker(args, train_images: Tensor, train_labels: Tensor,
+                 train_masks: Optional[Tensor] = None) -> None:
     torch.set_num_threads(args.threads)
-    _WORKER.update(args=args, train=(train_images, train_labels), test=_data_sets(args)[1])
+    _WORKER.update(args=args, train=(train_images, train_labels), masks=train_masks,
+                   test=_data_sets(args)[1])
 
 
-def run_job(job: Tuple[str, int, float, Optional[float]]) -> Tuple[tuple, Dict[str, Any], Dict[str, Tensor]]:
+def run_job(job: Tuple[str, int, float, Optional[float]], base: Optional[Dict[str, Any]] = None,
+            ) -> Tuple[tuple, Dict[str, Any], Dict[str, Tensor]]:
     """Trains and evaluates one ``(variant, seed, lam, sweep factor)`` job with the data of
-    :func:`_init_worker`; returns the job, its metrics and the model's ``state_dict``."""
+    :func:`_init_worker`; returns the job, its metrics and the model's ``state_dict``.
+
+    ``gc_finetune`` fine-tunes ``base`` (the same seed's finished baseline job: its
+    ``state``, ``train_time_s`` and ``train_images``), or, without it, trains that baseline
+    first; either way its cost counts the baseline's training. It is scored without the
+    transfer table, which compares the paper's variants."""
     args, (train_images, train_labels), test = _WORKER["args"], _WORKER["train"], _WORKER["test"]
     v, seed, lam, factor = job
     device = torch.device("cpu")
-    if v == "gc_finetune":
+    if v == "gc_finetune" and base is not None:
+        tuned = train_model(args, v, seed, train_images, train_labels, device, lam=args.finetune_lam,
+                            init_state=base["state"], epochs=args.finetune_epochs, lr=args.finetune_lr)
+        trained = dict(tuned, train_time_s=base["train_time_s"] + tuned["train_time_s"],
+                       finetune_time_s=tuned["train_time_s"],
+                       images=base["train_images"] + tuned["images"])
+    elif v == "gc_finetune":
         trained = finetune_model(args, seed, train_images, train_labels, device,
                                  lam=args.finetune_lam)
     else:
         trained = train_model(args, v, seed, train_images, train_labels, device, lam=lam)
     t_eval = time.perf_counter()
-    # lambda-sweep models get Table 1's metrics only; the transfer table is per variant
+    # lambda-sweep models get Table 1's metrics only; the transfer table is per paper variant
     model = trained["model"]
     metrics = evaluate_on_shapes(
         model, test, device, layer=getattr(model, args.layer), seed=seed,
-        fgsm_epsilons=args.fgsm_eps, transfer=args.transfer if factor is None else "none",
+        fgsm_epsilons=args.fgsm_eps,
+        transfer=args.transfer if factor is None and v != "gc_finetune" else "none",
         transfer_images=args.transfer_images,
         audit=args.audit_images > 0 and factor is None, audit_images=args.audit_images,
         progress=not args.no_progress)
     metrics.update(seed=seed, train_time_s=round(trained["train_time_s"], 2),
                    eval_time_s=round(time.perf_counter() - t_eval, 2),
                    train_last_epoch=trained["history"][-1])
-    if "gc_finetune" in args.variants:  # the cost column (the default run's JSON is unchanged)
+    if "gc_finetune" in args.variants:  # the cost column
         metrics.update(train_images=trained["images"])
         if "finetune_time_s" in trained:
             metrics.update(finetune_time_s=round(trained["finetune_time_s"], 2))
     return job, metrics, trained["model"].state_dict()
 
 
+def _follow_up(args, job: tuple, metrics: Dict[str, Any], state: Dict[str, Tensor]):
+    """The job that a finished job starts: a baseline seed's ``gc_finetune``, given its model."""
+    v, seed, _, factor = job
+    if v == "baseline" and factor is None and "gc_finetune" in args.variants:
+        return ("gc_finetune", seed, args.lam, None), {
+            "state": state, "train_time_s": metrics["train_time_s"],
+            "train_images": metrics["train_images"]}
+    return None
+
+
 def _results(args, train_images: Tensor, train_labels: Tensor):
     """Yields ``run_job``'s results, in this process (``--workers 1``) or from a pool of
-    ``--workers`` processes (in the order they finish)."""
-    jobs = _jobs(args)
+    ``--workers`` processes (in the order they finish). With ``baseline`` in the variants, a
+    seed's ``gc_finetune`` job is queued when its baseline has finished and fine-tunes that
+    model (the baseline is trained once, not twice)."""
+    chained = {"baseline", "gc_finetune"} <= set(args.variants)
+    jobs = [(job, None) for job in _jobs(args) if not (chained and job[0] == "gc_finetune")]
     if args.workers == 1:
         _init_worker(args, train_images, train_labels)
-        for job in jobs:
-            yield run_job(job)
+        while jobs:
+            job, metrics, state = result = run_job(*jobs.pop(0))
+            yield result
+            follow = _follow_up(args, job, metrics, state)
+            if follow is not None:
+                jobs.append(follow)
         return
     import multiprocessing
+    import queue
 
     # spawn, not fork: the parent has used torch's thread pool, which a forked child inherits
     # in an undefined state. Workers show no progress bars of their own (the parent's counts runs).
@@ -983,8 +1232,24 @@ def _results(args, train_images: Tensor, train_labels: Tensor):
     pool = multiprocessing.get_context("spawn").Pool(
         min(args.workers, len(jobs)), initializer=_init_worker,
         initargs=(worker_args, train_images, train_labels))
+    finished: "queue.SimpleQueue" = queue.SimpleQueue()
+    for job in jobs:
+        pool.apply_async(run_job, job, callback=finished.put, error_callback=finished.put)
+    pending = len(jobs)
     try:
-        yield from pool.imap_unordered(run_job, jobs)
+        while pending:
+            try:
+                result = finished.get(timeout=0.5)  # a timeout: Ctrl-C is seen while waiting
+            except queue.Empty:
+                continue
+            pending -= 1
+            if isinstance(result, BaseException):
+                raise result
+            yield result
+            follow = _follow_up(args, *result)
+            if follow is not None:
+                pool.apply_async(run_job, follow, callback=finished.put, error_callback=finished.put)
+                pending += 1
     except BaseException:  # an interrupt (or the consumer's close()) stops the models in training
         try:
             pool.terminate()
@@ -1071,8 +1336,8 @@ def main(argv: Optional[Sequence[str]] = None,
     # and the worker processes are terminated instead of being left to finish their model.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        if args.finetune_study:
-            results = run_study(args)
+        if args.finetune_study or args.losses:
+            results = (run_study if args.finetune_study else run_losses)(args)
             print(open(os.path.join(args.output_dir, "report.md")).read())
             return 0
         results = run(args, on_run_done)

@@ -79,8 +79,10 @@ def _check_audit(results, report):
                 assert corr is None or -1.0 <= corr <= 1.0, (v, block)
         # the summary's audit is the mean over seeds (one seed here)
         assert entry["audit"]["ablation_share"] == entry["per_seed"][0]["audit"]["ablation_share"]
-    (pair,) = results["audit"]
+    pair, *others = results["audit"]
     assert pair["pair"] == ["gc", "baseline"]
+    assert [p["pair"] for p in others] == ([["gc_finetune", "baseline"]]
+                                           if "gc_finetune" in results["variants"] else [])
     if pair["comparable"]:
         base, gc = (results["variants"][v]["audit"]["ablation_share"] for v in ("baseline", "gc"))
         assert math.isclose(pair["share_relative_drop"], (base - gc) / base)
@@ -105,7 +107,10 @@ def _check_transfer_table(results, report):
     methods = list(TRANSFER_METHODS["fast"])
     assert sum(m.startswith("captum:") for m in methods) >= 4
     assert sum(m.startswith("pgc:") for m in methods) >= 4 and len(methods) >= 8
-    for entry in results["variants"].values():
+    for v, entry in results["variants"].items():
+        if v == "gc_finetune":  # the table compares the paper's variants only
+            assert "transfer" not in entry
+            continue
         assert list(entry["transfer"]) == methods
         for method, row in entry["transfer"].items():
             assert "error" not in row, (method, row)
@@ -137,11 +142,12 @@ def test_fast_end_to_end_default_benchmark(tmp_path):
     rc = quickstart.main(["--output-dir", str(out), "--fast", "--no-progress", "--workers", "1"],
                          on_run_done=lambda v, s: done.append((v, s)))
     assert rc == 0
-    # the default: Baseline and GC, then the sweep points their seed-0 runs do not give
-    assert done == [("baseline", 0), ("gc", 0), ("sweep:0.25", 0), ("sweep:4", 0)]
+    # the default: Baseline and GC, then the sweep points their seed-0 runs do not give, then
+    # the fine-tuning of the baseline, queued when the baseline had finished
+    assert done == [("baseline", 0), ("gc", 0), ("sweep:0.25", 0), ("sweep:4", 0), ("gc_finetune", 0)]
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "complete" and results["benchmark"] == "shapes"
-    assert list(results["variants"]) == ["baseline", "gc"]
+    assert list(results["variants"]) == ["baseline", "gc", "gc_finetune"]
     for entry in results["variants"].values():
         _check_entry(entry, num_seeds=1, cue=False)
     _check_gc_trained(results)
@@ -155,7 +161,8 @@ def test_fast_end_to_end_default_benchmark(tmp_path):
     assert sweep[0]["nqh"] == base["per_seed"][0]["nqh"] and sweep[2]["nqh"] == gc["per_seed"][0]["nqh"]
     assert sweep[1]["source"] == sweep[3]["source"] == "GC, lambda sweep"
 
-    (claim,) = results["claims"]
+    claim, tuned_claim = results["claims"]
+    assert tuned_claim["pair"] == ["gc_finetune", "baseline"] and tuned_claim["comparable"]
     assert claim["pair"] == ["gc", "baseline"] and claim["comparable"]
     drop = (base["nqh"] - gc["nqh"]) / base["nqh"]
     assert math.isclose(claim["nqh_relative_drop"], drop)
@@ -183,8 +190,8 @@ def test_fast_end_to_end_default_benchmark(tmp_path):
     with Image.open(out / "gradcam.png") as img:
         img.load()
         assert img.format == "PNG" and img.mode == "RGB"
-        # 2 composites (rows) x (input + 2 variants), tiles of 2 x 64 px
-        assert img.size == panel_size(2, 2, 2 * 64)
+        # 2 composites (rows) x (input + 3 variants), tiles of 2 x 64 px
+        assert img.size == panel_size(2, 3, 2 * 64)
         assert np.asarray(img).std() > 10  # not a blank canvas
     with Image.open(out / "lambda_sweep.png") as img:
         img.load()
@@ -328,7 +335,7 @@ def test_all_zero_maps_get_a_row_not_a_crash(tmp_path, monkeypatch):
     gc = json.loads(text)["variants"]["gc"]
     assert gc["zero_maps"] == 1.0 and gc["zero_maps_composite"] == 1.0
     assert gc["pg"] is None and gc["ch"] is None and gc["nqh"] is None
-    assert json.loads(text)["claims"] == [{"pair": ["gc", "baseline"], "comparable": False}]
+    assert json.loads(text)["claims"][0] == {"pair": ["gc", "baseline"], "comparable": False}
     # the transfer methods get the same all-zero maps: skipped, never averaged in as numbers
     for method, row in gc["transfer"].items():
         assert "error" not in row and row["nqh"] is None and row["ch"] is None, (method, row)
@@ -337,7 +344,7 @@ def test_all_zero_maps_get_a_row_not_a_crash(tmp_path, monkeypatch):
     # a constant logit: every composite's ablation share undefined, counted, never a NaN
     audit = gc["per_seed"][0]["audit"]
     assert audit["ablation_share"] is None and audit["ablation_undefined"] == audit["num_composites"]
-    assert json.loads(text)["audit"] == [{"pair": ["gc", "baseline"], "comparable": False}]
+    assert json.loads(text)["audit"][0] == {"pair": ["gc", "baseline"], "comparable": False}
     report = (out / "report.md").read_text()
     row = next(line for line in report.splitlines() if line.startswith("| ResNet GC |"))
     assert "n/a" in row and "| 100.0 ± 0.0 | 1 |" in row  # zero maps 100%, one seed

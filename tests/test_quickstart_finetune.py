@@ -1,4 +1,4 @@
-"""The quickstart's fine-tuning pieces: the opt-in ``gc_finetune`` variant writes the cost
+"""The quickstart's fine-tuning pieces: the ``gc_finetune`` variant writes the cost
 column and the NQH-against-cost plot; ``--finetune-study`` writes its JSON, table and plot."""
 
 import json
@@ -19,8 +19,8 @@ def test_fast_gc_finetune_variant_writes_the_cost_column_and_plot(tmp_path, one_
     assert rc == 0
     report = (out / "report.md").read_text()
     assert "## Training cost" in report and "| cost (s) | cost (images) |" in report
-    assert "![NQH against relative training cost](finetune_cost.png)" in report
-    assert Image.open(out / "finetune_cost.png").size[0] > 100
+    assert "![NQH against relative training cost](training_cost.png)" in report
+    assert Image.open(out / "training_cost.png").size[0] > 100
     variants = json.loads((out / "results.json").read_text())["variants"]
     base, gc, tuned = (variants[k]["per_seed"][0] for k in ("baseline", "gc", "gc_finetune"))
     # the fine-tuned model's cost counts its baseline's training: the same baseline run
