@@ -135,3 +135,17 @@ def test_the_page_shows_the_finetune_plot():
     if (ASSETS / "finetune-results.json").exists():
         assert "(assets/quickstart/finetune_cost.png)" in PAGE
         assert (ASSETS / "finetune_cost.png").is_file()
+
+
+def test_the_page_shows_the_default_runs_cost_table_and_plot():
+    """gc_finetune is in the default run: its cost table (in seconds of that run and in images)
+    and its plot are on the page, from the shipped results.json."""
+    import argparse
+
+    results = _load("results.json")
+    assert "gc_finetune" in results["variants"]
+    settings = quickstart.cost_settings(argparse.Namespace(**results["config"]), results["variants"])
+    for line in quickstart.cost_markdown(settings):
+        assert line in PAGE, f"docs/results.md does not show the default run's cost table: {line}"
+    assert (ASSETS / "training_cost.png").is_file() and "(assets/quickstart/training_cost.png)" in PAGE
+
