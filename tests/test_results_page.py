@@ -149,3 +149,12 @@ def test_the_page_shows_the_default_runs_cost_table_and_plot():
         assert line in PAGE, f"docs/results.md does not show the default run's cost table: {line}"
     assert (ASSETS / "training_cost.png").is_file() and "(assets/quickstart/training_cost.png)" in PAGE
 
+
+def test_the_page_shows_the_losses_study_table():
+    """The comparison of the explanation-guided losses is the table the study wrote, complete,
+    with every loss at two lambdas on 3 seeds."""
+    results = _load("losses-results.json")
+    assert results["status"] == "complete" and results["config"]["seeds"] >= 3
+    assert set(results["lambdas"]) == set(quickstart.EXPLANATION_LOSSES)
+    for line in quickstart.losses_markdown(results["settings"]):
+        assert line in PAGE, f"docs/results.md does not show the losses table: {line}"
